@@ -1,0 +1,109 @@
+"""Constants and small pure rules of loratool adapter format 1.x (spec/adapter-format.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+from .errors import MetadataError
+
+FORMAT_NAME = "loratool.adapter"
+FORMAT_VERSION = (1, 0)
+FORMAT_VERSION_STR = f"{FORMAT_VERSION[0]}.{FORMAT_VERSION[1]}"
+
+# Metadata keys (all values are strings, as safetensors requires).
+NAMESPACE = "loratool."
+KEY_FORMAT = "loratool.format"
+KEY_VERSION = "loratool.format_version"
+KEY_SCALING = "loratool.scaling"
+KEY_ALPHA = "loratool.alpha"
+KEY_TARGETS = "loratool.target_modules"
+KEY_MODULES = "loratool.modules"
+KEY_BASE_MODEL = "loratool.base_model"
+KEY_BASE_HASH = "loratool.base_model_hash"
+KEY_PROVENANCE = "loratool.provenance"
+KEY_TENSOR_HASH = "loratool.tensor_hash"
+KEY_MERGED = "loratool.merged"  # on merged base checkpoints, not on adapters
+
+KNOWN_KEYS = frozenset({
+    KEY_FORMAT, KEY_VERSION, KEY_SCALING, KEY_ALPHA, KEY_TARGETS, KEY_MODULES,
+    KEY_BASE_MODEL, KEY_BASE_HASH, KEY_PROVENANCE, KEY_TENSOR_HASH,
+})
+
+SCALING_STANDARD = "standard"  # scale = alpha / r
+SCALING_RSLORA = "rslora"  # scale = alpha / sqrt(r)
+SCALINGS = (SCALING_STANDARD, SCALING_RSLORA)
+
+KIND_LINEAR = "linear"
+KIND_CONV = "conv"
+KIND_EMBEDDING = "embedding"
+KINDS = (KIND_LINEAR, KIND_CONV, KIND_EMBEDDING)
+
+LAYOUT_OUT_IN = "out_in"  # base weight stored [out, in] (torch.nn.Linear)
+LAYOUT_IN_OUT = "in_out"  # base weight stored [in, out] (GPT-2 Conv1D, fan_in_fan_out; embeddings)
+LAYOUTS = (LAYOUT_OUT_IN, LAYOUT_IN_OUT)
+
+# Tensor roles: "<module>.<suffix>".
+ROLE_A = "lora_A"
+ROLE_B = "lora_B"
+ROLE_MAGNITUDE = "lora_magnitude"  # DoRA magnitude vector, shape [out]
+ROLE_BIAS = "lora_bias"  # added (times scale) to "<module>.bias", shape [out]
+ROLES = (ROLE_A, ROLE_B, ROLE_MAGNITUDE, ROLE_BIAS)
+
+ADAPTER_DTYPES = ("F16", "BF16", "F32", "F64")
+
+MODULE_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})$")
+
+# safetensors' own reader refuses headers above 100 MB; so do we.
+MAX_HEADER_BYTES = 100_000_000
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    """``"1.0"`` -> ``(1, 0)``; anything else raises ``MetadataError`` LT102."""
+    m = VERSION_RE.match(text) if isinstance(text, str) else None
+    if not m:
+        raise MetadataError(f"format version {text!r} is not MAJOR.MINOR (e.g. \"1.0\")",
+                            code="LT102")
+    return int(m.group(1)), int(m.group(2))
+
+
+def check_version_supported(version: tuple[int, int]) -> None:
+    """Reject another major version (LT103); a newer minor version is read, unknown keys ignored."""
+    if version[0] != FORMAT_VERSION[0]:
+        raise MetadataError(
+            f"format version {version[0]}.{version[1]} has major version {version[0]}; this "
+            f"loratool reads major version {FORMAT_VERSION[0]} only: upgrade loratool",
+            code="LT103")
+
+
+def split_tensor_name(name: str) -> tuple[str, str] | None:
+    """``"x.q_proj.lora_A"`` -> ``("x.q_proj", "lora_A")``; None if the suffix is no role."""
+    module, dot, role = name.rpartition(".")
+    if not dot or role not in ROLES:
+        return None
+    return module, role
+
+
+def tensor_name(module: str, role: str) -> str:
+    return f"{module}.{role}"
+
+
+def scale_for(alpha: float, rank: int, scaling: str) -> float:
+    """The factor s of delta W = s * B @ A."""
+    if scaling == SCALING_RSLORA:
+        return alpha / math.sqrt(rank)
+    return alpha / rank
+
+
+def canonical_json(obj) -> str:
+    """The one JSON spelling loratool writes: sorted keys, no spaces, ASCII only."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False)
+
+
+def format_number(x: float) -> str:
+    """Shortest decimal that round-trips the float64 value (``repr``); integers keep ``.0``."""
+    return repr(float(x))

@@ -1,0 +1,80 @@
+"""The numbered rules of the spec, and the finding type that reports a broken one.
+
+The table below is the single list of rule codes: the spec documents each, ``validate``
+reports them, error messages carry them, and the tests check every one of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+MUST = "MUST"
+SHOULD = "SHOULD"
+
+# code: (level, summary)
+RULES: dict[str, tuple[str, str]] = {
+    # container (safetensors)
+    "LT001": (MUST, "file is a complete safetensors file (8-byte length, header, data)"),
+    "LT002": (MUST, "header length is at most 100,000,000 bytes"),
+    "LT003": (MUST, "header is a UTF-8 JSON object, nesting at most 8 levels"),
+    "LT004": (MUST, "no key appears twice in the header"),
+    "LT005": (MUST, "__metadata__ is an object whose values are strings"),
+    "LT006": (MUST, "each tensor entry has a known dtype, a shape of non-negative integers "
+                    "and data_offsets"),
+    "LT007": (MUST, "each tensor's byte span equals its shape times its dtype size"),
+    "LT008": (MUST, "tensor data is contiguous, in range, without overlap, gap or trailing "
+                    "bytes"),
+    # metadata
+    "LT101": (MUST, "loratool.format is \"loratool.adapter\""),
+    "LT102": (MUST, "loratool.format_version is MAJOR.MINOR"),
+    "LT103": (MUST, "the major format version is one this reader supports (1)"),
+    "LT104": (MUST, "loratool.scaling is \"standard\" or \"rslora\""),
+    "LT105": (MUST, "alpha values are finite, non-zero decimal numbers"),
+    "LT106": (MUST, "loratool.target_modules is a JSON list of distinct valid module names"),
+    "LT107": (MUST, "loratool.modules is a JSON object of module records with a valid kind "
+                    "and layout"),
+    "LT108": (MUST, "target_modules, the modules table and the tensors name the same modules"),
+    "LT109": (MUST, "hash values are \"sha256:\" and 64 lowercase hex digits"),
+    "LT110": (MUST, "loratool.tensor_hash, when present, matches the tensor data"),
+    "LT111": (SHOULD, "loratool.tensor_hash is present"),
+    "LT112": (MUST, "loratool.provenance and loratool.base_model are plain strings (any text)"),
+    # tensors
+    "LT201": (MUST, "every tensor is named <module>.<role> with a known role"),
+    "LT202": (MUST, "every module has both lora_A and lora_B"),
+    "LT203": (MUST, "adapter tensors are F16, BF16, F32 or F64"),
+    "LT204": (MUST, "A and B have the dimensions of the module's kind"),
+    "LT205": (MUST, "A and B agree on the rank"),
+    "LT206": (MUST, "the rank is at least 1"),
+    "LT207": (MUST, "conv B has size 1 in every spatial dimension; embeddings use layout "
+                    "in_out"),
+    "LT208": (MUST, "lora_magnitude and lora_bias have shape [out]"),
+    "LT209": (MUST, "tensors hold no NaN or Inf"),
+    "LT210": (SHOULD, "lora_B is not all zeros (the delta would be zero)"),
+    "LT211": (SHOULD, "all tensors of a module share one dtype"),
+    "LT212": (SHOULD, "the rank does not exceed min(out, in)"),
+    "LT213": (MUST, "module names are dot-separated segments of [A-Za-z0-9_-]"),
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One broken rule in one file (and module, when it concerns one)."""
+
+    code: str
+    message: str
+    path: str = ""
+    module: str | None = None
+
+    @property
+    def level(self) -> str:
+        return RULES.get(self.code, (MUST, ""))[0]
+
+    @property
+    def is_error(self) -> bool:
+        return self.level == MUST
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["level"] = self.level
+        d["severity"] = "error" if self.is_error else "warning"
+        return d

@@ -1,0 +1,382 @@
+"""The safetensors container: a hardened header parser, raw tensor reads, and a streaming writer.
+
+We parse headers ourselves instead of trusting a library, because adapter files come from
+strangers: every length, offset and shape is checked before a byte of data is touched, and a
+header that claims terabytes allocates nothing. No torch import here (``inspect`` and
+``validate`` must start fast); torch conversion lives in ``tensors.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from .atomic import AtomicFile
+from .errors import ContainerError
+from .format import MAX_HEADER_BYTES
+
+# Bytes per element for the safetensors dtypes we can address. Sub-byte types (F4, F6) are
+# refused: their sizes do not follow from the shape alone.
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+}
+# numpy views of the raw bytes; BF16 has no numpy dtype and is read as its uint16 bit pattern.
+NUMPY_DTYPES = {
+    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "F8_E5M2": np.uint8, "F8_E4M3": np.uint8,
+    "F8_E8M0": np.uint8, "I16": np.int16, "U16": np.uint16, "F16": np.float16,
+    "BF16": np.uint16, "I32": np.int32, "U32": np.uint32, "F32": np.float32, "I64": np.int64,
+    "U64": np.uint64, "F64": np.float64, "C64": np.complex64,
+}
+MAX_NDIM = 16
+MAX_JSON_DEPTH = 8  # a valid header nests 3 deep; anything deeper is hostile
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor entry of a header; ``begin``/``end`` are relative to the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass
+class Header:
+    """A parsed, checked safetensors header. ``tensors`` is in file (offset) order."""
+
+    path: str
+    metadata: dict[str, str]
+    tensors: dict[str, TensorInfo]
+    data_start: int
+    file_size: int
+    header_size: int = 0
+    raw_metadata: object = field(default=None, repr=False)
+
+
+def _reject_duplicates(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ContainerError(f"header has the key {key!r} twice; each tensor name and "
+                                 "metadata key must appear once", code="LT004")
+        seen[key] = value
+    return seen
+
+
+def _depth(obj, limit: int) -> int:
+    stack = [(obj, 1)]
+    deepest = 1
+    while stack:
+        node, d = stack.pop()
+        deepest = max(deepest, d)
+        if d > limit:
+            return d
+        if isinstance(node, dict):
+            stack.extend((v, d + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, d + 1) for v in node)
+    return deepest
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def parse_header_bytes(raw: bytes, *, path: str = "", data_size: int) -> tuple[dict, dict]:
+    """Check the JSON header and return (metadata, tensors). Raises ContainerError."""
+    if raw[:1] != b"{":
+        raise ContainerError("header does not start with '{': not a safetensors file",
+                             code="LT003", path=path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ContainerError(f"header is not valid UTF-8 ({e.reason} at byte {e.start})",
+                             code="LT003", path=path) from None
+    # Nesting is bounded before json recursion could blow the stack.
+    if text.count("[") + text.count("{") > 0 and _bracket_depth(text) > MAX_JSON_DEPTH:
+        raise ContainerError(f"header JSON nests deeper than {MAX_JSON_DEPTH} levels",
+                             code="LT003", path=path)
+    try:
+        obj = json.loads(text.rstrip(" "), object_pairs_hook=_reject_duplicates)
+    except ContainerError as e:
+        e.path = path
+        raise
+    except (ValueError, RecursionError) as e:
+        raise ContainerError(f"header is not valid JSON: {e}", code="LT003", path=path) from None
+    if not isinstance(obj, dict):
+        raise ContainerError("header JSON is not an object", code="LT003", path=path)
+
+    metadata: dict[str, str] = {}
+    raw_meta = obj.pop("__metadata__", None)
+    if raw_meta is not None:
+        if not isinstance(raw_meta, dict):
+            raise ContainerError("__metadata__ is not a JSON object of strings", code="LT005",
+                                 path=path)
+        for key, value in raw_meta.items():
+            if not isinstance(value, str):
+                raise ContainerError(
+                    f"__metadata__ value of {key!r} is {type(value).__name__}, not a string; "
+                    "safetensors metadata holds strings only (encode numbers and lists as "
+                    "JSON text)", code="LT005", path=path)
+            metadata[key] = value
+
+    tensors: list[TensorInfo] = []
+    for name, entry in obj.items():
+        tensors.append(_tensor_entry(name, entry, path))
+    tensors.sort(key=lambda t: (t.begin, t.end))
+    cursor = 0
+    for t in tensors:
+        if t.begin != cursor:
+            what = "overlaps the previous tensor" if t.begin < cursor else "leaves a gap"
+            raise ContainerError(
+                f"tensor {t.name!r} starts at data offset {t.begin}, expected {cursor}: it "
+                f"{what}; safetensors data must be contiguous without overlaps",
+                code="LT008", path=path)
+        cursor = t.end
+    if cursor != data_size:
+        raise ContainerError(
+            f"tensors cover {cursor} bytes of data but the file holds {data_size} after the "
+            "header: the file is truncated or has trailing bytes", code="LT008", path=path)
+    return metadata, {t.name: t for t in tensors}
+
+
+def _bracket_depth(text: str) -> int:
+    # Counts nesting outside of JSON strings; cheap and linear.
+    depth = deepest = 0
+    in_str = esc = False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _tensor_entry(name: str, entry, path: str) -> TensorInfo:
+    def bad(why: str, code: str = "LT006"):
+        return ContainerError(f"tensor {name!r}: {why}", code=code, path=path)
+
+    if not isinstance(entry, dict):
+        raise bad("entry is not a JSON object with dtype, shape and data_offsets")
+    missing = {"dtype", "shape", "data_offsets"} - entry.keys()
+    if missing:
+        raise bad(f"entry lacks {', '.join(sorted(missing))}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise bad(f"dtype {dtype!r} is not a safetensors dtype loratool can read "
+                  f"({', '.join(DTYPE_SIZES)})")
+    if (not isinstance(shape, list) or len(shape) > MAX_NDIM
+            or not all(_is_int(d) and 0 <= d < 2**63 for d in shape)):
+        raise bad(f"shape {shape!r} is not a list of at most {MAX_NDIM} non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(_is_int(o) and 0 <= o < 2**63 for o in offsets)
+            or offsets[0] > offsets[1]):
+        raise bad(f"data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end",
+                  code="LT008")
+    nbytes = math.prod(shape) * DTYPE_SIZES[dtype]  # Python ints: no overflow
+    if nbytes != offsets[1] - offsets[0]:
+        raise bad(f"shape {shape} of {dtype} needs {nbytes} bytes but data_offsets "
+                  f"{offsets} span {offsets[1] - offsets[0]}", code="LT007")
+    return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def read_header(path: str | os.PathLike, *, max_header: int = MAX_HEADER_BYTES) -> Header:
+    """Read and check the header of a safetensors file without reading tensor data."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise ContainerError(f"file is {size} bytes, too short for a safetensors "
+                                     "header length", code="LT001", path=path)
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > max_header:
+                raise ContainerError(f"header length {n} exceeds the {max_header}-byte cap",
+                                     code="LT002", path=path)
+            if 8 + n > size:
+                raise ContainerError(f"header length {n} runs past the end of the "
+                                     f"{size}-byte file: truncated", code="LT001", path=path)
+            raw = f.read(n)
+    except IsADirectoryError:
+        raise ContainerError("is a directory, not a safetensors file", code="LT001",
+                             path=path) from None
+    except OSError as e:
+        raise ContainerError(f"cannot read: {e.strerror or e}", code="LT001", path=path) from None
+    metadata, tensors = parse_header_bytes(raw, path=path, data_size=size - 8 - n)
+    return Header(path, metadata, tensors, 8 + n, size, n)
+
+
+def read_bytes(header: Header, info: TensorInfo, f: BinaryIO | None = None) -> bytes:
+    """The raw little-endian bytes of one tensor."""
+    if f is None:
+        with open(header.path, "rb") as fh:
+            return read_bytes(header, info, fh)
+    f.seek(header.data_start + info.begin)
+    data = f.read(info.nbytes)
+    if len(data) != info.nbytes:
+        raise ContainerError(f"tensor {info.name!r}: file ended early (truncated while "
+                             "reading)", code="LT001", path=header.path)
+    return data
+
+
+def read_numpy(header: Header, info: TensorInfo, f: BinaryIO | None = None) -> np.ndarray:
+    """The tensor as a numpy array (BF16 as its uint16 bit pattern)."""
+    data = read_bytes(header, info, f)
+    return np.frombuffer(data, dtype=np.dtype(NUMPY_DTYPES[info.dtype]).newbyteorder("<")
+                         ).reshape(info.shape)
+
+
+def iter_chunks(header: Header, info: TensorInfo, f: BinaryIO, chunk: int = 1 << 24
+                ) -> Iterator[np.ndarray]:
+    """The tensor as flat numpy chunks of at most ``chunk`` bytes: bounded memory scans."""
+    item = DTYPE_SIZES[info.dtype]
+    chunk -= chunk % item
+    dt = np.dtype(NUMPY_DTYPES[info.dtype]).newbyteorder("<")
+    f.seek(header.data_start + info.begin)
+    left = info.nbytes
+    while left:
+        data = f.read(min(chunk, left))
+        if not data:
+            raise ContainerError(f"tensor {info.name!r}: file ended early", code="LT001",
+                                 path=header.path)
+        left -= len(data)
+        yield np.frombuffer(data, dtype=dt)
+
+
+def nonfinite_count(arr: np.ndarray, dtype: str) -> int:
+    """Number of NaN/Inf entries; BF16 is checked on its bit pattern (exponent all ones)."""
+    if dtype == "BF16":
+        return int(np.count_nonzero((arr.view(np.uint16) & 0x7F80) == 0x7F80))
+    if dtype in ("F16", "F32", "F64", "C64"):
+        return int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    return 0
+
+
+# --- writing -------------------------------------------------------------------------------
+
+def build_header(entries: Iterable[tuple[str, str, tuple[int, ...]]],
+                 metadata: Mapping[str, str] | None) -> tuple[bytes, list[TensorInfo]]:
+    """Header bytes (length prefix included) for tensors laid out in the order given."""
+    obj: dict = {}
+    infos = []
+    cursor = 0
+    for name, dtype, shape in entries:
+        if name in obj or name == "__metadata__":
+            raise ContainerError(f"tensor name {name!r} given twice", code="LT004")
+        n = math.prod(shape) * DTYPE_SIZES[dtype]
+        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [cursor, cursor + n]}
+        infos.append(TensorInfo(name, dtype, tuple(shape), cursor, cursor + n))
+        cursor += n
+    if metadata:
+        obj["__metadata__"] = dict(metadata)
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    raw = text.encode("ascii")
+    raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section, as safetensors pads
+    return struct.pack("<Q", len(raw)) + raw, infos
+
+
+class SafetensorsWriter:
+    """Streams a safetensors file: header first, then each tensor's bytes in the declared order.
+
+    Writes go to a temporary file beside ``dest``, renamed into place by ``commit()``; leaving
+    the ``with`` block without committing (an exception) removes the temporary file.
+    """
+
+    def __init__(self, dest: str | os.PathLike, entries, metadata=None, *,
+                 overwrite: bool = False, fsync: bool = False):
+        header, self._infos = build_header(entries, metadata)
+        self._next = 0
+        self._written = 0
+        self._atomic = AtomicFile(dest, overwrite=overwrite, fsync=fsync)
+        self._f = self._atomic.__enter__()
+        self._f.write(header)
+
+    def __enter__(self):
+        return self
+
+    def write(self, name: str, data) -> None:
+        info = self._infos[self._next]
+        if name != info.name:
+            raise ContainerError(f"tensor {name!r} written out of order; expected {info.name!r}",
+                                 code="LT008")
+        mv = memoryview(data).cast("B")
+        if mv.nbytes != info.nbytes:
+            raise ContainerError(f"tensor {name!r}: {mv.nbytes} bytes given, header declares "
+                                 f"{info.nbytes}", code="LT007")
+        self._f.write(mv)
+        self._next += 1
+
+    def commit(self) -> None:
+        if self._next != len(self._infos):
+            raise ContainerError(f"only {self._next} of {len(self._infos)} tensors written",
+                                 code="LT008")
+        self._atomic.__exit__(None, None, None)
+        self._f = None
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._f is not None:
+            self._atomic.__exit__(exc_type or RuntimeError, exc, tb)
+            self._f = None
+        return False
+
+
+class TensorHasher:
+    """The spec's integrity hash (section "Integrity"), fed tensor by tensor in name order.
+
+    For each tensor, sorted by name: UTF-8 name, NUL, dtype, NUL, shape as compact JSON, NUL,
+    the byte length as 8-byte little-endian, then the raw little-endian bytes.
+    """
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+
+    def begin(self, name: str, dtype: str, shape, nbytes: int) -> None:
+        self._h.update(name.encode("utf-8") + b"\0" + dtype.encode("ascii") + b"\0")
+        self._h.update(json.dumps(list(shape), separators=(",", ":")).encode("ascii") + b"\0")
+        self._h.update(struct.pack("<Q", nbytes))
+
+    def update(self, data) -> None:
+        self._h.update(memoryview(data).cast("B"))
+
+    def hexdigest(self) -> str:
+        return "sha256:" + self._h.hexdigest()
+
+
+def tensor_hash(items: Iterable[tuple[str, str, tuple[int, ...], bytes]]) -> str:
+    """Integrity hash of in-memory tensors given as (name, dtype, shape, bytes)."""
+    h = TensorHasher()
+    for name, dtype, shape, data in sorted(items, key=lambda it: it[0]):
+        mv = memoryview(data).cast("B")
+        h.begin(name, dtype, shape, mv.nbytes)
+        h.update(mv)
+    return h.hexdigest()

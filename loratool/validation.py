@@ -1,0 +1,269 @@
+"""The rules of the loratool adapter format, applied to a header and to tensor data.
+
+``check_header`` is the single implementation of the structural rules: ``validate`` reports
+its findings, ``read_adapter_info``/``load_adapter`` raise the first error among them.
+No torch here: validation must start fast and read bf16 as bit patterns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from . import format as F
+from .model import AdapterInfo, ModuleInfo
+from .rules import Finding
+from .stfile import Header, TensorHasher, iter_chunks, nonfinite_count
+
+
+def _parse_alpha(text) -> float | None:
+    try:
+        value = float(text) if isinstance(text, (str, int, float)) and not isinstance(
+            text, bool) else None
+    except ValueError:
+        return None
+    if value is None or not math.isfinite(value) or value == 0.0:
+        return None
+    return value
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def check_header(header: Header) -> tuple[list[Finding], AdapterInfo | None]:
+    """Apply every header-level rule; return the findings and, when no MUST rule broke, the info."""
+    out: list[Finding] = []
+    path = header.path
+
+    def add(code, message, module=None):
+        out.append(Finding(code, message, path, module))
+
+    meta = header.metadata
+    fmt = meta.get(F.KEY_FORMAT)
+    if fmt != F.FORMAT_NAME:
+        why = "is missing" if fmt is None else f"is {fmt!r}"
+        add("LT101", f"metadata key {F.KEY_FORMAT} {why}, expected {F.FORMAT_NAME!r}: not a "
+                     "loratool adapter (PEFT, kohya and loralib files are read by detection; "
+                     "`loratool convert` writes this format)")
+        return out, None
+    version_text = meta.get(F.KEY_VERSION)
+    try:
+        F.check_version_supported(F.parse_version(version_text))
+    except Exception as e:  # MetadataError with code LT102/LT103
+        add(getattr(e, "code", "LT102"), str(getattr(e, "message", e)))
+        return out, None
+
+    scaling = meta.get(F.KEY_SCALING)
+    if scaling not in F.SCALINGS:
+        add("LT104", f"{F.KEY_SCALING} is {scaling!r}; expected one of {', '.join(F.SCALINGS)}")
+    alpha = _parse_alpha(meta.get(F.KEY_ALPHA))
+    if alpha is None:
+        add("LT105", f"{F.KEY_ALPHA} is {meta.get(F.KEY_ALPHA)!r}; expected a finite non-zero "
+                     "decimal number such as \"16.0\"")
+
+    targets = _json(meta.get(F.KEY_TARGETS, ""))
+    if (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)
+            or len(set(targets)) != len(targets)):
+        add("LT106", f"{F.KEY_TARGETS} must be a JSON list of distinct module names, got "
+                     f"{_short(meta.get(F.KEY_TARGETS))}")
+        targets = None
+    else:
+        for t in targets:
+            if not F.MODULE_NAME_RE.match(t):
+                add("LT213", f"module name {t!r} in {F.KEY_TARGETS} is not dot-separated "
+                             "segments of letters, digits, '_' and '-'", t)
+
+    table = _json(meta.get(F.KEY_MODULES, ""))
+    records: dict[str, dict] = {}
+    if not isinstance(table, dict):
+        add("LT107", f"{F.KEY_MODULES} must be a JSON object mapping module names to records, "
+                     f"got {_short(meta.get(F.KEY_MODULES))}")
+        table = None
+    else:
+        for name, rec in table.items():
+            problem = _record_problem(rec)
+            if problem:
+                add("LT107", f"module record of {name!r}: {problem}", name)
+            else:
+                records[name] = rec
+
+    for key in (F.KEY_BASE_HASH, F.KEY_TENSOR_HASH):
+        if key in meta and not F.HASH_RE.match(meta[key]):
+            add("LT109", f"{key} is {_short(meta[key])}; expected \"sha256:\" and 64 lowercase "
+                         "hex digits")
+
+    # Tensors, grouped by module.
+    groups: dict[str, dict[str, object]] = {}
+    for name, info in header.tensors.items():
+        split = F.split_tensor_name(name)
+        if split is None:
+            add("LT201", f"tensor {name!r} is not <module>.<role> with role one of "
+                         f"{', '.join(F.ROLES)}")
+            continue
+        module, role = split
+        if not F.MODULE_NAME_RE.match(module):
+            add("LT213", f"tensor {name!r}: module name {module!r} is not dot-separated "
+                         "segments of letters, digits, '_' and '-'", module)
+            continue
+        groups.setdefault(module, {})[role] = info
+
+    if targets is not None and table is not None:
+        named = {"target_modules": set(targets), "modules table": set(table),
+                 "tensors": set(groups)}
+        union = set().union(*named.values())
+        for module in sorted(union):
+            lacking = [where for where, names in named.items() if module not in names]
+            if lacking:
+                add("LT108", f"module {module!r} is missing from the {' and the '.join(lacking)}",
+                    module)
+
+    infos: dict[str, ModuleInfo] = {}
+    for module in sorted(groups):
+        rec = records.get(module)
+        info = _check_module(module, groups[module], rec, alpha, scaling, add)
+        if info is not None:
+            infos[module] = info
+
+    if any(f.is_error for f in out):
+        return out, None
+    extra = {k: v for k, v in meta.items() if not k.startswith(F.NAMESPACE)}
+    return out, AdapterInfo(
+        path=path, format_version=version_text, modules=infos, alpha=alpha,
+        base_model=meta.get(F.KEY_BASE_MODEL), base_model_hash=meta.get(F.KEY_BASE_HASH),
+        provenance=meta.get(F.KEY_PROVENANCE), extra_metadata=extra,
+        tensor_hash=meta.get(F.KEY_TENSOR_HASH),
+        tensor_bytes=sum(t.nbytes for t in header.tensors.values()))
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _record_problem(rec) -> str | None:
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    kind, layout = rec.get("kind"), rec.get("layout")
+    if kind not in F.KINDS:
+        return f"kind is {kind!r}; expected one of {', '.join(F.KINDS)}"
+    if layout not in F.LAYOUTS:
+        return f"layout is {layout!r}; expected one of {', '.join(F.LAYOUTS)}"
+    if "alpha" in rec:
+        a = rec["alpha"]
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a == 0:
+            return f"alpha is {a!r}; expected a finite non-zero JSON number"
+    return None
+
+
+def _check_module(module, roles, rec, default_alpha, scaling, add) -> ModuleInfo | None:
+    _count = [0]
+
+    def err(code, message):
+        _count[0] += 1
+        add(code, f"module {module!r}: {message}", module)
+
+    A, B = roles.get(F.ROLE_A), roles.get(F.ROLE_B)
+    if A is None or B is None:
+        missing = " and ".join(r for r in (F.ROLE_A, F.ROLE_B) if roles.get(r) is None)
+        err("LT202", f"has no {missing} tensor; every module needs both {F.ROLE_A} "
+                     f"[rank, in, ...] and {F.ROLE_B} [out, rank, ...]")
+        return None
+    for role, t in roles.items():
+        if t.dtype not in F.ADAPTER_DTYPES:
+            err("LT203", f"{role} has dtype {t.dtype}; adapter tensors must be one of "
+                         f"{', '.join(F.ADAPTER_DTYPES)}")
+    if len({t.dtype for t in roles.values()}) > 1:
+        add("LT211", f"module {module!r}: tensors mix dtypes "
+                     f"({', '.join(f'{r}={t.dtype}' for r, t in sorted(roles.items()))})", module)
+    if rec is None:
+        return None  # reported as LT107/LT108 already
+    kind, layout = rec["kind"], rec["layout"]
+    a, b = A.shape, B.shape
+    if kind == F.KIND_CONV:
+        ok = 3 <= len(a) <= 5 and len(b) == len(a)
+        want = "A [rank, in, *kernel] and B [out, rank, 1, ...] with 1 to 3 spatial dimensions"
+    else:
+        ok = len(a) == 2 and len(b) == 2
+        want = "2-D A [rank, in] and B [out, rank]"
+    if not ok:
+        err("LT204", f"{kind} needs {want}; got {F.ROLE_A} {list(a)} and {F.ROLE_B} {list(b)}")
+        return None
+    if a[0] != b[1]:
+        err("LT205", f"{F.ROLE_A} {list(a)} has rank {a[0]} but {F.ROLE_B} {list(b)} has rank "
+                     f"{b[1]}; re-export the adapter or truncate both to the same rank")
+    elif a[0] < 1:
+        err("LT206", f"rank is {a[0]}; a module needs rank 1 or more")
+    if any(d == 0 for d in (*a[1:], b[0])):
+        err("LT204", f"has an empty dimension ({F.ROLE_A} {list(a)}, {F.ROLE_B} {list(b)})")
+    if kind == F.KIND_CONV and any(d != 1 for d in b[2:]):
+        err("LT207", f"conv {F.ROLE_B} {list(b)} must be 1 in every spatial dimension "
+                     f"(shape [out, rank{', 1' * (len(b) - 2)}])")
+    if kind == F.KIND_CONV and layout != F.LAYOUT_OUT_IN:
+        err("LT207", f"conv modules use layout {F.LAYOUT_OUT_IN}, not {layout}")
+    if kind == F.KIND_EMBEDDING and layout != F.LAYOUT_IN_OUT:
+        err("LT207", f"embedding modules use layout {F.LAYOUT_IN_OUT} (weight [num, dim]), not "
+                     f"{layout}")
+    for role in (F.ROLE_MAGNITUDE, F.ROLE_BIAS):
+        t = roles.get(role)
+        if t is not None and t.shape != (b[0],):
+            err("LT208", f"{role} has shape {list(t.shape)}; expected [{b[0]}] (out)")
+    if _count[0]:
+        return None
+    out_f, in_f = b[0], math.prod(a[1:])
+    if a[0] > min(out_f, in_f):
+        add("LT212", f"module {module!r}: rank {a[0]} exceeds min(out, in) = "
+                     f"{min(out_f, in_f)}; `loratool resize` can drop the surplus exactly",
+            module)
+    alpha = rec.get("alpha", default_alpha)
+    if alpha is None or scaling not in F.SCALINGS:
+        return None
+    return ModuleInfo(module, kind, layout, tuple(a), tuple(b), float(alpha), scaling,
+                      A.dtype, F.ROLE_MAGNITUDE in roles, F.ROLE_BIAS in roles)
+
+
+def check_data(header: Header, *, tensor_hash: str | None, chunk: int = 1 << 24
+               ) -> list[Finding]:
+    """Data rules: NaN/Inf (LT209), all-zero B (LT210), integrity hash (LT110/LT111)."""
+    out: list[Finding] = []
+    hasher = TensorHasher()
+    with open(header.path, "rb") as f:
+        for name in sorted(header.tensors):
+            info = header.tensors[name]
+            hasher.begin(name, info.dtype, info.shape, info.nbytes)
+            bad = 0
+            nonzero = False
+            for part in iter_chunks(header, info, f, chunk):
+                hasher.update(part)
+                bad += nonfinite_count(part, info.dtype)
+                if not nonzero:
+                    bits = part.view(_uint_of(part.dtype.itemsize))
+                    # +0.0 and -0.0 are both zero: ignore the sign bit.
+                    mask = (1 << (8 * part.dtype.itemsize - 1)) - 1
+                    nonzero = bool(((bits & mask) != 0).any())
+            split = F.split_tensor_name(name)
+            module = split[0] if split else None
+            if bad:
+                out.append(Finding("LT209", f"tensor {name!r} holds {bad} NaN/Inf value(s) of "
+                                            f"{info.numel}", header.path, module))
+            if split and split[1] == F.ROLE_B and not nonzero and info.numel:
+                out.append(Finding("LT210", f"module {module!r}: {F.ROLE_B} is all zeros, so the "
+                                            "module changes nothing (an untrained adapter?)",
+                                   header.path, module))
+    actual = hasher.hexdigest()
+    if tensor_hash is None:
+        out.append(Finding("LT111", f"no {F.KEY_TENSOR_HASH}; rewrite the file with loratool "
+                                    f"to add it ({actual})", header.path))
+    elif F.HASH_RE.match(tensor_hash) and tensor_hash != actual:
+        out.append(Finding("LT110", f"{F.KEY_TENSOR_HASH} is {tensor_hash} but the tensor data "
+                                    f"hashes to {actual}: the file was altered or corrupted",
+                           header.path))
+    return out
+
+
+def _uint_of(itemsize: int):
+    import numpy as np
+    return {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[itemsize]
