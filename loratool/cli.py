@@ -9,6 +9,7 @@ never import torch. Errors are translated here, in one place: ``LoraToolError`` 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -63,6 +64,20 @@ class LazyGroup(click.Group):
             from .console import error
             name = f" {e.filename}" if getattr(e, "filename", None) else ""
             error(f"[LT505]{name}: {e.strerror or e}")
+            ctx.exit(1)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            from .console import error
+            error("interrupted; no output was written")
+            ctx.exit(130)
+        except Exception as e:  # a bug in loratool: say so, without a traceback by default
+            if os.environ.get("LORATOOL_DEBUG"):
+                raise
+            from .console import error
+            error(f"[LT000] internal error ({type(e).__name__}: {e}); this is a loratool bug: "
+                  "please report it with the command you ran (LORATOOL_DEBUG=1 shows the "
+                  "traceback)")
             ctx.exit(1)
 
 

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny seeded adapters and base checkpoints built in tmp_path."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(REPO, "examples")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_consoles():
+    # CliRunner swaps sys.stdout per invocation; cached rich consoles would write to the old one.
+    from loratool import console
+    console.reset()
+    yield
+    console.reset()
+
+
+@pytest.fixture
+def examples_dir() -> str:
+    return EXAMPLES
+
+
+def make_adapter(seed: int = 0, *, rank: int = 4, alpha: float = 8.0, dtype=None,
+                 kinds=("linear", "in_out", "conv", "embedding")):
+    """A small adapter with one module of each requested kind (torch imported lazily)."""
+    import torch
+
+    from loratool.model import Adapter, LoraModule
+    g = torch.Generator().manual_seed(seed)
+    dtype = dtype or torch.float32
+    mods = {}
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    if "linear" in kinds:
+        mods["layers.0.q_proj"] = LoraModule("layers.0.q_proj", "linear", "out_in",
+                                             rnd(rank, 12), rnd(10, rank), alpha)
+    if "in_out" in kinds:
+        mods["h.0.attn.c_attn"] = LoraModule("h.0.attn.c_attn", "linear", "in_out",
+                                             rnd(rank, 12), rnd(36, rank), alpha)
+    if "conv" in kinds:
+        mods["conv1"] = LoraModule("conv1", "conv", "out_in", rnd(rank, 3, 3, 3),
+                                   rnd(6, rank, 1, 1), alpha)
+    if "embedding" in kinds:
+        mods["embed"] = LoraModule("embed", "embedding", "in_out", rnd(rank, 20),
+                                   rnd(8, rank), alpha)
+    return Adapter(modules=mods, alpha=alpha)
+
+
+@pytest.fixture
+def tiny_adapter():
+    return make_adapter()
+
+
+@pytest.fixture
+def tiny_adapter_path(tmp_path, tiny_adapter) -> str:
+    from loratool.adapter import save_adapter
+    path = str(tmp_path / "adapter.safetensors")
+    save_adapter(tiny_adapter, path)
+    return path
