@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -9,6 +10,9 @@ import tempfile
 from .errors import OperationError
 
 TEMP_PREFIX = ".loratool-tmp-"
+# errnos that mean "the output cannot be written" (disk full, quota, file size limit, r/o fs)
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+TEMP_SUFFIX = ".part"  # temporaries are ".loratool-tmp-<random>.part" (SECURITY.md)
 
 
 def check_destination(dest: str, *, overwrite: bool, inputs=()) -> None:
@@ -41,12 +45,25 @@ class AtomicFile:
     def __enter__(self):
         check_destination(self.dest, overwrite=self.overwrite)
         parent = os.path.dirname(os.path.abspath(self.dest))
-        fd, self._tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".part", dir=parent)
-        self._f = os.fdopen(fd, "wb")
+        try:
+            fd, self._tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=parent)
+        except OSError as e:
+            raise OperationError(f"cannot create a file in {parent}: {e.strerror or e}",
+                                 code="LT504") from None
+        self._f = _TrackedFile(_fdopen(fd))
         return self._f
 
     def __exit__(self, exc_type, exc, tb):
         try:
+            failed = self._f.write_error if exc_type is not None else None
+            if failed is None and exc_type is not None and issubclass(exc_type, OSError):
+                failed = exc
+            if failed is not None and getattr(failed, "errno", None) in _FULL_ERRNOS:
+                # The disk filled up (or the file limit hit) mid-write: say which output.
+                # torch.save reports such a failure as a RuntimeError; the tracked file
+                # remembers the real OSError.
+                raise OperationError(f"cannot write {self.dest}: {failed.strerror or failed}; "
+                                     "nothing was written", code="LT505") from None
             if exc_type is None:
                 self._f.flush()
                 if self.fsync:
@@ -62,10 +79,49 @@ class AtomicFile:
                                  code="LT505") from None
         finally:
             if self._f is not None and not self._f.closed:
-                self._f.close()
+                try:
+                    self._f.close()
+                except OSError:  # close() flushes again: on a full disk it fails again
+                    pass
             if self._tmp is not None and os.path.exists(self._tmp):
                 os.unlink(self._tmp)
         return False
+
+
+def _fdopen(fd: int):
+    return os.fdopen(fd, "wb")
+
+
+class _TrackedFile:
+    """The temporary file of AtomicFile; remembers the OSError of a failed write or flush
+    (torch.save turns it into a RuntimeError, and we still want to say "disk full")."""
+
+    def __init__(self, f):
+        self._f = f
+        self.write_error: OSError | None = None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.write_error = e
+            raise
+
+    def flush(self):
+        try:
+            return self._f.flush()
+        except OSError as e:
+            self.write_error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._f.__exit__(*exc)
 
 
 class AtomicDir:
@@ -79,22 +135,46 @@ class AtomicDir:
     def __enter__(self) -> str:
         check_destination(self.dest, overwrite=self.overwrite)
         parent = os.path.dirname(os.path.abspath(self.dest))
-        self.tmp = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=parent)
+        # Same naming as AtomicFile's temporaries: a killed run leaves ".loratool-tmp-*.part".
+        try:
+            self.tmp = tempfile.mkdtemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=parent)
+        except OSError as e:
+            raise OperationError(f"cannot create a directory in {parent}: {e.strerror or e}",
+                                 code="LT504") from None
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if issubclass(exc_type, OSError) and getattr(exc, "errno", None) in _FULL_ERRNOS:
+                raise OperationError(f"cannot write {self.dest}: {exc.strerror or exc}; "
+                                     "nothing was written", code="LT505") from None
             return False
-        os.chmod(self.tmp, 0o755)
-        if os.path.lexists(self.dest):
-            # Move the old one aside first so that a failure never leaves neither in place.
-            old = self.dest + TEMP_PREFIX + "old"
-            os.replace(self.dest, old) if os.path.isdir(self.dest) else os.unlink(self.dest)
-            os.replace(self.tmp, self.dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.dest)
+        parent = os.path.dirname(os.path.abspath(self.dest))
+        try:
+            os.chmod(self.tmp, 0o755)
+            if os.path.lexists(self.dest):
+                if os.path.isdir(self.dest) and not os.path.islink(self.dest):
+                    # Move the old one aside (a fresh name: a stale one from a killed run must
+                    # not block us), then the new one in; a kill in between leaves no
+                    # destination, never a mixed one.
+                    old = tempfile.mkdtemp(prefix=TEMP_PREFIX, suffix=".old" + TEMP_SUFFIX,
+                                           dir=parent)
+                    os.replace(self.dest, old)
+                    os.replace(self.tmp, self.dest)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.unlink(self.dest)
+                    os.replace(self.tmp, self.dest)
+            else:
+                os.replace(self.tmp, self.dest)
+            self.tmp = None
+        except OSError as e:
+            raise OperationError(f"cannot write {self.dest}: {e.strerror or e}",
+                                 code="LT505") from None
+        finally:
+            if self.tmp is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
         return False
 
 

@@ -7,11 +7,12 @@ that adapters can be matched against it cheaply.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
 
-from .errors import CheckpointError
+from .errors import CheckpointError, LoraToolError
 
 INDEX_NAMES = ("model.safetensors.index.json",)
 PICKLE_SUFFIXES = (".pt", ".bin", ".pth", ".ckpt")
@@ -38,12 +39,18 @@ def find_index(path: str) -> str | None:
 
 def read_index(index_path: str) -> dict[str, str]:
     """tensor name -> shard path, with every shard inside the index's directory."""
-    if os.path.getsize(index_path) > MAX_INDEX_BYTES:
-        raise CheckpointError(f"index {index_path} is larger than {MAX_INDEX_BYTES} bytes",
-                              code="LT402")
+    from .stfile import open_regular
     try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
+        with open_regular(index_path) as f:  # refuses FIFOs and devices: they never end
+            if os.fstat(f.fileno()).st_size > MAX_INDEX_BYTES:
+                raise CheckpointError(f"index {index_path} is larger than {MAX_INDEX_BYTES} "
+                                      "bytes", code="LT402")
+            raw = f.read(MAX_INDEX_BYTES + 1)
+    except OSError as e:
+        raise CheckpointError(f"cannot read index {index_path}: {e.strerror or e}",
+                              code="LT402") from None
+    try:
+        index = json.loads(raw.decode("utf-8"))
         weight_map = index["weight_map"]
         assert isinstance(weight_map, dict)
     except (ValueError, KeyError, TypeError, AssertionError, RecursionError):
@@ -53,7 +60,7 @@ def read_index(index_path: str) -> dict[str, str]:
     out = {}
     for name, shard in weight_map.items():
         if (not isinstance(shard, str) or os.path.isabs(shard) or os.sep in shard
-                or "/" in shard or shard in ("", ".", "..")):
+                or "/" in shard or "\0" in shard or shard in ("", ".", "..")):
             raise CheckpointError(f"index entry {name!r} points to {shard!r}; shards must be "
                                   "plain file names in the index's directory", code="LT402")
         out[name] = os.path.join(root, shard)
@@ -94,6 +101,9 @@ def load_pickle_state_dict(path: str) -> dict:
     Refuses torch older than 2.10, whose weights-only unpickler lacks known security fixes.
     """
     import torch
+
+    from .stfile import check_regular_file
+    check_regular_file(path)  # torch.load on a FIFO or /dev/zero would block or never end
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
     if (major, minor) < (2, 10):
         raise CheckpointError(f"torch {torch.__version__} is too old to load {path} safely; "
@@ -102,10 +112,344 @@ def load_pickle_state_dict(path: str) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # the unpickler refuses anything but tensors and plain containers
         raise CheckpointError(f"cannot load {path} as a weights-only state dict: "
-                              f"{str(e).splitlines()[0][:300]}", code="LT403") from None
+                              f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}", code="LT403") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise CheckpointError(f"{path} is not a state dict of name -> tensor", code="LT403")
     return obj
+
+
+# --- streaming: sources, writer, provenance record -------------------------------------------
+#
+# A merge reads each tensor of the base once, in file order, and writes the output in the same
+# order: the header first (names, dtypes and shapes are known up front), then the bytes. Tensors
+# that nothing changes are copied file-to-file by the kernel (``copy_file_range``) without
+# passing through Python; the others are read into a reused buffer with positional reads
+# (``os.preadv``), so that a prefetch thread can read while the main thread computes. We never
+# go through ``safe_open``: adding in place into its mmap'd tensors keeps copy-on-write pages
+# alive until the file closes, which is exactly the memory a streaming merge must not hold.
+
+KIND_SAFETENSORS = "safetensors"
+KIND_SHARDED = "sharded"
+KIND_PICKLE = "pickle"
+SIDECAR_SUFFIX = ".loratool.json"  # metadata of a .pt/.bin checkpoint lives beside it
+_COPY_CHUNK = 1 << 26
+
+
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """``"sharded"`` (directory or ``*.index.json``), ``"pickle"`` (.pt/.bin/...) or
+    ``"safetensors"``; raises LT401 for a directory without an index."""
+    path = os.fspath(path)
+    if find_index(path) is not None:
+        return KIND_SHARDED
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory without {INDEX_NAMES[0]}: not a sharded "
+                              "Hugging Face checkpoint", code="LT401")
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        return KIND_PICKLE
+    return KIND_SAFETENSORS
+
+
+def read_index_json(index_path: str) -> dict:
+    """The raw index JSON (``metadata`` and ``weight_map``), checked by ``read_index``."""
+    read_index(index_path)
+    with open(index_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def shard_order(index_path: str) -> list[str]:
+    """Shard file names of an index, in order of first appearance in its weight_map."""
+    seen: dict[str, None] = {}
+    for shard in read_index(index_path).values():
+        seen.setdefault(os.path.basename(shard), None)
+    return list(seen)
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    name: str
+    dtype: str  # safetensors dtype string
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+class SafetensorsSource:
+    """Positional, thread-safe reads of one safetensors file (our own checked header)."""
+
+    kind = KIND_SAFETENSORS
+
+    def __init__(self, path: str | os.PathLike):
+        from .stfile import read_header
+        self.path = os.fspath(path)
+        self.header = read_header(self.path)
+        self.metadata = dict(self.header.metadata)
+        self.tensors = [SourceTensor(t.name, t.dtype, t.shape, t.nbytes)
+                        for t in self.header.tensors.values()]
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def _offset(self, t: SourceTensor) -> int:
+        return self.header.data_start + self.header.tensors[t.name].begin
+
+    def read_into(self, t: SourceTensor, out) -> None:
+        """Fill ``out`` (a writable buffer of ``t.nbytes`` bytes) with the tensor's bytes."""
+        mv = memoryview(out).cast("B")
+        done, offset = 0, self._offset(t)
+        while done < t.nbytes:
+            n = os.preadv(self._fd, [mv[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(f"tensor {t.name!r}: file ended early (truncated or "
+                                      "changed while reading)", code="LT401", path=self.path)
+            done += n
+
+    def copy_raw(self, t: SourceTensor, writer: StreamWriter) -> None:
+        writer.copy_from_fd(t.name, self._fd, self._offset(t), t.nbytes)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class StateDictSource:
+    """A ``.pt``/``.bin`` state dict loaded weights-only and memory-mapped (file-backed pages)."""
+
+    kind = KIND_PICKLE
+
+    def __init__(self, path: str | os.PathLike):
+        from .tensors import st_dtype
+        self.path = os.fspath(path)
+        self.state = load_pickle_state_dict(self.path)
+        self.metadata = read_sidecar(self.path)
+        from .stfile import DTYPE_SIZES
+        self.tensors = []
+        for name, t in self.state.items():
+            dtype = st_dtype(t)
+            self.tensors.append(SourceTensor(name, dtype, tuple(t.shape),
+                                             t.numel() * DTYPE_SIZES[dtype]))
+
+    def _bytes(self, t: SourceTensor):
+        from .tensors import to_bytes
+        return to_bytes(self.state[t.name])
+
+    def read_into(self, t: SourceTensor, out) -> None:
+        memoryview(out).cast("B")[: t.nbytes] = self._bytes(t)
+
+    def copy_raw(self, t: SourceTensor, writer: StreamWriter) -> None:
+        writer.write(t.name, self._bytes(t))
+
+    def close(self) -> None:
+        self.state = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def open_source(path: str | os.PathLike):
+    """A streaming source for one file: safetensors or a pickle state dict."""
+    if checkpoint_kind(path) == KIND_PICKLE:
+        return StateDictSource(path)
+    return SafetensorsSource(path)
+
+
+@functools.lru_cache(maxsize=None)
+def _writer_class():
+    from .stfile import SafetensorsWriter
+
+    class _StreamWriter(SafetensorsWriter):
+        def copy_from_fd(self, name: str, fd: int, offset: int, nbytes: int) -> None:
+            """Write the next tensor as ``nbytes`` raw bytes of ``fd`` from ``offset``,
+            file-to-file in the kernel when it can (no user-space copy)."""
+            from .errors import ContainerError
+            info = self._infos[self._next]
+            if name != info.name or nbytes != info.nbytes:
+                raise ContainerError(f"tensor {name!r} ({nbytes} bytes) copied out of order; "
+                                     f"expected {info.name!r} ({info.nbytes} bytes)",
+                                     code="LT008")
+            f = self._f
+            f.flush()
+            out = f.fileno()
+            done = 0
+            try:
+                while done < nbytes:
+                    n = os.copy_file_range(fd, out, nbytes - done, offset + done)
+                    if n <= 0:
+                        break
+                    done += n
+            except OSError:
+                pass  # another filesystem or an old kernel: the plain loop below finishes
+            f.seek(0, os.SEEK_END)  # the kernel moved the fd offset; resync the buffered file
+            while done < nbytes:
+                data = os.pread(fd, min(_COPY_CHUNK, nbytes - done), offset + done)
+                if not data:
+                    raise CheckpointError(f"tensor {name!r}: source ended early", code="LT401")
+                f.write(data)
+                done += len(data)
+            self._next += 1
+
+    return _StreamWriter
+
+
+def StreamWriter(dest, entries, metadata=None, *, overwrite=False, fsync=False):  # noqa: N802
+    """``stfile.SafetensorsWriter`` plus ``copy_from_fd`` for unchanged tensors."""
+    return _writer_class()(dest, entries, metadata, overwrite=overwrite, fsync=fsync)
+
+
+def write_pickle_from_safetensors(src: str, dest: str, *, overwrite: bool = False,
+                                  fsync: bool = False) -> None:
+    """Write the tensors of safetensors file ``src`` as a ``torch.save`` state dict at ``dest``
+    (atomically). Tensors are memory-mapped from ``src``, so memory stays file-backed."""
+    import mmap
+
+    import torch
+
+    from .atomic import AtomicFile
+    from .stfile import read_header
+    from .tensors import TORCH_DTYPES
+    header = read_header(src)
+    with open(src, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+    try:
+        state = {}
+        for name, t in header.tensors.items():
+            dtype = TORCH_DTYPES[t.dtype]
+            if t.numel == 0:
+                state[name] = torch.empty(t.shape, dtype=dtype)
+                continue
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=t.nbytes,
+                                   offset=header.data_start + t.begin)
+            state[name] = raw.view(dtype).reshape(t.shape)
+        with AtomicFile(dest, overwrite=overwrite, fsync=fsync) as out:
+            torch.save(state, out)
+        state.clear()
+        raw = None
+    finally:
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # a tensor view is still referenced; the GC closes it later
+                pass
+
+
+def sidecar_path(path: str) -> str:
+    return os.fspath(path) + SIDECAR_SUFFIX
+
+
+def read_sidecar(path: str) -> dict[str, str]:
+    """Metadata stored beside a .pt/.bin checkpoint (``<file>.loratool.json``), or ``{}``."""
+    side = sidecar_path(path)
+    if not os.path.exists(side):
+        return {}
+    try:
+        from .stfile import open_regular
+        with open_regular(side) as f:  # a FIFO or device sidecar must not block or never end
+            if os.fstat(f.fileno()).st_size > MAX_INDEX_BYTES:
+                raise ValueError
+            obj = json.loads(f.read().decode("utf-8"))
+        if not isinstance(obj, dict) or not all(isinstance(v, str) for v in obj.values()):
+            raise ValueError
+    except (ValueError, OSError, RecursionError, LoraToolError):
+        raise CheckpointError(f"{side} is not a JSON object of string values (loratool "
+                              "metadata of a .pt checkpoint)", code="LT402") from None
+    return obj
+
+
+def write_sidecar(path: str, metadata: dict[str, str], *, overwrite: bool = True,
+                  fsync: bool = False) -> None:
+    from .atomic import AtomicFile
+    with AtomicFile(sidecar_path(path), overwrite=overwrite, fsync=fsync) as f:
+        f.write((json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a base checkpoint, read without tensor data or torch: the
+    safetensors ``__metadata__``; for a sharded directory the string values of the index's
+    ``metadata`` (else the first shard's); for .pt/.bin the sidecar file."""
+    from .stfile import read_header
+    path = os.fspath(path)
+    kind = checkpoint_kind(path)
+    if kind == KIND_PICKLE:
+        return read_sidecar(path)
+    if kind == KIND_SHARDED:
+        index = find_index(path)
+        raw = read_index_json(index).get("metadata") or {}
+        meta = {k: v for k, v in raw.items() if isinstance(v, str)} if isinstance(raw, dict) \
+            else {}
+        if meta:
+            return meta
+        shards = shard_order(index)
+        if not shards:
+            return {}
+        return dict(read_header(os.path.join(os.path.dirname(index), shards[0])).metadata)
+    return dict(read_header(path).metadata)
+
+
+def merge_records(metadata: dict[str, str], *, path: str = "") -> list[dict]:
+    """The list under ``loratool.merged`` (spec/merge.md), ``[]`` when absent."""
+    from .format import KEY_MERGED
+    text = metadata.get(KEY_MERGED)
+    if text is None:
+        return []
+    try:
+        records = json.loads(text)
+        ok = isinstance(records, list) and all(
+            isinstance(r, dict) and isinstance(r.get("adapters"), list) for r in records)
+    except (ValueError, RecursionError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"metadata {KEY_MERGED} is not a JSON list of merge records "
+                              "(spec/merge.md); it was edited or damaged", code="LT410",
+                              path=path or None)
+    return records
+
+
+def merged_checkpoint_report(path: str | os.PathLike) -> dict | None:
+    """``inspect``'s report for a base checkpoint written by ``loratool merge`` (one with a
+    ``loratool.merged`` record and no adapter format key), or None for anything else. Header
+    and sidecar reads only: no torch."""
+    from collections import Counter
+
+    from .errors import LoraToolError
+    from .format import KEY_FORMAT, KEY_MERGED
+    path = os.fspath(path)
+    try:
+        kind = checkpoint_kind(path)
+        if kind == KIND_PICKLE and not os.path.exists(sidecar_path(path)):
+            return None
+        meta = checkpoint_metadata(path)
+        if KEY_MERGED not in meta or KEY_FORMAT in meta:
+            return None
+        records = merge_records(meta, path=path)
+        tensors = None if kind == KIND_PICKLE else list_tensors(path)
+    except LoraToolError:
+        return None  # not a checkpoint we recognize: inspect reports it as an adapter would
+    from .stfile import DTYPE_SIZES
+    report = {"path": path, "source_format": "merged-checkpoint", "checkpoint": kind,
+              "tensors": None, "bytes": None, "dtypes": {}, "merged": records,
+              "other_metadata": {k: v for k, v in sorted(meta.items()) if k != KEY_MERGED}}
+    if tensors is not None:
+        report["tensors"] = len(tensors)
+        report["bytes"] = sum(
+            _prod(t.shape) * DTYPE_SIZES[t.dtype] for t in tensors.values())
+        report["dtypes"] = dict(sorted(Counter(t.dtype for t in tensors.values()).items()))
+    return report
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -67,6 +67,13 @@ class LazyGroup(click.Group):
             ctx.exit(1)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
+        except MemoryError:
+            # A file whose tensors really are larger than this machine's memory (the parser
+            # refuses sizes the file does not back, so this is a real size, not a lie).
+            from .console import error
+            error("[LT590] not enough memory for the tensors of this input; nothing was "
+                  "written (header-only commands such as `inspect` without --stats still work)")
+            ctx.exit(1)
         except KeyboardInterrupt:
             from .console import error
             error("interrupted; no output was written")

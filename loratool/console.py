@@ -64,6 +64,8 @@ def _fmt_num(x) -> str:
 
 
 def render_inspect(report: dict) -> None:
+    if report.get("source_format") == "merged-checkpoint":
+        return render_merged_checkpoint(report)
     from rich.table import Table
     from rich.text import Text
     c = out()
@@ -112,6 +114,27 @@ def render_inspect(report: dict) -> None:
         c.print(table)
 
 
+def render_merged_checkpoint(report: dict) -> None:
+    """``inspect`` of a base checkpoint carrying a ``loratool.merged`` record."""
+    c = out()
+    c.print(report["path"], style="bold", markup=False, highlight=False)
+    lines = [("format", f"merged {report['checkpoint']} checkpoint (not an adapter)")]
+    if report.get("tensors") is not None:
+        lines.append(("tensors", f"{report['tensors']} ({_fmt_bytes(report['bytes'])}; "
+                                 + ", ".join(f"{k} x{v}" for k, v in report["dtypes"].items())
+                                 + ")"))
+    for key, value in lines:
+        c.print(f"  {key:<13} {value}", highlight=False, markup=False)
+    for i, rec in enumerate(report["merged"], 1):
+        c.print(f"  {rec.get('op', 'merge')} #{i}: loratool {rec.get('loratool_version')}, "
+                f"{rec.get('device')} {rec.get('precision')}, dtype {rec.get('dtype')}",
+                highlight=False, markup=False)
+        for a in rec.get("adapters", []):
+            c.print(f"    {a.get('source')}  scale {_fmt_num(a.get('scale'))}  "
+                    f"{a.get('modules')} modules  {a.get('identity')}",
+                    highlight=False, markup=False, soft_wrap=True)
+
+
 def render_validate(report: dict, style: str) -> None:
     if style == "github":
         for f in report["files"]:
@@ -132,7 +155,8 @@ def render_validate(report: dict, style: str) -> None:
         c.print(f"{mark}  {escape(f['path'])}{fmt}", highlight=False)
         for x in f["findings"]:
             color = "red" if x["severity"] == "error" else "yellow"
-            where = f" {x['module']}:" if x.get("module") else ""
+            named = x.get("module") and repr(x["module"]) in x["message"]
+            where = f" {x['module']}:" if x.get("module") and not named else ""
             c.print(f"    [{color}]{x['severity']} {x['code']}[/{color}]{escape(where)} "
                     f"{escape(x['message'])}", highlight=False, markup=True)
     s = report["summary"]

@@ -53,9 +53,10 @@ ROLES = (ROLE_A, ROLE_B, ROLE_MAGNITUDE, ROLE_BIAS)
 
 ADAPTER_DTYPES = ("F16", "BF16", "F32", "F64")
 
-MODULE_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
-HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})$")
+# \Z rather than $: Python's $ also matches before a final "\n".
+MODULE_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*\Z")
+HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
+VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})\Z")
 
 # safetensors' own reader refuses headers above 100 MB; so do we.
 MAX_HEADER_BYTES = 100_000_000

@@ -3,7 +3,9 @@
 Adapter module paths often differ from base keys by a prefix (``base_model.model.``,
 ``model.``, ``transformer.``, ``bert.``). Resolution per module: an explicit ``--map OLD=NEW``
 first, then an exact match of ``<module>.weight``, then a unique match on a dot boundary
-where one name is a suffix of the other. Ambiguity or no match is an error listing the modules.
+where one name is a suffix of the other, then (for kohya names read without a base, whose
+dots were underscores) a unique match of the underscored names on an underscore boundary.
+Ambiguity or no match is an error listing the modules.
 """
 
 from __future__ import annotations
@@ -16,14 +18,20 @@ def parse_map(items) -> dict[str, str]:
     out = {}
     for item in items or ():
         old, eq, new = item.partition("=")
-        if not eq or not old or not new:
-            raise CheckpointError(f"--map {item!r} is not OLD=NEW", code="LT404")
+        # An empty NEW is allowed for a prefix rule: ``--map base_model.model.=`` strips it.
+        if not eq or not old or not (new or old.endswith(".")):
+            raise CheckpointError(f"--map {item!r} is not OLD=NEW (or PREFIX.= to strip a "
+                                  "prefix)", code="LT404")
         out[old] = new
     return out
 
 
 def _dotted_suffix(long: str, short: str) -> bool:
     return long == short or long.endswith("." + short)
+
+
+def _underscored_suffix(long: str, short: str) -> bool:
+    return long == short or long.endswith("_" + short)
 
 
 def resolve_modules(modules, base_keys, name_map: dict[str, str] | None = None, *,
@@ -56,6 +64,11 @@ def resolve_modules(modules, base_keys, name_map: dict[str, str] | None = None, 
             mapping[module] = module
             continue
         hits = [b for b in bases if _dotted_suffix(b, module) or _dotted_suffix(module, b)]
+        if not hits:
+            flat = module.replace(".", "_")
+            hits = [b for b in bases if _underscored_suffix(flat, b.replace(".", "_"))]
+            longest = max(map(len, hits), default=0)  # the most specific base path wins
+            hits = [b for b in hits if len(b) == longest]
         if len(hits) == 1:
             mapping[module] = hits[0]
         elif hits:

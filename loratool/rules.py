@@ -37,7 +37,6 @@ RULES: dict[str, tuple[str, str]] = {
     "LT109": (MUST, "hash values are \"sha256:\" and 64 lowercase hex digits"),
     "LT110": (MUST, "loratool.tensor_hash, when present, matches the tensor data"),
     "LT111": (SHOULD, "loratool.tensor_hash is present"),
-    "LT112": (MUST, "loratool.provenance and loratool.base_model are plain strings (any text)"),
     # tensors
     "LT201": (MUST, "every tensor is named <module>.<role> with a known role"),
     "LT202": (MUST, "every module has both lora_A and lora_B"),
@@ -45,8 +44,8 @@ RULES: dict[str, tuple[str, str]] = {
     "LT204": (MUST, "A and B have the dimensions of the module's kind"),
     "LT205": (MUST, "A and B agree on the rank"),
     "LT206": (MUST, "the rank is at least 1"),
-    "LT207": (MUST, "conv B has size 1 in every spatial dimension; embeddings use layout "
-                    "in_out"),
+    "LT207": (MUST, "conv B has size 1 in every spatial dimension; conv modules use layout "
+                    "out_in, embeddings in_out"),
     "LT208": (MUST, "lora_magnitude and lora_bias have shape [out]"),
     "LT209": (MUST, "tensors hold no NaN or Inf"),
     "LT210": (SHOULD, "lora_B is not all zeros (the delta would be zero)"),

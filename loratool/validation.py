@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 from . import format as F
 from .model import AdapterInfo, ModuleInfo
@@ -16,13 +17,16 @@ from .rules import Finding
 from .stfile import Header, TensorHasher, iter_chunks, nonfinite_count
 
 
+# loratool.alpha is spelled as a JSON number (what ``repr(float)`` writes); Python's float()
+# alone would also take " 8", "1_0" or "infinity".
+_DECIMAL_RE = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+
+
 def _parse_alpha(text) -> float | None:
-    try:
-        value = float(text) if isinstance(text, (str, int, float)) and not isinstance(
-            text, bool) else None
-    except ValueError:
+    if not isinstance(text, str) or not _DECIMAL_RE.fullmatch(text):
         return None
-    if value is None or not math.isfinite(value) or value == 0.0:
+    value = float(text)
+    if not math.isfinite(value) or value == 0.0:
         return None
     return value
 
@@ -65,6 +69,7 @@ def check_header(header: Header) -> tuple[list[Finding], AdapterInfo | None]:
         add("LT105", f"{F.KEY_ALPHA} is {meta.get(F.KEY_ALPHA)!r}; expected a finite non-zero "
                      "decimal number such as \"16.0\"")
 
+    bad_names: set[str] = set()  # reported once as LT213, whichever place names them first
     targets = _json(meta.get(F.KEY_TARGETS, ""))
     if (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)
             or len(set(targets)) != len(targets)):
@@ -74,6 +79,7 @@ def check_header(header: Header) -> tuple[list[Finding], AdapterInfo | None]:
     else:
         for t in targets:
             if not F.MODULE_NAME_RE.match(t):
+                bad_names.add(t)
                 add("LT213", f"module name {t!r} in {F.KEY_TARGETS} is not dot-separated "
                              "segments of letters, digits, '_' and '-'", t)
 
@@ -85,9 +91,9 @@ def check_header(header: Header) -> tuple[list[Finding], AdapterInfo | None]:
         table = None
     else:
         for name, rec in table.items():
-            problem = _record_problem(rec)
+            code, problem = _record_problem(rec)
             if problem:
-                add("LT107", f"module record of {name!r}: {problem}", name)
+                add(code, f"module record of {name!r}: {problem}", name)
             else:
                 records[name] = rec
 
@@ -105,10 +111,11 @@ def check_header(header: Header) -> tuple[list[Finding], AdapterInfo | None]:
                          f"{', '.join(F.ROLES)}")
             continue
         module, role = split
-        if not F.MODULE_NAME_RE.match(module):
+        if not F.MODULE_NAME_RE.match(module) and module not in bad_names:
+            bad_names.add(module)
             add("LT213", f"tensor {name!r}: module name {module!r} is not dot-separated "
                          "segments of letters, digits, '_' and '-'", module)
-            continue
+        # Still grouped, so that one bad name is one finding rather than a cascade of LT108.
         groups.setdefault(module, {})[role] = info
 
     if targets is not None and table is not None:
@@ -144,19 +151,28 @@ def _short(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _record_problem(rec) -> str | None:
+def _finite_nonzero(x: int | float) -> bool:
+    try:
+        x = float(x)  # a JSON integer of 400 digits does not fit a float64
+    except OverflowError:
+        return False
+    return math.isfinite(x) and x != 0.0
+
+
+def _record_problem(rec) -> tuple[str, str | None]:
+    """(code, problem) of one module record; problem is None when the record is sound."""
     if not isinstance(rec, dict):
-        return "not a JSON object"
+        return "LT107", "not a JSON object"
     kind, layout = rec.get("kind"), rec.get("layout")
     if kind not in F.KINDS:
-        return f"kind is {kind!r}; expected one of {', '.join(F.KINDS)}"
+        return "LT107", f"kind is {kind!r}; expected one of {', '.join(F.KINDS)}"
     if layout not in F.LAYOUTS:
-        return f"layout is {layout!r}; expected one of {', '.join(F.LAYOUTS)}"
+        return "LT107", f"layout is {layout!r}; expected one of {', '.join(F.LAYOUTS)}"
     if "alpha" in rec:
         a = rec["alpha"]
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a == 0:
-            return f"alpha is {a!r}; expected a finite non-zero JSON number"
-    return None
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not _finite_nonzero(a):
+            return "LT105", f"alpha is {_short(a)}; expected a finite non-zero JSON number"
+    return "LT107", None
 
 
 def _check_module(module, roles, rec, default_alpha, scaling, add) -> ModuleInfo | None:

@@ -4,6 +4,7 @@ import click
 
 from .. import console
 from ..ops.inspect import inspect
+from ._options import source_options
 
 
 @click.command("inspect")
@@ -12,7 +13,8 @@ from ..ops.inspect import inspect
 @click.option("--stats", is_flag=True,
               help="Also read the tensors: per-module norm of delta W, singular values, "
                    "effective rank, flags for all-zero B and NaN/Inf (imports torch).")
-def inspect_cmd(path, as_json, stats):
+@source_options
+def inspect_cmd(path, as_json, stats, source):
     """Show what an adapter is: format, base model, scaling, totals and a per-module table.
 
     Without --stats only the header is read, so a multi-GB adapter inspects as fast as a
@@ -23,7 +25,7 @@ def inspect_cmd(path, as_json, stats):
       loratool inspect examples/adapter.safetensors
       loratool inspect examples/adapter.safetensors --stats --json
     """
-    report = inspect(path, stats=stats)
+    report = inspect(path, stats=stats, **source)
     if as_json:
         console.print_json(report)
     else:

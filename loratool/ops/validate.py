@@ -46,8 +46,11 @@ class ValidationReport:
                             "warnings": len(self.findings) - errors}}
 
 
-def expand_paths(paths) -> list[str]:
-    """Files and PEFT directories to validate; a plain directory yields every adapter in it."""
+def expand_paths(paths, empty: list | None = None) -> list[str]:
+    """Files and PEFT directories to validate; a plain directory yields every adapter in it.
+
+    Directories that hold no adapter at all are appended to ``empty`` when it is given.
+    """
     out: list[str] = []
     for p in paths:
         p = os.fspath(p)
@@ -62,6 +65,8 @@ def expand_paths(paths) -> list[str]:
                 found.extend(os.path.join(root, f) for f in sorted(files)
                              if f.endswith(ADAPTER_SUFFIXES))
             out.extend(sorted(found))
+            if not found and empty is not None:
+                empty.append(p)
         else:
             out.append(p)
     return out
@@ -80,7 +85,13 @@ def validate(paths: str | os.PathLike | list, *, data: bool = True, **options
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    return ValidationReport([_validate_one(p, data, options) for p in expand_paths(paths)])
+    empty: list[str] = []
+    files = [_validate_one(p, data, options) for p in expand_paths(paths, empty)]
+    # An empty directory passing silently would hide a misconfigured CI job.
+    files += [FileReport(d, None, [Finding("LT506", "directory holds no adapter (no "
+                                                    "*.safetensors file, no adapter_config.json)",
+                                           d)]) for d in empty]
+    return ValidationReport(files)
 
 
 def _validate_one(path: str, data: bool, options: dict) -> FileReport:

@@ -1,0 +1,170 @@
+"""``loratool compose`` and ``loratool compare``: thin wrappers over ``loratool.ops.compose``."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from .. import console
+from ._options import source_options
+from .resize import fmt, load_with_progress, write_output
+
+
+def _weighted(ctx, param, values):
+    from ..errors import LoraToolError
+    from ..ops.compose import parse_weighted
+    out = []
+    for text in values:
+        try:
+            path, weight = parse_weighted(text)
+        except LoraToolError as e:
+            raise click.BadParameter(e.message, ctx=ctx, param=param) from None
+        if not os.path.exists(path):
+            hint = "" if path == text else f" (read {text!r} as path {path!r}, weight {weight!r})"
+            raise click.BadParameter(f"{path!r} does not exist{hint}", ctx=ctx, param=param)
+        out.append((path, weight))
+    return out
+
+
+@click.command("compose")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:WEIGHT]...",
+                callback=_weighted)
+@click.option("--rank", type=click.IntRange(min=1),
+              help="Truncate each module's sum to this rank (best approximation).")
+@click.option("--fro", type=click.FloatRange(0, 1, min_open=True),
+              help="Truncate each module's sum to the smallest rank keeping fraction F of its "
+                   "Frobenius norm.")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False),
+              help="Write the composed adapter here (loratool format). Without it, only the "
+                   "report is printed.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@source_options
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def compose_cmd(adapters, rank, fro, out, overwrite, as_json, source, quiet):
+    """Linear combination of adapters: each module's delta is sum_i w_i * delta_i.
+
+    Each ADAPTER may end with :WEIGHT (default 1; negative subtracts). Only a trailing
+    :<number> is a weight, so paths may contain ':'. Without --rank/--fro the result is exact
+    (ranks add up); with one, each module is the best approximation of that rank of the exact
+    sum. Output modules have scaling "standard" and alpha = rank (scale 1).
+
+    \b
+    Examples:
+      loratool compose examples/adapter.safetensors examples/adapter_style.safetensors:0.5 \
+          -o mix.safetensors
+      loratool compose examples/adapter.safetensors examples/adapter_style.safetensors:-1 \
+          --rank 8 --json
+    """
+    from ..atomic import check_destination
+    from ..ops.compose import compose
+    if rank is not None and fro is not None:
+        raise click.UsageError("give at most one of --rank, --fro")
+    paths = [p for p, _ in adapters]
+    if out is not None:
+        check_destination(out, overwrite=overwrite, inputs=paths)
+    loaded, bar = load_with_progress(paths, quiet, "compose", source)
+    with bar as p:
+        result = compose([(a, w) for a, (_, w) in zip(loaded, adapters)], rank=rank, fro=fro,
+                         progress=p.advance)
+    report = dict(result.report, output=out)
+    for entry, path in zip(report["inputs"], paths):
+        entry["input"] = path
+    for w in report["warnings"]:
+        console.note(f"warning: {w}")
+    if out is not None:
+        report["tensor_hash"] = write_output(result.adapter, out, overwrite)
+    if as_json:
+        console.print_json(report)
+    else:
+        render_compose(report)
+
+
+def render_compose(report: dict) -> None:
+    from rich.table import Table
+    from rich.text import Text
+    c = console.out()
+    inputs = " + ".join(f"{fmt(i['weight'])} x {i['input']}" for i in report["inputs"])
+    rule = ", ".join(f"{k} {v}" for k, v in report["rule"].items()) or "exact"
+    c.print(f"compose {inputs}  ({rule})", style="bold", markup=False, highlight=False)
+    truncating = bool(report["rule"])
+    table = Table(show_edge=False, pad_edge=False)
+    cols = ["module", "kind", "ranks", "sum rank", "new"]
+    if truncating:
+        cols += ["retained", "residual"]
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("module", "kind", "ranks") else "right",
+                         no_wrap=col == "module")
+    for r in report["modules"]:
+        ranks = "+".join("-" if x is None else str(x) for x in r["ranks"])
+        row = [Text(r["name"]), r["kind"], ranks, str(r["concat_rank"]), str(r["new_rank"])]
+        if truncating:
+            row += [f"{r['retained']:.6f}", fmt(r["residual"], 3)]
+        table.add_row(*row)
+    if report["modules"]:
+        c.print(table)
+    s = report["summary"]
+    lines = [("modules", f"{s['modules']} ({s['in_all_inputs']} in every input; {s['exact']} "
+                         f"exact, {s['truncated']} truncated)"),
+             ("parameters", f"{s['parameters_before']:,} in the inputs -> "
+                            f"{s['parameters_after']:,}")]
+    if "retained_overall" in s:
+        lines.append(("retained", f"overall {s['retained_overall']:.6f}, min "
+                                  f"{s['retained_min']:.6f} (fraction of the Frobenius norm)"))
+    for key, value in lines:
+        c.print(f"  {key:<11} {value}", markup=False, highlight=False)
+
+
+@click.command("compare")
+@click.argument("a", type=click.Path(exists=True, dir_okay=True))
+@click.argument("b", type=click.Path(exists=True, dir_okay=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@source_options
+def compare_cmd(a, b, as_json, source):
+    """Per-module cosine similarity and norm ratio |dB|/|dA| of two adapters' deltas.
+
+    Computed in factored form, without forming any dense matrix. Modules present in only
+    one adapter are listed. Use it to see how adapters relate before composing them.
+
+    \b
+    Examples:
+      loratool compare examples/adapter.safetensors examples/adapter_style.safetensors
+      loratool compare examples/adapter.safetensors examples/adapter_style.safetensors --json
+    """
+    from ..ops.compose import compare
+    report = compare(a, b, **source)
+    if as_json:
+        console.print_json(report)
+    else:
+        render_compare(report)
+
+
+def render_compare(report: dict) -> None:
+    from rich.table import Table
+    from rich.text import Text
+    c = console.out()
+    c.print(f"A = {report['a']}\nB = {report['b']}", style="bold", markup=False,
+            highlight=False)
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("module", "|dA|", "|dB|", "|dB|/|dA|", "cosine", "|dB-dA|/|dA|", "status"):
+        table.add_column(col, justify="left" if col in ("module", "status") else "right",
+                         no_wrap=col == "module")
+    for r in report["modules"]:
+        status = {"ok": "", "only_a": "only in A", "only_b": "only in B",
+                  "shape_mismatch": "shapes differ", "dora": "DoRA, not compared"}[r["status"]]
+        if r.get("note"):
+            status = r["note"]
+        table.add_row(Text(r["name"]), fmt(r["norm_a"], 5), fmt(r["norm_b"], 5),
+                      fmt(r["norm_ratio"], 5), fmt(r["cosine"], 6), fmt(r["rel_diff"], 4),
+                      status)
+    if report["modules"]:
+        c.print(table)
+    s = report["summary"]
+    lines = [("modules", f"{s['common']} compared, {len(s['only_a'])} only in A, "
+                         f"{len(s['only_b'])} only in B, {len(s['not_compared'])} not comparable"),
+             ("cosine", f"{fmt(s['cosine'])} (whole adapter), mean {fmt(s['cosine_mean'])}, "
+                        f"min {fmt(s['cosine_min'])}"),
+             ("norm ratio", f"{fmt(s['norm_ratio'])} (whole adapter, |B|/|A|)")]
+    for key, value in lines:
+        c.print(f"  {key:<11} {value}", markup=False, highlight=False)

@@ -1,0 +1,162 @@
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+
+import click
+
+from .. import console
+from ._options import source_options
+
+_COMMON = [
+    click.option("-o", "--output", type=click.Path(dir_okay=True),
+                 help="Output path. Default: beside the input with a -merged (-unmerged) suffix "
+                      "(model-merged.safetensors, or <dir>-merged for a sharded directory)."),
+    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                 show_default=True,
+                 help="cpu: exact (float64, rounded once). cuda: float32 on the GPU, overlapped "
+                      "I/O. auto: cuda when available."),
+    click.option("--dtype", type=click.Choice(["keep", "fp32", "fp16", "bf16"]),
+                 default="keep", show_default=True,
+                 help="Storage dtype of the output's floating-point tensors."),
+    click.option("--map", "maps", multiple=True, metavar="OLD=NEW",
+                 help="Map an adapter module path to a base path (repeatable); a trailing '.' "
+                      "maps a prefix, e.g. --map base_model.model.="),
+    click.option("--allow-missing", is_flag=True,
+                 help="Skip adapter modules with no (or a misshapen) base tensor instead of "
+                      "failing; they are listed."),
+    click.option("--output-format", type=click.Choice(["safetensors", "pt"]),
+                 help="Output container for a single-file base. Default: the -o suffix, else "
+                      "the input's format."),
+    click.option("--overwrite", is_flag=True, help="Replace an existing output."),
+    click.option("--fsync", is_flag=True,
+                 help="fsync the output before renaming it into place (survives power loss; "
+                      "costs seconds per GB)."),
+    click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+    click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout."),
+]
+
+
+def _common(f):
+    for opt in reversed(_COMMON):
+        f = opt(f)
+    return source_options(f)
+
+
+def _parse_adapters(specs) -> list[tuple[str, float]]:
+    from ..ops.merge import parse_adapter_spec
+    out = []
+    for spec in specs:
+        path, scale = parse_adapter_spec(spec)
+        if not os.path.exists(path):
+            hint = ("" if ":" not in spec else
+                    " (a scale is written as a trailing :NUMBER, e.g. adapter.safetensors:0.5)")
+            raise click.BadParameter(f"adapter {path!r} does not exist{hint}",
+                                     param_hint="ADAPTER[:SCALE]")
+        out.append((path, scale))
+    return out
+
+
+def _run(fn, base, adapters, output, device, dtype, maps, allow_missing, output_format,
+         overwrite, fsync, quiet, as_json, source, **extra):
+    items = _parse_adapters(adapters)
+    with ExitStack() as stack:
+        bar = []
+
+        def progress(n: int, total: int) -> None:
+            if not bar:
+                label = {"merge": "merging", "unmerge": "unmerging"}[fn.__name__]
+                bar.append(stack.enter_context(console.progress(
+                    total, label, quiet=quiet or as_json)))
+            bar[0].advance(n)
+
+        report = fn(base, items, output=output, device=device, dtype=dtype,
+                    name_map=list(maps), allow_missing=allow_missing, overwrite=overwrite,
+                    fsync=fsync, progress=progress, output_format=output_format,
+                    adapter_options=source, **extra)
+    data = report.to_dict()
+    if as_json:
+        console.print_json(data)
+        return
+    _render(data)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _render(d: dict) -> None:
+    c = console.out()
+    verb = "Merged" if d["operation"] == "merge" else "Unmerged"
+    names = ", ".join(f"{os.path.basename(a['source'])}:{a['scale']:g}" for a in d["adapters"])
+    rate = d["bytes_read"] / d["stream_seconds"] if d["stream_seconds"] else 0.0
+    how = "float64, rounded once" if d["precision"] == "fp64" else "float32"
+    lines = [
+        f"{verb} {names} -> {d['output']}",
+        f"  modules     {d['modules_merged']} ({d['tensors_merged']} tensors changed, "
+        f"{d['tensors_copied']} copied, {d['tensors_converted']} converted)",
+        f"  data        {_fmt_bytes(d['bytes_read'])} streamed in {d['stream_seconds']:.2f} s "
+        f"({_fmt_bytes(rate)}/s); {d['seconds']:.2f} s in all",
+        f"  device      {d['device']} ({how}), dtype {d['dtype']}",
+    ]
+    for a in d["adapters"]:
+        lines.append(f"  identity    {os.path.basename(a['source'])} {a['identity']}")
+    for line in lines:
+        c.print(line, markup=False, highlight=False, soft_wrap=True)
+    for note in d.get("notes", []):
+        console.note(f"note: {note}")
+    if d["skipped"]:
+        console.note(f"warning: {len(d['skipped'])} module(s) skipped (--allow-missing):")
+        for s in d["skipped"]:
+            console.note(f"  {s['adapter']}: {s['module']} {s['reason']}")
+
+
+@click.command("merge")
+@click.argument("base", type=click.Path(exists=True, dir_okay=True))
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:SCALE]...")
+@_common
+def merge_cmd(base, adapters, **kw):
+    """Merge one or more adapters into BASE and write a new checkpoint.
+
+    BASE is a .safetensors file, a sharded Hugging Face directory (with
+    model.safetensors.index.json) or a .pt/.bin state dict. Each ADAPTER may be any
+    supported format, with an optional trailing :SCALE (default 1). W + sum of scale * delta
+    is computed in float64 and rounded once; tensors are streamed one at a time, so memory
+    stays a few tensors whatever the checkpoint's size. The output records what was
+    merged (metadata loratool.merged) so that `loratool unmerge` can check it.
+
+    \b
+    Examples:
+      loratool merge model.safetensors examples/adapter.safetensors
+      loratool merge llama-dir/ style.safetensors:0.7 detail.safetensors:0.3 -o out-dir
+      loratool merge sd15.ckpt lora.safetensors --output-format safetensors --dtype fp16
+    """
+    from ..ops.merge import merge
+    _run(merge, base, adapters, **kw)
+
+
+@click.command("unmerge")
+@click.argument("merged", type=click.Path(exists=True, dir_okay=True))
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:SCALE]...")
+@_common
+@click.option("--force", is_flag=True,
+              help="Subtract even when the adapter or scale does not match the loratool.merged "
+                   "record (or there is none).")
+def unmerge_cmd(merged, adapters, force, **kw):
+    """Subtract adapters from a merged checkpoint: the inverse of `loratool merge`.
+
+    Each ADAPTER[:SCALE] must match an entry of MERGED's loratool.merged record (same
+    adapter content, same scale); otherwise nothing is written unless --force. DoRA merges
+    cannot be inverted and are refused.
+
+    \b
+    Examples:
+      loratool unmerge model-merged.safetensors examples/adapter.safetensors
+      loratool unmerge out-dir style.safetensors:0.7 -o restored-dir
+    """
+    from ..ops.merge import unmerge
+    _run(unmerge, merged, adapters, force=force, **kw)

@@ -1,0 +1,126 @@
+"""``loratool resize``: thin wrapper over ``loratool.ops.resize.resize``.
+
+The tables are rendered here through ``console.out()`` (the one owner of the consoles); the
+shared helpers below are also used by ``compose``.
+"""
+
+from __future__ import annotations
+
+import click
+
+from .. import console
+from ._options import source_options
+
+
+def fmt(x, digits: int = 6) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def load_with_progress(paths, quiet: bool, label: str, options: dict):
+    """Load adapters (any format) and open a bytes progress bar over their tensors."""
+    from ..adapter import load_adapter
+    adapters = [load_adapter(p, **options) for p in paths]
+    total = sum(module_bytes_total(a) for a in adapters)
+    return adapters, console.progress(total, label, quiet=quiet)
+
+
+def module_bytes_total(adapter) -> int:
+    from ..ops.resize import module_bytes
+    return sum(module_bytes(m) for m in adapter.modules.values())
+
+
+def write_output(adapter, out: str, overwrite: bool) -> str:
+    from ..adapter import save_adapter
+    digest = save_adapter(adapter, out, overwrite=overwrite)
+    console.note(f"wrote {out} ({len(adapter.modules)} modules, {digest})")
+    return digest
+
+
+@click.command("resize")
+@click.argument("adapter", type=click.Path(exists=True, dir_okay=True))
+@click.option("--rank", type=click.IntRange(min=1), help="Fixed rank K for every module.")
+@click.option("--fro", type=click.FloatRange(0, 1, min_open=True),
+              help="Smallest rank keeping fraction F of each delta's Frobenius norm.")
+@click.option("--sv-ratio", type=click.FloatRange(min=1),
+              help="Keep singular values s_i >= s_max / R.")
+@click.option("--cumulative", type=click.FloatRange(0, 1, min_open=True),
+              help="Smallest rank keeping fraction C of the sum of singular values.")
+@click.option("--max-rank", type=click.IntRange(min=1), help="Upper bound on the new rank.")
+@click.option("--min-rank", type=click.IntRange(min=1), help="Lower bound on the new rank.")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False),
+              help="Write the resized adapter here (loratool format). Without it, only the "
+                   "report is printed.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@source_options
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def resize_cmd(adapter, rank, fro, sv_ratio, cumulative, max_rank, min_rank, out, overwrite,
+               as_json, source, quiet):
+    """Truncate every module's rank exactly, by SVD in factored form.
+
+    Give exactly one rule: --rank K, --fro F, --sv-ratio R or --cumulative C (see
+    spec/lowrank.md for the exact boundaries). Alpha and scaling are kept; the scale change
+    is folded into the factors. Modules whose rank does not change are copied bit for bit.
+
+    \b
+    Examples:
+      loratool resize examples/adapter.safetensors --rank 4 -o small.safetensors
+      loratool resize examples/adapter.safetensors --fro 0.9 --max-rank 8 --json
+    """
+    from ..atomic import check_destination
+    from ..ops.resize import resize
+    rules = [n for n, v in (("--rank", rank), ("--fro", fro), ("--sv-ratio", sv_ratio),
+                            ("--cumulative", cumulative)) if v is not None]
+    if len(rules) != 1:
+        raise click.UsageError("give exactly one of --rank, --fro, --sv-ratio, --cumulative"
+                               + (f" (got {', '.join(rules)})" if rules else ""))
+    if out is not None:
+        check_destination(out, overwrite=overwrite, inputs=[adapter])
+    (source,), bar = load_with_progress([adapter], quiet, "resize", source)
+    with bar as p:
+        result = resize(source, rank=rank, fro=fro, sv_ratio=sv_ratio, cumulative=cumulative,
+                        max_rank=max_rank, min_rank=min_rank, progress=p.advance)
+    report = dict(result.report, input=adapter, output=out)
+    if out is not None:
+        report["tensor_hash"] = write_output(result.adapter, out, overwrite)
+    if as_json:
+        console.print_json(report)
+    else:
+        render_resize(report)
+
+
+def render_resize(report: dict) -> None:
+    from rich.table import Table
+    from rich.text import Text
+    c = console.out()
+    rule = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in report["rule"].items())
+    c.print(f"{report['input']}  resize ({rule})", style="bold", markup=False, highlight=False)
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("module", "kind", "rank", "new", "retained", "residual", "s_max", "note"):
+        table.add_column(col, justify="left" if col in ("module", "kind", "note") else "right",
+                         no_wrap=col == "module")
+    for r in report["modules"]:
+        note = []
+        if r["unchanged"]:
+            note.append("unchanged")
+        if r["clamped"]:
+            note.append(f"clamped to {r['limit']}")
+        table.add_row(Text(r["name"]), r["kind"], str(r["old_rank"]), str(r["new_rank"]),
+                      f"{r['retained']:.6f}", fmt(r["residual"], 3), fmt(r["sv_max"], 4),
+                      ", ".join(note))
+    if report["modules"]:
+        c.print(table)
+    s = report["summary"]
+    ranks = lambda h: ", ".join(f"{k} x{v}" for k, v in h.items()) or "-"  # noqa: E731
+    for key, value in (
+            ("modules", f"{s['modules']} ({s['resized']} resized, {s['unchanged']} unchanged, "
+                        f"{s['clamped']} clamped)"),
+            ("ranks", f"{ranks(s['ranks_before'])} -> {ranks(s['ranks_after'])}"),
+            ("parameters", f"{s['parameters_before']:,} -> {s['parameters_after']:,}"),
+            ("retained", f"overall {s['retained_overall']:.6f}, min {s['retained_min']:.6f} "
+                         f"(fraction of the Frobenius norm)")):
+        c.print(f"  {key:<11} {value}", markup=False, highlight=False)

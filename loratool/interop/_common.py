@@ -1,0 +1,386 @@
+"""Pieces shared by the foreign-format readers and writers (PEFT, kohya, loralib).
+
+A ``TensorSource`` gives one view of a safetensors file (header only until a tensor is asked
+for: no torch import) or of a weights-only ``.pt``/``.bin`` state dict. Readers build a
+``LoadResult`` (the adapter plus notes and the unknown tensors they dropped) so that
+``convert`` can report what happened.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..checkpoint import PICKLE_SUFFIXES
+from ..errors import CheckpointError, InteropError, TensorError
+from ..format import LAYOUT_IN_OUT, LAYOUT_OUT_IN
+from ..rules import Finding
+
+MAX_CONFIG_BYTES = 16 << 20
+MAX_MODULE_NAME = 1024
+_PICKLE_CACHE: dict = {}
+_BASE_CACHE: dict = {}
+
+
+@dataclass
+class LoadResult:
+    """What a reader produced: the adapter, notes on anything folded, tensors it dropped."""
+
+    adapter: object
+    notes: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+
+
+def is_pickle(path: str) -> bool:
+    return path.lower().endswith(PICKLE_SUFFIXES)
+
+
+# --- tensor sources ------------------------------------------------------------------------
+
+class TensorSource:
+    """Names, dtypes and shapes of a file's tensors; data on request."""
+
+    def __init__(self, path: str):
+        self.path = path
+        require_regular_file(path, "adapter file", code="LT001")
+        self.metadata: dict[str, str] = {}
+        self.entries: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self.header = None
+        self.state = None
+        if is_pickle(path):
+            from ..tensors import st_dtype
+            self.state = load_pickle(path)
+            self.entries = {n: (st_dtype(t), tuple(t.shape)) for n, t in self.state.items()}
+        else:
+            from ..stfile import read_header
+            self.header = read_header(path)
+            self.metadata = dict(self.header.metadata)
+            self.entries = {n: (t.dtype, t.shape) for n, t in self.header.tensors.items()}
+
+    @property
+    def tensor_bytes(self) -> int:
+        from ..stfile import DTYPE_SIZES
+        return sum(math.prod(s) * DTYPE_SIZES.get(d, 0) for d, s in self.entries.values())
+
+    def get(self, name: str):
+        """The tensor as torch (imports torch)."""
+        if self.state is not None:
+            return self.state[name]
+        from ..tensors import read_tensor
+        return read_tensor(self.header, self.header.tensors[name])
+
+    def scalar(self, name: str) -> float:
+        """A one-element tensor as a Python float, read without torch for safetensors."""
+        if self.state is not None:
+            t = self.state[name]
+            if t.numel() != 1:
+                raise InteropError(f"tensor {name!r} has shape {list(t.shape)}; expected a "
+                                   "scalar", code="LT305", path=self.path)
+            return float(t.reshape(()).double())
+        from ..stfile import read_numpy
+        info = self.header.tensors[name]
+        if info.numel != 1:
+            raise InteropError(f"tensor {name!r} has shape {list(info.shape)}; expected a "
+                               "scalar", code="LT305", path=self.path)
+        arr = read_numpy(self.header, info)
+        if info.dtype == "BF16":
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        if info.dtype not in ("F16", "BF16", "F32", "F64"):
+            raise InteropError(f"tensor {name!r} has dtype {info.dtype}; expected a float "
+                               "scalar", code="LT305", path=self.path)
+        return float(arr.reshape(-1)[0])
+
+    def scan(self, names, b_names=()) -> list[Finding]:
+        """NaN/Inf (LT209) in ``names`` and all-zero tensors (LT210) among ``b_names``."""
+        out: list[Finding] = []
+        b_names = set(b_names)
+        for name in names:
+            bad, nonzero, numel = self._scan_one(name)
+            if bad:
+                out.append(Finding("LT209", f"tensor {name!r} holds {bad} NaN/Inf value(s) of "
+                                            f"{numel}", self.path))
+            if name in b_names and not nonzero and numel:
+                out.append(Finding("LT210", f"tensor {name!r} (lora_B) is all zeros, so its "
+                                            "module changes nothing (an untrained adapter?)",
+                                   self.path))
+        return out
+
+    def _scan_one(self, name):
+        if self.state is not None:
+            t = self.state[name]
+            if not t.is_floating_point():
+                return 0, bool(t.any()), t.numel()
+            return int((~t.isfinite()).sum()), bool(t.any()), t.numel()
+        from ..stfile import iter_chunks, nonfinite_count
+        info = self.header.tensors[name]
+        bad, nonzero = 0, False
+        with open(self.path, "rb") as f:
+            for part in iter_chunks(self.header, info, f):
+                bad += nonfinite_count(part, info.dtype)
+                if not nonzero:
+                    bits = part.view({1: np.uint8, 2: np.uint16, 4: np.uint32,
+                                      8: np.uint64}[part.dtype.itemsize])
+                    mask = (1 << (8 * part.dtype.itemsize - 1)) - 1
+                    nonzero = bool(((bits & mask) != 0).any())
+        return bad, nonzero, info.numel
+
+
+def load_pickle(path: str) -> dict:
+    """A ``.pt``/``.bin`` state dict through torch's weights-only unpickler (never plain pickle).
+
+    Accepts a flat dict of tensors, or one nested under ``state_dict``/``model_state_dict``/
+    ``model`` (training checkpoints). The last file loaded is cached: detection and reading
+    each need it.
+    """
+    from ..stfile import check_regular_file
+    check_regular_file(path)  # torch.load on a FIFO blocks forever, on /dev/zero never ends
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+    if key in _PICKLE_CACHE:
+        return _PICKLE_CACHE[key]
+    import torch
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    if (major, minor) < (2, 10):
+        raise CheckpointError(f"torch {torch.__version__} is too old to load {path} safely; "
+                              "loading .pt/.bin needs torch 2.10 or later", code="LT403")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the weights-only unpickler refuses code, classes, globals
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointError(f"cannot load {path} as a weights-only state dict (loratool never "
+                              f"runs pickled code): {why}", code="LT403") from None
+    for wrapper in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise CheckpointError(f"{path} is not a state dict of name -> tensor", code="LT403")
+    _PICKLE_CACHE.clear()
+    _PICKLE_CACHE[key] = obj
+    return obj
+
+
+# --- options -------------------------------------------------------------------------------
+
+def get_alpha(options: dict, *, fmt: str, strict: bool, why: str) -> float | None:
+    """The user-supplied alpha; None when absent and not ``strict``, else an LT304 error."""
+    alpha = options.get("alpha")
+    if alpha is None:
+        if strict:
+            raise InteropError(f"{why}; pass the alpha the adapter was trained with: --alpha A "
+                               f"(alpha=A in Python)", code="LT304")
+        return None
+    alpha = float(alpha)
+    if not math.isfinite(alpha) or alpha == 0:
+        raise InteropError(f"--alpha {alpha!r} must be a finite non-zero number", code="LT304")
+    return alpha
+
+
+def check_unknown(unknown: list[str], options: dict, *, path: str, fmt: str,
+                  hint: str = "") -> list[str]:
+    """Refuse tensors loratool cannot place (LT303) unless ``allow_unknown``; then note them."""
+    if not unknown:
+        return []
+    unknown = sorted(unknown)
+    shown = ", ".join(unknown[:12]) + (f", ... ({len(unknown) - 12} more)"
+                                       if len(unknown) > 12 else "")
+    if not options.get("allow_unknown"):
+        raise InteropError(f"{len(unknown)} tensor(s) of this {fmt} adapter are not LoRA factors "
+                           f"loratool can represent: {shown}.{(' ' + hint) if hint else ''} Pass "
+                           "--allow-unknown (allow_unknown=True) to drop them; they are then "
+                           "listed", code="LT303", path=path)
+    return [f"dropped {len(unknown)} tensor(s) that are not LoRA factors: {shown}"]
+
+
+def check_finite(t, name: str, path: str, module: str | None, options: dict) -> None:
+    if options.get("check_values", True) and t.is_floating_point() and not bool(
+            t.isfinite().all()):
+        raise TensorError(f"tensor {name!r} holds NaN or Inf values", code="LT209", path=path,
+                          module=module)
+
+
+# --- base checkpoints ----------------------------------------------------------------------
+
+def base_shapes(options: dict) -> dict[str, tuple[int, ...]] | None:
+    """``{tensor name: shape}`` of ``options['base']`` (header only for safetensors), cached."""
+    base = options.get("base")
+    if base is None:
+        return None
+    from ..checkpoint import list_tensors
+    base = os.fspath(base)
+    try:
+        st = os.stat(base)
+    except OSError:
+        raise CheckpointError(f"base checkpoint {base} does not exist", code="LT401") from None
+    key = (os.path.realpath(base), st.st_mtime_ns)
+    if key not in _BASE_CACHE:
+        _BASE_CACHE.clear()
+        _BASE_CACHE[key] = {n: tuple(t.shape) for n, t in list_tensors(base).items()}
+    return _BASE_CACHE[key]
+
+
+def resolve_base(modules, options: dict, *, suffixes=(".weight",)) -> dict[str, str]:
+    """Adapter module -> base tensor name holding its weight (only the modules that match)."""
+    shapes = base_shapes(options)
+    if shapes is None:
+        return {}
+    from ..naming import resolve_modules
+    name_map = options.get("name_map") or {}
+    out: dict[str, str] = {}
+    left = []
+    for m in modules:  # exact names first, for every suffix, before any suffix matching
+        exact = None if m in name_map or any(
+            old.endswith(".") and m.startswith(old) for old in name_map) else next(
+            (m + s for s in suffixes if m + s in shapes), None)
+        if exact is None:
+            left.append(m)
+        else:
+            out[m] = exact
+    for suffix in suffixes:
+        if not left:
+            break
+        mapping, left = resolve_modules(left, shapes, options.get("name_map"), suffix=suffix)
+        out.update({m: p + suffix for m, p in mapping.items()})
+    return out
+
+
+def squeeze_trailing(shape) -> tuple[int, ...]:
+    shape = tuple(shape)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def layout_for(name: str, out: int, in_: int, base_shape, default: str, path: str) -> str:
+    """Linear layout from the base tensor's shape when it tells (not square), else ``default``."""
+    if base_shape is None:
+        return default
+    base_shape = tuple(base_shape)
+    if base_shape == (out, in_) and base_shape == (in_, out):
+        return default
+    if base_shape == (out, in_):
+        return LAYOUT_OUT_IN
+    if base_shape == (in_, out):
+        return LAYOUT_IN_OUT
+    raise InteropError(f"module {name!r}: the adapter needs a base weight [{out}, {in_}] (or "
+                       f"[{in_}, {out}] transposed) but the base checkpoint has "
+                       f"{list(base_shape)}; is it the right base model (or pass --map)?",
+                       code="LT305", path=path, module=name)
+
+
+def check_base_shape(name: str, want, base_shape, path: str) -> None:
+    if base_shape is None:
+        return
+    if squeeze_trailing(want) != squeeze_trailing(base_shape):
+        raise InteropError(f"module {name!r}: the adapter needs a base weight {list(want)} but "
+                           f"the base checkpoint has {list(base_shape)}; is it the right base "
+                           "model (or pass --map)?", code="LT305", path=path, module=name)
+
+
+# --- adapters ------------------------------------------------------------------------------
+
+def most_common(values, default=None):
+    """The most frequent value (ties: the smallest); ``default`` when there is none."""
+    counts = Counter(values)
+    if not counts:
+        return default
+    best = max(counts.values())
+    return min(v for v, c in counts.items() if c == best)
+
+
+def rename_modules(adapter, name_map: dict[str, str] | None):
+    """Rename modules by ``name_map``: exact ``OLD=NEW``, or prefix ``OLD.=NEW.`` / ``OLD.=``."""
+    if not name_map:
+        return adapter, []
+    from ..format import MODULE_NAME_RE
+    renamed = {}
+    changed = 0
+    for name, m in adapter.modules.items():
+        new = name_map.get(name)
+        if new is None:
+            for old, repl in name_map.items():
+                if old.endswith(".") and name.startswith(old):
+                    new = repl + name[len(old):]
+                    break
+        new = name if new is None else new
+        if not MODULE_NAME_RE.match(new):
+            raise InteropError(f"--map renames {name!r} to {new!r}, which is not dot-separated "
+                               "segments of letters, digits, '_' and '-'", code="LT307",
+                               module=name)
+        if new in renamed:
+            raise InteropError(f"--map sends two modules to {new!r}", code="LT307", module=new)
+        changed += new != name
+        renamed[new] = m.with_tensors(name=new)
+    adapter.modules = dict(sorted(renamed.items()))
+    return adapter, ([f"renamed {changed} module(s) by --map"] if changed else [])
+
+
+def require_regular_file(path: str, what: str, code: str = "LT301") -> None:
+    """Refuse directories, devices, FIFOs and sockets before opening (a FIFO would block and
+    /dev/zero never ends); symlinks to regular files are fine."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise InteropError(f"cannot read {what}: {e.strerror or e}", code=code,
+                           path=path) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InteropError(f"{what} is not a regular file", code=code, path=path)
+
+
+def _no_duplicates(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} appears twice")
+        seen[key] = value
+    return seen
+
+
+def read_json_config(path: str) -> dict:
+    import json
+    name = os.path.basename(path)
+    require_regular_file(path, name, code="LT302")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise InteropError(f"{name} is larger than {MAX_CONFIG_BYTES} bytes; an adapter "
+                               "config is small JSON", code="LT302", path=path)
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (OSError, ValueError, RecursionError) as e:
+        raise InteropError(f"cannot read {name} as JSON: {str(e)[:200]}", code="LT302",
+                           path=path) from None
+    if not isinstance(obj, dict):
+        raise InteropError(f"{name} is not a JSON object", code="LT302", path=path)
+    return obj
+
+
+def check_factors(module: str, dtypes: dict, a, b, path: str, *, what: str = "lora_A/lora_B"
+                  ) -> None:
+    """Rank >= 1, no empty dimension, float dtypes (F16/BF16/F32/F64)."""
+    from ..format import ADAPTER_DTYPES
+    if a[0] < 1 or any(d == 0 for d in (*a, *b)):
+        raise InteropError(f"module {module!r}: {what} shapes {list(a)} and {list(b)} have an "
+                           "empty dimension (rank must be at least 1)", code="LT305", path=path,
+                           module=module)
+    bad = {role: d for role, d in dtypes.items() if d not in ADAPTER_DTYPES}
+    if bad:
+        shown = ", ".join(f"{r} {d}" for r, d in sorted(bad.items()))
+        raise InteropError(f"module {module!r}: {shown}; adapter tensors must be one of "
+                           f"{', '.join(ADAPTER_DTYPES)}", code="LT305", path=path,
+                           module=module)
+
+
+def check_module_name(name: str, path: str, fmt: str) -> None:
+    from ..format import MODULE_NAME_RE
+    if len(name) > MAX_MODULE_NAME or not MODULE_NAME_RE.match(name):
+        shown = name if len(name) <= 80 else name[:77] + "..."
+        raise InteropError(f"{fmt} module name {shown!r} is not dot-separated segments of "
+                           f"letters, digits, '_' and '-' (at most {MAX_MODULE_NAME} "
+                           "characters)", code="LT307", path=path)

@@ -1,0 +1,307 @@
+"""kohya / sd-scripts LoRA files (also written by LyCORIS' LoCon, ComfyUI, A1111 tooling).
+
+Tensors: ``<lora_name>.lora_down.weight`` [r, in, *k] -> A, ``<lora_name>.lora_up.weight``
+[out, r, 1, ...] -> B, ``<lora_name>.alpha`` (a scalar; missing means alpha = r). Scale is
+alpha / r. Every ``__metadata__`` key (``ss_*``, ``modelspec.*``, ``sshs_*``...) is kept.
+
+Names (spec/interop.md, "kohya names"): a kohya name is ``lora_`` + the module path with dots
+turned into underscores, the first segment naming the model part (``unet``, ``te``, ``te1``,
+``te2``...). loratool keeps the invariant
+
+    kohya name == "lora_" + canonical name with "." replaced by "_"
+
+so that kohya -> loratool -> kohya gives the same names. Reading turns the first underscore
+into a dot (``lora_unet_down_blocks_0_proj_in`` -> ``unet.down_blocks_0_proj_in``); with a base
+checkpoint, the rest is dotted as the base tensor whose path, underscored, equals it
+(``unet.down_blocks.0.proj_in``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from ..errors import InteropError
+from ..format import (KIND_CONV, KIND_EMBEDDING, KIND_LINEAR, LAYOUT_IN_OUT, LAYOUT_OUT_IN,
+                      MODULE_NAME_RE, SCALING_STANDARD)
+from ..model import Adapter, AdapterInfo, LoraModule, ModuleInfo
+from . import _common as C
+
+DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
+PREFIX = "lora_"
+# LyCORIS and other variants whose tensors loratool cannot represent
+_VARIANT_HINTS = {".hada_": "LoHa", ".lokr_": "LoKr", ".lora_mid.": "LoCon with Tucker "
+                  "decomposition (lora_mid)", ".dora_scale": "LyCORIS DoRA", ".oft_": "OFT",
+                  ".diff": "a full weight difference", ".on_input": "IA3"}
+
+
+def underscored(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def kohya_name(module: str) -> str:
+    """The kohya name of a canonical module path."""
+    return PREFIX + underscored(module)
+
+
+def _split(name: str):
+    for suffix, role in ((DOWN, "A"), (UP, "B"), (ALPHA, "alpha")):
+        if name.endswith(suffix):
+            return name[: -len(suffix)], role
+    return None
+
+
+class _Plan:
+    def __init__(self, path: str, options: dict):
+        self.path = path
+        self.source = C.TensorSource(path)
+        self.notes: list[str] = []
+        self.details: dict = {}
+        self.unknown: list[str] = []
+        groups: dict[str, dict] = {}
+        for name in self.source.entries:
+            split = _split(name)
+            if split is None:
+                self.unknown.append(name)
+                continue
+            lora, role = split
+            groups.setdefault(lora, {})[role] = name
+        for lora, t in list(groups.items()):
+            if "A" not in t and "B" not in t:  # a stray alpha (e.g. of a LoHa module)
+                self.unknown.extend(t.values())
+                del groups[lora]
+            elif "A" not in t or "B" not in t:
+                missing = "lora_down" if "A" not in t else "lora_up"
+                raise InteropError(f"kohya module {lora!r} has no {missing}.weight tensor",
+                                   code="LT305", path=path, module=lora)
+        self.names = self._names(sorted(groups), options)
+        self.modules: dict[str, dict] = {}
+        shapes = C.base_shapes(options)
+        default_layout = LAYOUT_IN_OUT if options.get("fan_in_fan_out") else LAYOUT_OUT_IN
+        no_alpha = 0
+        for lora in sorted(groups):
+            t = groups[lora]
+            module = self.names[lora]
+            a_dtype, a = self.source.entries[t["A"]]
+            _, b = self.source.entries[t["B"]]
+            if len(a) == 2 and len(b) == 2:
+                kind = KIND_LINEAR
+            elif 3 <= len(a) <= 5 and len(b) == len(a) and all(d == 1 for d in b[2:]):
+                kind = KIND_CONV
+            else:
+                raise InteropError(f"kohya module {lora!r}: lora_down {list(a)} and lora_up "
+                                   f"{list(b)} are neither linear ([r, in], [out, r]) nor conv "
+                                   "([r, in, *k], [out, r, 1, ...])", code="LT305", path=path,
+                                   module=lora)
+            if a[0] != b[1]:
+                raise InteropError(f"kohya module {lora!r}: lora_down {list(a)} has rank {a[0]} "
+                                   f"but lora_up {list(b)} has rank {b[1]}", code="LT305",
+                                   path=path, module=lora)
+            C.check_factors(lora, {r: self.source.entries[t[r]][0] for r in ("A", "B")}, a, b,
+                            path, what="lora_down/lora_up")
+            rank = a[0]
+            if "alpha" in t:
+                alpha = self.source.scalar(t["alpha"])
+                if not math.isfinite(alpha) or alpha == 0:
+                    raise InteropError(f"kohya module {lora!r}: alpha is {alpha}; it must be a "
+                                       "finite non-zero number", code="LT305", path=path,
+                                       module=lora)
+            else:
+                alpha = float(rank)
+                no_alpha += 1
+            base_key = self.base_keys.get(lora)
+            base_shape = shapes.get(base_key) if (shapes and base_key) else None
+            if kind == KIND_LINEAR:
+                layout = C.layout_for(module, b[0], a[1], base_shape, default_layout, path)
+            else:
+                layout = LAYOUT_OUT_IN
+                C.check_base_shape(module, (b[0], a[1], *a[2:]), base_shape, path)
+            self.modules[module] = dict(tensors=t, kind=kind, layout=layout, alpha=alpha,
+                                        a_shape=tuple(a), b_shape=tuple(b), dtype=a_dtype,
+                                        lora=lora)
+        if no_alpha:
+            self.details["missing_alpha"] = f"{no_alpha} module(s): alpha = rank"
+        self.default_alpha = float(C.most_common(m["alpha"] for m in self.modules.values())
+                                   or 1.0)
+        prefixes = sorted({lora.split("_")[1] for lora in groups if lora.count("_") >= 1})
+        if prefixes:
+            self.details["model_parts"] = ", ".join(prefixes)
+        if self.source.metadata.get("ss_network_module"):
+            self.details["network_module"] = self.source.metadata["ss_network_module"]
+
+    def _names(self, loras, options) -> dict[str, str]:
+        """kohya name -> canonical module path (see the module docstring)."""
+        name_map = options.get("name_map") or {}
+        shapes = C.base_shapes(options)
+        index: dict[str, set[str]] = {}
+        if shapes is not None:
+            for key in shapes:
+                if key.endswith(".weight"):
+                    index.setdefault(underscored(key[: -len(".weight")]), set()).add(
+                        key[: -len(".weight")])
+        out: dict[str, str] = {}
+        self.base_keys: dict[str, str] = {}
+        unmatched, ambiguous = [], []
+        for lora in loras:
+            if not lora.startswith(PREFIX) or len(lora) == len(PREFIX):
+                raise InteropError(f"kohya module name {lora!r} does not start with "
+                                   f"{PREFIX!r}; loratool reads sd-scripts names "
+                                   "(lora_unet_..., lora_te_...)", code="LT307", path=self.path,
+                                   module=lora)
+            full = lora[len(PREFIX):]
+            part, sep, rest = full.partition("_")
+            fallback = f"{part}.{rest}" if sep and rest else full
+            name = name_map.get(lora) or name_map.get(fallback)
+            if name is None and shapes is not None:
+                hits = index.get(full, set()) | {f"{part}.{p}" for p in index.get(rest, ())}
+                if len(hits) == 1:
+                    name = hits.pop()
+                elif hits:
+                    ambiguous.append(f"{lora} -> {', '.join(sorted(hits))}")
+                else:
+                    unmatched.append(lora)
+            name = name or fallback
+            if len(name) > C.MAX_MODULE_NAME or not MODULE_NAME_RE.match(name):
+                raise InteropError(f"kohya module {lora[:80]!r} gives the module name "
+                                   f"{name[:80]!r}, which is not dot-separated segments of "
+                                   "letters, digits, '_' and '-'", code="LT307", path=self.path,
+                                   module=lora[:80])
+            if shapes is not None:
+                for cand in (name, name.partition(".")[2]):
+                    if cand + ".weight" in shapes:
+                        self.base_keys[lora] = cand + ".weight"
+                        break
+            out[lora] = name
+        if ambiguous:
+            raise InteropError(f"{len(ambiguous)} kohya module(s) match several base tensors "
+                               "once underscores are read as dots; pass --map KOHYA_NAME="
+                               "MODULE.PATH for each: " + "; ".join(ambiguous[:10]),
+                               code="LT307", path=self.path)
+        if shapes is not None:
+            self.details["names"] = "dotted from the base checkpoint"
+            if unmatched:
+                shown = ", ".join(unmatched[:8]) + (" ..." if len(unmatched) > 8 else "")
+                self.notes.append(f"{len(unmatched)} kohya module(s) match no base tensor and "
+                                  f"keep underscored names: {shown}")
+        else:
+            self.details["names"] = "underscored (pass --base to recover dotted paths)"
+        if len(set(out.values())) != len(out):
+            raise InteropError("two kohya modules map to the same module name; pass --map",
+                               code="LT307", path=self.path)
+        return out
+
+    def check_unknown(self, options) -> list[str]:
+        hints = sorted({what for n in self.unknown for key, what in _VARIANT_HINTS.items()
+                        if key in n})
+        hint = (f"They look like {', '.join(hints)}, which has no LoRA (B @ A) form."
+                if hints else "")
+        return C.check_unknown(self.unknown, options, path=self.path, fmt="kohya", hint=hint)
+
+
+def read_info(path: str, options: dict) -> AdapterInfo:
+    plan = _Plan(path, options)
+    details = dict(plan.details)
+    if plan.unknown:
+        details["unknown_tensors"] = ", ".join(sorted(plan.unknown))
+    modules = {n: ModuleInfo(n, r["kind"], r["layout"], r["a_shape"], r["b_shape"], r["alpha"],
+                             SCALING_STANDARD, r["dtype"])
+               for n, r in sorted(plan.modules.items())}
+    return AdapterInfo(path=path, format_version=None, modules=modules,
+                       alpha=plan.default_alpha, extra_metadata=dict(plan.source.metadata),
+                       source_format="kohya", tensor_bytes=plan.source.tensor_bytes,
+                       details=details)
+
+
+def load_report(path: str, options: dict) -> C.LoadResult:
+    plan = _Plan(path, options)
+    notes = list(plan.notes) + plan.check_unknown(options)
+    modules = {}
+    for name, r in sorted(plan.modules.items()):
+        A = plan.source.get(r["tensors"]["A"])
+        B = plan.source.get(r["tensors"]["B"])
+        for t, key in ((A, r["tensors"]["A"]), (B, r["tensors"]["B"])):
+            C.check_finite(t, key, path, name, options)
+        modules[name] = LoraModule(name, r["kind"], r["layout"], A, B, r["alpha"],
+                                   SCALING_STANDARD)
+    adapter = Adapter(modules=modules, alpha=plan.default_alpha,
+                      extra_metadata=dict(plan.source.metadata), source_format="kohya")
+    return C.LoadResult(adapter, notes, sorted(plan.unknown) if options.get("allow_unknown")
+                        else [])
+
+
+def load(path: str, options: dict) -> Adapter:
+    return load_report(path, options).adapter
+
+
+def check_data(path: str, options: dict):
+    plan = _Plan(path, options)
+    names = [k for r in plan.modules.values() for k in r["tensors"].values()]
+    b_names = [r["tensors"]["B"] for r in plan.modules.values()]
+    return plan.source.scan(sorted(names), b_names)
+
+
+# --- writing -------------------------------------------------------------------------------
+
+def _alpha_tensor(alpha: float, like):
+    """``alpha`` as a 0-dim tensor in the dtype of lora_down when that holds it exactly
+    (what sd-scripts writes), else float32, else float64."""
+    import torch
+    for dtype in (like.dtype, torch.float32, torch.float64):
+        t = torch.tensor(alpha, dtype=dtype)
+        if float(t) == alpha:
+            return t
+    return torch.tensor(alpha, dtype=torch.float64)
+
+
+def save(adapter: Adapter, path: str, options: dict) -> list[str]:
+    """Write a kohya/sd-scripts ``.safetensors`` file; metadata other than ``loratool.*`` kept."""
+    from ..stfile import SafetensorsWriter
+    from ..tensors import st_dtype, to_bytes
+    path = os.fspath(path)
+    notes: list[str] = []
+    tensors = {}
+    seen: dict[str, str] = {}
+    transposed = []
+    rs = 0
+    for name, m in adapter.modules.items():
+        if m.kind == KIND_EMBEDDING:
+            raise InteropError(f"module {name!r} is an embedding; kohya LoRA files have no "
+                               "embedding modules. Convert to loratool or PEFT instead",
+                               code="LT306", module=name)
+        if m.magnitude is not None:
+            raise InteropError(f"module {name!r} has a DoRA magnitude; the kohya LoRA format "
+                               "cannot store it (merge it into the base with `loratool merge` "
+                               "or convert to PEFT/loratool)", code="LT306", module=name)
+        if m.bias is not None:
+            raise InteropError(f"module {name!r} has a lora_bias; the kohya LoRA format cannot "
+                               "store it", code="LT306", module=name)
+        k = kohya_name(name)
+        if k in seen:
+            raise InteropError(f"modules {seen[k]!r} and {name!r} both become kohya name {k!r}; "
+                               "rename one with --map", code="LT307", module=name)
+        seen[k] = name
+        alpha = float(m.alpha)
+        if m.scaling != SCALING_STANDARD:
+            alpha = m.scale * m.rank  # same scale under kohya's alpha / r
+            rs += 1
+        if m.kind == KIND_LINEAR and m.layout == LAYOUT_IN_OUT:
+            transposed.append(name)
+        tensors[k + DOWN] = m.A.contiguous()
+        tensors[k + UP] = m.B.contiguous()
+        tensors[k + ALPHA] = _alpha_tensor(alpha, m.A)
+    if rs:
+        notes.append(f"{rs} rsLoRA module(s): alpha written as scale * rank (kohya scales by "
+                     "alpha / rank)")
+    if transposed:
+        notes.append(f"{len(transposed)} linear module(s) apply to transposed (Conv1D-style) "
+                     "weights; kohya files do not record this: read them back with "
+                     "--fan-in-fan-out or --base")
+    tensors = dict(sorted(tensors.items()))
+    meta = {k: v for k, v in adapter.extra_metadata.items() if not k.startswith("loratool.")}
+    entries = [(n, st_dtype(t), tuple(t.shape)) for n, t in tensors.items()]
+    with SafetensorsWriter(path, entries, meta or None,
+                           overwrite=options.get("overwrite", False)) as w:
+        for n, t in tensors.items():
+            w.write(n, to_bytes(t))
+        w.commit()
+    return notes

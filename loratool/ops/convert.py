@@ -1,0 +1,98 @@
+"""``convert``: read an adapter in any supported format and write it in another.
+
+Lossless wherever the target can express the adapter; where it cannot, the writer folds what
+it can exactly (per-module alpha into ``alpha_pattern`` or into the factors) and says so in the
+report's notes, or refuses with an ``InteropError`` that names the module and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from ..errors import InteropError, OperationError
+
+TARGETS = ("loratool", "peft", "kohya", "loralib")
+
+# Options each format reads (R) or writes (W) with; others are reported as ignored.
+_READ_OPTIONS = {
+    "loratool": set(),
+    "peft": {"alpha", "fan_in_fan_out", "base", "name_map"},
+    "kohya": {"fan_in_fan_out", "base", "name_map"},
+    "loralib": {"alpha", "enable_lora", "fan_in_fan_out", "base", "name_map"},
+}
+_WRITE_OPTIONS = {"loratool": set(), "peft": set(), "kohya": set(),
+                  "loralib": {"alpha", "enable_lora"}}
+_FLAGS = {"alpha": "--alpha", "enable_lora": "--enable-lora", "fan_in_fan_out":
+          "--fan-in-fan-out", "base": "--base"}
+
+
+@dataclass
+class ConvertReport:
+    """What ``convert`` did."""
+
+    source: str
+    destination: str
+    source_format: str
+    target_format: str
+    modules: int
+    notes: list[str] = field(default_factory=list)
+    unknown_tensors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "destination": self.destination,
+                "source_format": self.source_format, "target_format": self.target_format,
+                "modules": self.modules, "notes": list(self.notes),
+                "unknown_tensors": list(self.unknown_tensors)}
+
+
+def _inside(child: str, parent: str) -> bool:
+    child, parent = os.path.realpath(child), os.path.realpath(parent)
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "loratool",
+            overwrite: bool = False, **options) -> ConvertReport:
+    """Convert the adapter ``src`` (any format, detected) to format ``to`` at ``dst``.
+
+    Options: ``alpha`` (loralib and config-less PEFT sources; the loralib target's lora_alpha),
+    ``enable_lora`` (loralib MergedLinear mask, e.g. ``[True, False, True]`` or ``"1,0,1"``),
+    ``fan_in_fan_out``, ``base`` (checkpoint for names, layouts, kinds), ``name_map``
+    (``{OLD: NEW}`` renames, also used to find base tensors), ``allow_unknown``,
+    ``source_format`` (skip detection).
+
+    >>> convert("peft_dir", "adapter.safetensors").modules
+    >>> convert("lora.pt", "adapter.safetensors", alpha=16, enable_lora="1,0,1")
+    """
+    from ..interop import _common as C
+    from ..interop import detect_format, format_module
+    src, dst = os.fspath(src), os.fspath(dst)
+    if to not in TARGETS:
+        raise InteropError(f"unknown target format {to!r}; choose one of {', '.join(TARGETS)}",
+                           code="LT301")
+    if not os.path.exists(src):
+        raise InteropError(f"{src} does not exist", code="LT301", path=src)
+    from ..atomic import check_destination
+    check_destination(dst, overwrite=overwrite, inputs=[src])
+    if _inside(src, dst):
+        raise OperationError(f"input {src} is inside the output {dst}, which would replace it; "
+                             "choose another -o path", code="LT502")
+    options = {k: v for k, v in options.items() if v is not None}
+    if isinstance(options.get("name_map"), (list, tuple)):
+        from ..naming import parse_map
+        options["name_map"] = parse_map(options["name_map"])
+    if options.get("enable_lora") is not None:
+        from ..interop.loralib import parse_enable_lora
+        options["enable_lora"] = parse_enable_lora(options["enable_lora"])
+    fmt = options.pop("source_format", None) or detect_format(src)
+    result = format_module(fmt).load_report(src, options)
+    adapter, rename_notes = C.rename_modules(result.adapter, options.get("name_map"))
+    notes = list(result.notes) + rename_notes
+    used = _READ_OPTIONS.get(fmt, set()) | _WRITE_OPTIONS.get(to, set())
+    ignored = [_FLAGS[k] for k in _FLAGS if k in options and options[k] is not False
+               and k not in used]
+    if ignored:
+        notes.append(f"ignored {', '.join(ignored)}: a {fmt} source"
+                     f"{'' if to == fmt else f' and a {to} target'} do not use it")
+    notes += format_module(to).save(adapter, dst, {**options, "overwrite": overwrite})
+    return ConvertReport(src, dst, fmt, to, len(adapter.modules), notes, list(result.unknown))

@@ -1,0 +1,94 @@
+"""Builders and dense fp64 oracles for the resize/compose/compare tests (spec/lowrank.md).
+
+The oracles here never use loratool's kernels: the dense delta is the plain formula
+``s * B.reshape(out, r) @ A.reshape(r, -1)`` and truncations use ``torch.linalg.svd``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from loratool.model import Adapter, LoraModule
+
+# Unit roundoff (half an ulp at 1) of each storage dtype: the "u" of spec/lowrank.md.
+UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8,
+        torch.float16: 2.0**-11}
+
+
+def module(name="m", out=10, inp=12, rank=4, alpha=8.0, *, scaling="standard", kind="linear",
+           layout="out_in", kernel=(), dtype=torch.float32, seed=0, decay=None, bias=False,
+           magnitude=False) -> LoraModule:
+    """A random module; ``decay`` scales B's columns by decay**i for a decaying spectrum."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(rank, inp, *kernel, generator=g, dtype=torch.float64)
+    B = torch.randn(out, rank, *([1] * len(kernel)), generator=g, dtype=torch.float64)
+    if decay is not None:
+        B = B * (decay ** torch.arange(rank, dtype=torch.float64)).reshape(
+            1, rank, *([1] * len(kernel)))
+    if kind == "embedding":
+        layout = "in_out"
+    m = LoraModule(name, kind, layout, A.to(dtype), B.to(dtype), alpha, scaling)
+    if bias:
+        m.bias = torch.randn(out, generator=g, dtype=torch.float64).to(dtype)
+    if magnitude:
+        m.magnitude = torch.rand(out, generator=g, dtype=torch.float64).to(dtype) + 0.5
+    return m
+
+
+def adapter(*modules: LoraModule, alpha: float | None = None, **facts) -> Adapter:
+    return Adapter(modules={m.name: m for m in modules},
+                   alpha=alpha if alpha is not None else modules[0].alpha, **facts)
+
+
+def scale_of(m: LoraModule) -> float:
+    r = m.A.shape[0]
+    return m.alpha / math.sqrt(r) if m.scaling == "rslora" else m.alpha / r
+
+
+def dense(m: LoraModule) -> torch.Tensor:
+    """The 2-D delta [out, in*k] in fp64 by the plain formula."""
+    r = m.A.shape[0]
+    B = m.B.to(torch.float64).reshape(m.B.shape[0], r)
+    A = m.A.to(torch.float64).reshape(r, -1)
+    return scale_of(m) * (B @ A)
+
+
+def dense_bias(m: LoraModule) -> torch.Tensor | None:
+    return None if m.bias is None else scale_of(m) * m.bias.to(torch.float64)
+
+
+def truncated(D: torch.Tensor, k: int) -> torch.Tensor:
+    U, S, Vh = torch.linalg.svd(D, full_matrices=False)
+    return (U[:, :k] * S[:k]) @ Vh[:k]
+
+
+def svals(D: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(D)
+
+
+def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    n = float(ref.norm())
+    return float((x - ref).norm()) / n if n else float(x.norm())
+
+
+def rebuild_bound(k: int, dtype) -> float:
+    """spec/lowrank.md: a rebuilt rank-k module is within 3*sqrt(k)*u of its target (relative)."""
+    return 3 * math.sqrt(k) * UNIT[dtype] + 1e-10
+
+
+def diagonal_module(values, *, name="d", out=None, inp=None, alpha=None,
+                    dtype=torch.float64) -> LoraModule:
+    """A module whose delta is diag(values) padded: its singular values are exactly |values|.
+
+    rank = len(values), alpha = rank (scale 1), B = diag(values) on top, A = identity rows.
+    """
+    r = len(values)
+    out = out or r
+    inp = inp or r
+    B = torch.zeros(out, r, dtype=dtype)
+    B[:r, :r] = torch.diag(torch.tensor(values, dtype=dtype))
+    A = torch.zeros(r, inp, dtype=dtype)
+    A[:, :r] = torch.eye(r, dtype=dtype)
+    return LoraModule(name, "linear", "out_in", A, B, float(alpha or r))
