@@ -47,7 +47,7 @@ def note(message: str) -> None:
     sys.stderr.write(f"{message}\n")
 
 
-def _fmt_bytes(n: int) -> str:
+def fmt_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -79,7 +79,7 @@ def render_inspect(report: dict) -> None:
         ("scaling", f"{report['scaling']}, default alpha {_fmt_num(report['alpha'])}"),
         ("modules", f"{t['modules']} ({', '.join(f'{k} {v}' for k, v in t['kinds'].items())})"),
         ("parameters", f"{t['parameters']:,}"),
-        ("tensor bytes", _fmt_bytes(t["bytes"])),
+        ("tensor bytes", fmt_bytes(t["bytes"])),
         ("dtypes", ", ".join(f"{k} x{v}" for k, v in t["dtypes"].items()) or "-"),
         ("ranks", ", ".join(map(str, t["ranks"])) or "-"),
     ]
@@ -120,7 +120,7 @@ def render_merged_checkpoint(report: dict) -> None:
     c.print(report["path"], style="bold", markup=False, highlight=False)
     lines = [("format", f"merged {report['checkpoint']} checkpoint (not an adapter)")]
     if report.get("tensors") is not None:
-        lines.append(("tensors", f"{report['tensors']} ({_fmt_bytes(report['bytes'])}; "
+        lines.append(("tensors", f"{report['tensors']} ({fmt_bytes(report['bytes'])}; "
                                  + ", ".join(f"{k} x{v}" for k, v in report["dtypes"].items())
                                  + ")"))
     for key, value in lines:

@@ -81,14 +81,6 @@ def _run(fn, base, adapters, output, device, dtype, maps, allow_missing, output_
     _render(data)
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def _render(d: dict) -> None:
     c = console.out()
     verb = "Merged" if d["operation"] == "merge" else "Unmerged"
@@ -99,8 +91,8 @@ def _render(d: dict) -> None:
         f"{verb} {names} -> {d['output']}",
         f"  modules     {d['modules_merged']} ({d['tensors_merged']} tensors changed, "
         f"{d['tensors_copied']} copied, {d['tensors_converted']} converted)",
-        f"  data        {_fmt_bytes(d['bytes_read'])} streamed in {d['stream_seconds']:.2f} s "
-        f"({_fmt_bytes(rate)}/s); {d['seconds']:.2f} s in all",
+        f"  data        {console.fmt_bytes(d['bytes_read'])} streamed in {d['stream_seconds']:.2f} s "
+        f"({console.fmt_bytes(rate)}/s); {d['seconds']:.2f} s in all",
         f"  device      {d['device']} ({how}), dtype {d['dtype']}",
     ]
     for a in d["adapters"]:

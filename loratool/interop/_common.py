@@ -198,6 +198,22 @@ def check_unknown(unknown: list[str], options: dict, *, path: str, fmt: str,
     return [f"dropped {len(unknown)} tensor(s) that are not LoRA factors: {shown}"]
 
 
+def scan_plan(plan):
+    """``check_data`` of a format whose plan lists each module's tensors (NaN/Inf, zero B)."""
+    names = [k for r in plan.modules.values() for k in r["tensors"].values()]
+    b_names = [r["tensors"]["B"] for r in plan.modules.values()]
+    return plan.source.scan(sorted(names), b_names)
+
+
+def read_factors(plan, record: dict, path: str, module: str, options: dict):
+    """(A, B) of one planned module as stored, NaN/Inf-checked (unless check_values is off)."""
+    A = plan.source.get(record["tensors"]["A"])
+    B = plan.source.get(record["tensors"]["B"])
+    for t, key in ((A, record["tensors"]["A"]), (B, record["tensors"]["B"])):
+        check_finite(t, key, path, module, options)
+    return A, B
+
+
 def check_finite(t, name: str, path: str, module: str | None, options: dict) -> None:
     if options.get("check_values", True) and t.is_floating_point() and not bool(
             t.isfinite().all()):

@@ -217,10 +217,7 @@ def load_report(path: str, options: dict) -> C.LoadResult:
     notes = list(plan.notes) + plan.check_unknown(options)
     modules = {}
     for name, r in sorted(plan.modules.items()):
-        A = plan.source.get(r["tensors"]["A"])
-        B = plan.source.get(r["tensors"]["B"])
-        for t, key in ((A, r["tensors"]["A"]), (B, r["tensors"]["B"])):
-            C.check_finite(t, key, path, name, options)
+        A, B = C.read_factors(plan, r, path, name, options)
         modules[name] = LoraModule(name, r["kind"], r["layout"], A, B, r["alpha"],
                                    SCALING_STANDARD)
     adapter = Adapter(modules=modules, alpha=plan.default_alpha,
@@ -234,10 +231,7 @@ def load(path: str, options: dict) -> Adapter:
 
 
 def check_data(path: str, options: dict):
-    plan = _Plan(path, options)
-    names = [k for r in plan.modules.values() for k in r["tensors"].values()]
-    b_names = [r["tensors"]["B"] for r in plan.modules.values()]
-    return plan.source.scan(sorted(names), b_names)
+    return C.scan_plan(_Plan(path, options))
 
 
 # --- writing -------------------------------------------------------------------------------

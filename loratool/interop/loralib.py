@@ -220,10 +220,7 @@ def load_report(path: str, options: dict) -> C.LoadResult:
     mask = parse_enable_lora(options.get("enable_lora"))
     modules = {}
     for name, r in sorted(plan.modules.items()):
-        A = plan.source.get(r["tensors"]["A"])
-        B = plan.source.get(r["tensors"]["B"])
-        for t, key in ((A, r["tensors"]["A"]), (B, r["tensors"]["B"])):
-            C.check_finite(t, key, path, name, options)
+        A, B = C.read_factors(plan, r, path, name, options)
         Ac, Bc = _to_canonical({**r, "mask": mask}, A, B)
         modules[name] = LoraModule(name, r["kind"], r["layout"], Ac, Bc, r["alpha"],
                                    SCALING_STANDARD)
@@ -246,10 +243,7 @@ def load(path: str, options: dict) -> Adapter:
 
 
 def check_data(path: str, options: dict):
-    plan = _Plan(path, options, strict=False)
-    names = [k for r in plan.modules.values() for k in r["tensors"].values()]
-    b_names = [r["tensors"]["B"] for r in plan.modules.values()]
-    return plan.source.scan(sorted(names), b_names)
+    return C.scan_plan(_Plan(path, options, strict=False))
 
 
 # --- writing -------------------------------------------------------------------------------

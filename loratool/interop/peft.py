@@ -402,10 +402,7 @@ def load(path: str, options: dict) -> Adapter:
 
 
 def check_data(path: str, options: dict):
-    plan = _Plan(path, options, strict=False)
-    names = [k for r in plan.modules.values() for k in r["tensors"].values()]
-    b_names = [r["tensors"]["B"] for r in plan.modules.values()]
-    return plan.source.scan(sorted(names), b_names)
+    return C.scan_plan(_Plan(path, options, strict=False))
 
 
 # --- writing -------------------------------------------------------------------------------
