@@ -53,28 +53,42 @@ def load_adapter(path: str | os.PathLike, **options) -> Adapter:
     return reader_for(path, options).load(path, options)
 
 
-def load_loratool(path: str, *, check_values: bool = True) -> Adapter:
-    """Load a loratool-format file, checking every MUST rule, the tensor hash and (unless
-    ``check_values`` is false, as for ``inspect --stats``) NaN/Inf."""
-    from .stfile import TensorHasher
-    from .tensors import read_tensor
+def read_loratool_tensors(path: str, *, check_values: bool = True
+                          ) -> tuple[AdapterInfo, dict, str]:
+    """Torch-free core of ``load_loratool``: the checked header description, per tensor
+    name ``(TensorInfo, raw little-endian bytes)``, and the tensor hash of the data. Every
+    MUST rule, the tensor hash and (unless ``check_values`` is false) NaN/Inf are checked."""
+    import numpy as np
+
+    from .stfile import NUMPY_DTYPES, TensorHasher, nonfinite_count, read_bytes
     header = read_header(path)
     info = read_loratool_info(path, header)
     hasher = TensorHasher()
-    tensors = {}
+    raw = {}
     with open(path, "rb") as f:
         for name in sorted(header.tensors):
             t = header.tensors[name]
-            tensor = read_tensor(header, t, f)
+            data = read_bytes(header, t, f)
             hasher.begin(name, t.dtype, t.shape, t.nbytes)
-            hasher.update(_raw(tensor))
-            if check_values and not bool(tensor.isfinite().all()):
+            hasher.update(data)
+            if check_values and t.dtype in NUMPY_DTYPES and nonfinite_count(
+                    np.frombuffer(data, dtype=np.dtype(NUMPY_DTYPES[t.dtype]).newbyteorder("<")),
+                    t.dtype):
                 raise TensorError(f"tensor {name!r} holds NaN or Inf values", code="LT209",
                                   path=path, module=F.split_tensor_name(name)[0])
-            tensors[name] = tensor
+            raw[name] = (t, data)
     if info.tensor_hash is not None and info.tensor_hash != hasher.hexdigest():
         raise MetadataError(f"{F.KEY_TENSOR_HASH} does not match the tensor data: the file was "
                             "altered or corrupted", code="LT110", path=path)
+    return info, raw, hasher.hexdigest()
+
+
+def load_loratool(path: str, *, check_values: bool = True) -> Adapter:
+    """Load a loratool-format file, checking every MUST rule, the tensor hash and (unless
+    ``check_values`` is false, as for ``inspect --stats``) NaN/Inf."""
+    from .tensors import from_bytes
+    info, raw, _ = read_loratool_tensors(path, check_values=check_values)
+    tensors = {name: from_bytes(data, t.dtype, t.shape) for name, (t, data) in raw.items()}
     modules = {}
     for name, m in info.modules.items():
         get = lambda role: tensors.get(F.tensor_name(name, role))  # noqa: E731

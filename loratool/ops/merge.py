@@ -8,8 +8,12 @@ guarantees are in spec/merge.md; this module implements them.
   changes are copied file-to-file by the kernel. Peak memory is about three of the largest
   merged tensors, independent of the checkpoint's size.
 * Exact (CPU, the default): ``W + sum_i s_i * delta_i`` is evaluated in float64 and rounded
-  once to the stored dtype. float64 -> bf16/fp16 goes through float32 rounded to odd, because
-  torch's own float64 -> bf16/fp16 conversion rounds twice (through float32, to nearest).
+  once to the stored dtype, in numpy (``_merge_numpy.NumpyExactEngine``). float64 ->
+  bf16/fp16 goes through float32 rounded to odd, because a float64 -> bf16/fp16 conversion
+  through float32 rounded to nearest rounds twice (torch's own ``.to`` does).
+* No torch unless needed: loratool-format adapters (no DoRA) are read as numpy arrays, so
+  ``merge`` on a safetensors base on the CPU never imports torch; foreign formats, DoRA,
+  ``.pt`` files and CUDA load torch. The engine is the same, so are the output bytes.
 * Fast (CUDA): the same sum in float32 on the device; reading, transfer and writing overlap.
 """
 
@@ -42,9 +46,6 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 OUTPUT_FORMATS = ("safetensors", "pt")
 MERGEABLE_DTYPES = ("F16", "BF16", "F32", "F64")
 PICKLE_SUFFIXES = (".pt", ".bin", ".pth", ".ckpt")
-# Rows per block of the exact path: ~2^18 float64 values (2 MiB) stay in cache through the
-# convert -> addmm -> round -> copy sequence, so each tensor crosses memory about twice.
-_BLOCK_ELEMS = 1 << 18
 _SCALE_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _MAX_LISTED = 40
 
@@ -93,9 +94,14 @@ def _normalize_adapters(adapters) -> list[tuple[object, float]]:
 
 
 def _resolve_device(device: str) -> str:
+    """``auto``: CUDA when torch sees a device, else the CPU; decided without importing
+    torch when the machine has no NVIDIA driver at all (``_merge_numpy.cuda_may_exist``)."""
+    from ._merge_numpy import cuda_may_exist
     if device not in DEVICE_CHOICES:
         raise OperationError(f"device {device!r} is not one of {', '.join(DEVICE_CHOICES)}",
                              code="LT521")
+    if device == "cpu" or (device == "auto" and not cuda_may_exist()):
+        return "cpu"
     import torch
     cuda = torch.cuda.is_available()
     if device == "cuda" and not cuda:
@@ -196,9 +202,13 @@ class _Loaded:
     skipped: int = 0
 
 
-def _load(item, base: str, name_map, adapter_options: dict | None = None):
+def _load(item, base: str, name_map, adapter_options: dict | None = None, *,
+          numpy: bool = False):
     from ..adapter import load_adapter
     from ..interop import detect_format
+    if numpy:  # a loratool file without DoRA (checked by the caller): no torch
+        from ._merge_numpy import load_numpy
+        return load_numpy(item), item, "loratool"
     if hasattr(item, "modules"):
         return item, "<in memory>", getattr(item, "source_format", "loratool")
     fmt = detect_format(item)
@@ -212,8 +222,6 @@ def _load(item, base: str, name_map, adapter_options: dict | None = None):
 def _plan(loaded: list[_Loaded], base_tensors: dict, name_map, *, sign: float,
           allow_missing: bool, base_label: str):
     """base tensor name -> [ops]; plus the list of skipped (adapter, module, reason)."""
-    import torch
-
     from ..naming import resolve_modules
     plan: dict[str, list[_Op]] = {}
     problems: list[tuple[str, str, str]] = []
@@ -305,27 +313,6 @@ def _check_finite(res, orig, name: str, ops) -> None:
             "is too large for the stored dtype; nothing was written", code="LT412")
 
 
-def _check_block(dst, blk, ops, i: int, j: int, name: str) -> None:
-    """LT412 for a block whose output holds NaN/Inf that the base did not (the source rows
-    are already overwritten when merging in place, so the base is inferred: a non-finite base
-    entry makes the float64 sum non-finite, unless the delta itself is)."""
-    import torch
-    delta = torch.zeros_like(blk)
-    for op in ops:
-        if op.kind == "lowrank":
-            delta.addmm_(op.L[i:j], op.R, alpha=op.scale)
-        else:
-            delta.add_(op.vec[i:j].reshape(-1, 1), alpha=op.scale)
-    produced = ~torch.isfinite(dst) & (torch.isfinite(blk) | ~torch.isfinite(delta))
-    bad = int(produced.sum())
-    if bad:
-        mods = sorted({op.module for op in ops})
-        raise CheckpointError(
-            f"merging into `{name}` produced {bad} NaN/Inf value(s) (modules "
-            f"{', '.join(mods[:5])}): the adapter has huge or non-finite values or the scale "
-            "is too large for the stored dtype; nothing was written", code="LT412")
-
-
 def _apply_whole(w, ops) -> None:
     """Apply ``ops`` in order to ``w`` (a private float tensor, modified in place)."""
     import torch
@@ -348,95 +335,6 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
-
-
-class _ExactEngine:
-    """CPU, float64, rounded once; blocked by rows so each tensor crosses memory ~twice.
-
-    Row blocks are shared out to one Python worker thread per core, each running torch ops
-    single-threaded (the ops release the GIL): unlike torch's OpenMP pool there is no barrier
-    per op, so a worker that loses its core to the reader thread or to another process only
-    slows itself down (measured on 2 cores: the OpenMP pool stalled 2-7x under load).
-    """
-
-    device = "cpu"
-    precision = "fp64"
-    pinned = False
-
-    def __init__(self, workers: int | None = None):
-        self.workers = workers or _cores()
-        self._pool = None
-        self._blk: dict[int, object] = {}
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-
-    def run(self, src, ops, out_dtype, name: str):
-        """The merged tensor (``src`` itself when merged in place) and a release callback
-        (None here) to call once it has been written."""
-        return self._run(src, ops, out_dtype, name), None
-
-    def _run(self, src, ops, out_dtype, name: str):
-        import torch
-
-        from ..tensors import round_once
-        if src.numel() == 0:
-            return src.to(out_dtype)
-        ops = [op.cast(torch.float64) for op in ops]
-        if src.ndim == 0 or any(op.kind == "dora" for op in ops):
-            w = src.to(torch.float64, copy=True)
-            _apply_whole(w, ops)
-            res = round_once(w, out_dtype)
-            _check_finite(res, src, name, ops)
-            return res
-        # In place when the dtype is kept; otherwise a fresh tensor, since the writer thread
-        # may still be writing the previous result.
-        out = src if out_dtype == src.dtype else torch.empty(src.shape, dtype=out_dtype)
-        w2 = src.reshape(src.shape[0], -1)
-        o2 = out.reshape(out.shape[0], -1)
-        rows, cols = w2.shape
-        step = max(1, _BLOCK_ELEMS // max(cols, 1))
-        blocks = -(-rows // step)
-        n = min(self.workers, blocks)
-        if n <= 1:
-            self._rows(0, 0, rows, step, w2, o2, ops, out_dtype, name)
-            return out
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="loratool-merge")
-        per = -(-blocks // n) * step
-        futures = [self._pool.submit(self._rows, k, k * per, min(rows, (k + 1) * per), step,
-                                     w2, o2, ops, out_dtype, name) for k in range(n)]
-        for f in futures:
-            f.result()  # re-raises a worker's error (LT412) here
-        return out
-
-    def _rows(self, k, lo, hi, step, w2, o2, ops, out_dtype, name) -> None:
-        import torch
-
-        from ..tensors import round_to_odd_f32
-        cols = w2.shape[1]
-        buf = self._blk.get(k)
-        if buf is None or buf.numel() < step * cols:
-            buf = self._blk[k] = torch.empty(step * cols, dtype=torch.float64)
-        for i in range(lo, hi, step):
-            j = min(hi, i + step)
-            # One reused float64 block per worker: no allocation (no page faults) per block.
-            blk = buf[: (j - i) * cols].view(j - i, cols)
-            blk.copy_(w2[i:j])
-            for op in ops:
-                if op.kind == "lowrank":
-                    blk.addmm_(op.L[i:j], op.R, alpha=op.scale)
-                else:  # vector op on a 1-D tensor, viewed as [n, 1]
-                    blk.add_(op.vec[i:j].reshape(-1, 1), alpha=op.scale)
-            dst = o2[i:j]
-            # copy_ converts float64 -> float32 with one rounding; bf16/fp16 go through odd.
-            dst.copy_(round_to_odd_f32(blk) if out_dtype in (torch.bfloat16, torch.float16)
-                      else blk)
-            if not math.isfinite(float(dst.sum())):  # NaN/Inf reach the sum; rare: look closer
-                _check_block(dst, blk, ops, i, j, name)
 
 
 class _FastEngine:
@@ -467,7 +365,20 @@ class _FastEngine:
             buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         return buf
 
-    def run(self, src, ops, out_dtype, name: str):
+    def run(self, raw, dtype: str, shape, ops, out_dtype: str, name: str):
+        """Raw bytes in (numpy or pinned torch uint8), (bytes, release) out, like the exact
+        engine's ``run``."""
+        import torch
+
+        from ..tensors import TORCH_DTYPES, to_bytes
+        if not isinstance(raw, torch.Tensor):
+            raw = torch.from_numpy(raw)
+        n = math.prod(shape) * _size(dtype)
+        src = raw[:n].view(TORCH_DTYPES[dtype]).view(tuple(shape))
+        res, release = self._run(src, ops, TORCH_DTYPES[out_dtype], name)
+        return to_bytes(res), release
+
+    def _run(self, src, ops, out_dtype, name: str):
         import torch
         if src.numel() == 0:
             return src.to(out_dtype), None
@@ -502,13 +413,17 @@ class _Prefetcher:
     """Reads the tensors to merge, in order, into a pool of reused buffers on a thread."""
 
     def __init__(self, source, tensors, *, pinned: bool, buffers: int = 2):
-        import torch
+        import numpy as np
         self._tensors = list(tensors)
         size = max((t.nbytes for t in self._tensors), default=0)
         self._free: queue.Queue = queue.Queue()
         self._ready: queue.Queue = queue.Queue()
         for _ in range(min(buffers, len(self._tensors))):
-            self._free.put(torch.empty(size, dtype=torch.uint8, pin_memory=pinned))
+            if pinned:  # page-locked host memory for the CUDA engine's uploads
+                import torch
+                self._free.put(torch.empty(size, dtype=torch.uint8, pin_memory=True))
+            else:
+                self._free.put(np.empty(size, dtype=np.uint8))
         self._stop = threading.Event()
         self._source = source
         self._thread = None
@@ -517,12 +432,14 @@ class _Prefetcher:
             self._thread.start()
 
     def _run(self) -> None:
+        import numpy as np
         try:
             for t in self._tensors:
                 buf = self._free.get()
                 if buf is None or self._stop.is_set():
                     return
-                self._source.read_into(t, buf.numpy()[: t.nbytes])
+                self._source.read_into(t, (buf if isinstance(buf, np.ndarray)
+                                           else buf.numpy())[: t.nbytes])
                 self._ready.put((t.name, buf))
         except BaseException as e:  # handed to the main thread, raised there
             self._ready.put((None, e))
@@ -625,7 +542,6 @@ def _stream_file(source, dest: str, plan: dict, out_dtype: str | None, metadata:
     """Write ``source`` merged by ``plan`` to ``dest`` (safetensors), tensor by tensor: a
     reader thread, the merge on this thread, a writer thread, each on its own tensor."""
     from ..stfile import DTYPE_SIZES
-    from ..tensors import TORCH_DTYPES, to_bytes
 
     def target_dtype(t):
         if out_dtype is not None and t.dtype in MERGEABLE_DTYPES:
@@ -645,14 +561,13 @@ def _stream_file(source, dest: str, plan: dict, out_dtype: str | None, metadata:
                 counts.copied += 1
             else:
                 buf = reader.take(t.name)
-                src = buf[: t.nbytes].view(TORCH_DTYPES[t.dtype]).view(t.shape)
                 try:
-                    res, release = engine.run(src, plan.get(t.name, ()), TORCH_DTYPES[dt],
-                                              t.name)
+                    res, release = engine.run(buf, t.dtype, tuple(t.shape),
+                                              plan.get(t.name, ()), dt, t.name)
                 except BaseException:
                     reader.give_back(buf)
                     raise
-                out.write(t.name, to_bytes(res), release,
+                out.write(t.name, res, release,
                           lambda buf=buf: reader.give_back(buf), done)
                 if t.name in plan:
                     counts.merged += 1
@@ -666,16 +581,10 @@ def _stream_file(source, dest: str, plan: dict, out_dtype: str | None, metadata:
 
 @contextmanager
 def _compute_threads(engine):
-    """The exact engine parallelizes over row blocks itself: torch's own intra-op pool is set
-    to one thread meanwhile (and restored; the library changes no global state)."""
-    import torch
-    before = torch.get_num_threads()
-    if isinstance(engine, _ExactEngine):
-        torch.set_num_threads(1)
+    """Closes the engine (its worker pool) however the streaming ends."""
     try:
         yield
     finally:
-        torch.set_num_threads(before)
         engine.close()
 
 
@@ -714,7 +623,8 @@ class MergeReport:
 def merge(base, adapters, *, output=None, device: str = "auto", dtype: str = "keep",
           name_map=None, allow_missing: bool = False, overwrite: bool = False,
           fsync: bool = False, progress=None, output_format: str | None = None,
-          adapter_options: dict | None = None, _precision: str | None = None) -> MergeReport:
+          adapter_options: dict | None = None, _precision: str | None = None,
+          _numpy: bool | None = None) -> MergeReport:
     """Merge adapters into a base checkpoint and write a new checkpoint (never the input).
 
     ``adapters`` is a list of ``(path_or_Adapter, scale)`` pairs (a bare path or Adapter means
@@ -730,14 +640,15 @@ def merge(base, adapters, *, output=None, device: str = "auto", dtype: str = "ke
     return _run("merge", base, adapters, output=output, device=device, dtype=dtype,
                 name_map=name_map, allow_missing=allow_missing, overwrite=overwrite,
                 fsync=fsync, progress=progress, output_format=output_format, force=False,
-                adapter_options=adapter_options, precision=_precision)
+                adapter_options=adapter_options, precision=_precision,
+                use_numpy=_numpy)
 
 
 def unmerge(merged, adapters, *, output=None, device: str = "auto", dtype: str = "keep",
             name_map=None, allow_missing: bool = False, overwrite: bool = False,
             fsync: bool = False, progress=None, output_format: str | None = None,
             force: bool = False, adapter_options: dict | None = None,
-            _precision: str | None = None) -> MergeReport:
+            _precision: str | None = None, _numpy: bool | None = None) -> MergeReport:
     """Subtract adapters merged earlier (the inverse of ``merge``); checks each adapter and
     scale against the checkpoint's ``loratool.merged`` record unless ``force``.
 
@@ -747,7 +658,8 @@ def unmerge(merged, adapters, *, output=None, device: str = "auto", dtype: str =
     return _run("unmerge", merged, adapters, output=output, device=device, dtype=dtype,
                 name_map=name_map, allow_missing=allow_missing, overwrite=overwrite,
                 fsync=fsync, progress=progress, output_format=output_format, force=force,
-                adapter_options=adapter_options, precision=_precision)
+                adapter_options=adapter_options, precision=_precision,
+                use_numpy=_numpy)
 
 
 def _output_format(kind: str, output: str | None, output_format: str | None) -> str:
@@ -849,7 +761,7 @@ def _same_scale(a, b: float) -> bool:
 
 def _run(op, base, adapters, *, output, device, dtype, name_map, allow_missing, overwrite,
          fsync, progress, output_format, force, precision,
-         adapter_options=None) -> MergeReport:
+         adapter_options=None, use_numpy=None) -> MergeReport:
     from ..naming import parse_map
     t0 = time.perf_counter()
     base = os.fspath(base)
@@ -875,7 +787,18 @@ def _run(op, base, adapters, *, output, device, dtype, name_map, allow_missing, 
     device = _resolve_device(device)
     if precision is None:
         precision = "fp64" if device == "cpu" else "fp32"
-    engine = _ExactEngine() if precision == "fp64" else _FastEngine(device)
+    from ._merge_numpy import NumpyExactEngine, header_allows_numpy
+    engine = NumpyExactEngine() if precision == "fp64" else _FastEngine(device)
+    # Loading the adapters as numpy arrays (no torch) when the engine is the exact one and
+    # every adapter is a loratool file without DoRA; the engine, and so every output byte,
+    # is the same either way.
+    if use_numpy is None:
+        use_numpy = precision == "fp64" and all(
+            isinstance(src, str) and header_allows_numpy(src) for src, _ in items)
+    elif use_numpy and not (precision == "fp64" and all(
+            isinstance(src, str) and header_allows_numpy(src) for src, _ in items)):
+        raise OperationError("_numpy=True needs the exact CPU path and loratool-format "
+                             "adapter files without DoRA", code="LT522")
 
     # The base: names, dtypes and shapes (headers only for safetensors).
     source = None
@@ -892,8 +815,10 @@ def _run(op, base, adapters, *, output, device, dtype, name_map, allow_missing, 
 
         loaded = []
         for src, scale in items:
-            adapter, label, sfmt = _load(src, base, name_map, adapter_options)
-            loaded.append(_Loaded(label, sfmt, adapter, scale, adapter_identity(adapter)))
+            adapter, label, sfmt = _load(src, base, name_map, adapter_options,
+                                         numpy=use_numpy)
+            identity = adapter.identity if use_numpy else adapter_identity(adapter)
+            loaded.append(_Loaded(label, sfmt, adapter, scale, identity))
         if op == "unmerge":
             dora = [f"{ld.source}: {m}" for ld in loaded
                     for m, mod in ld.adapter.modules.items() if mod.magnitude is not None]
