@@ -98,7 +98,9 @@ def list_tensors(path: str | os.PathLike) -> dict[str, BaseTensor]:
 def load_pickle_state_dict(path: str) -> dict:
     """A ``.pt``/``.bin`` state dict, loaded with ``weights_only=True`` (never plain pickle).
 
-    Refuses torch older than 2.10, whose weights-only unpickler lacks known security fixes.
+    Memory-mapped where the file allows it (zip format). Accepts a flat dict of tensors or one
+    nested under ``state_dict``/``model_state_dict``/``model`` (training checkpoints). Refuses
+    torch older than 2.10, whose weights-only unpickler lacks known security fixes.
     """
     import torch
 
@@ -109,12 +111,21 @@ def load_pickle_state_dict(path: str) -> dict:
         raise CheckpointError(f"torch {torch.__version__} is too old to load {path} safely; "
                               "loading .pt/.bin needs torch 2.10 or later", code="LT403")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # the unpickler refuses anything but tensors and plain containers
-        raise CheckpointError(f"cannot load {path} as a weights-only state dict: "
-                              f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}", code="LT403") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # Legacy (pre-zip) files cannot be mapped; still weights-only.
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the weights-only unpickler refuses code, classes, globals
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointError(f"cannot load {path} as a weights-only state dict (loratool never "
+                              f"runs pickled code): {why}", code="LT403") from None
+    for wrapper in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
     if not isinstance(obj, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise CheckpointError(f"{path} is not a state dict of name -> tensor", code="LT403")

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from .format import (KIND_CONV, KIND_EMBEDDING, LAYOUT_IN_OUT, LAYOUT_OUT_IN, SCALING_STANDARD,
+from .format import (KIND_CONV, KIND_EMBEDDING, LAYOUT_IN_OUT, SCALING_STANDARD,
                      scale_for)
 
 if TYPE_CHECKING:

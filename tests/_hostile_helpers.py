@@ -528,7 +528,6 @@ PEFT_CONFIG_MUTATIONS: dict[str, object] = {
 
 def peft_dir_mutations(seed_dir: str, make_dir) -> list[str]:
     """Hostile PEFT directories (created through ``make_dir(name) -> path``); returns names."""
-    cfg_path = os.path.join(seed_dir, "adapter_config.json")
     st_path = os.path.join(seed_dir, "adapter_model.safetensors")
     with open(st_path, "rb") as f:
         st = f.read()

@@ -131,39 +131,18 @@ class TensorSource:
 
 
 def load_pickle(path: str) -> dict:
-    """A ``.pt``/``.bin`` state dict through torch's weights-only unpickler (never plain pickle).
-
-    Accepts a flat dict of tensors, or one nested under ``state_dict``/``model_state_dict``/
-    ``model`` (training checkpoints). The last file loaded is cached: detection and reading
-    each need it.
-    """
+    """``checkpoint.load_pickle_state_dict``, caching the last file: detection and reading
+    each need it."""
+    from ..checkpoint import load_pickle_state_dict
     from ..stfile import check_regular_file
-    check_regular_file(path)  # torch.load on a FIFO blocks forever, on /dev/zero never ends
+    check_regular_file(path)
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
-    if key in _PICKLE_CACHE:
-        return _PICKLE_CACHE[key]
-    import torch
-    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-    if (major, minor) < (2, 10):
-        raise CheckpointError(f"torch {torch.__version__} is too old to load {path} safely; "
-                              "loading .pt/.bin needs torch 2.10 or later", code="LT403")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the weights-only unpickler refuses code, classes, globals
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise CheckpointError(f"cannot load {path} as a weights-only state dict (loratool never "
-                              f"runs pickled code): {why}", code="LT403") from None
-    for wrapper in ("state_dict", "model_state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-            break
-    if not isinstance(obj, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise CheckpointError(f"{path} is not a state dict of name -> tensor", code="LT403")
-    _PICKLE_CACHE.clear()
-    _PICKLE_CACHE[key] = obj
-    return obj
+    if key not in _PICKLE_CACHE:
+        obj = load_pickle_state_dict(path)
+        _PICKLE_CACHE.clear()
+        _PICKLE_CACHE[key] = obj
+    return _PICKLE_CACHE[key]
 
 
 # --- options -------------------------------------------------------------------------------

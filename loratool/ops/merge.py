@@ -630,8 +630,9 @@ def merge(base, adapters, *, output=None, device: str = "auto", dtype: str = "ke
     ``adapters`` is a list of ``(path_or_Adapter, scale)`` pairs (a bare path or Adapter means
     scale 1.0). ``base`` is a ``.safetensors`` file, a sharded Hugging Face directory or a
     ``.pt``/``.bin`` state dict. ``adapter_options`` supplies what foreign adapter files do
-    not store (``alpha``, ``enable_lora``, ``fan_in_fan_out``, ``allow_unknown``). ``progress(advance_bytes, total_bytes)`` is called as each
-    tensor has been written (from the writer thread).
+    not store (``alpha``, ``enable_lora``, ``fan_in_fan_out``, ``allow_unknown``).
+    ``progress(advance_bytes, total_bytes)`` is called as each tensor has been written (from
+    the writer thread).
 
     >>> report = merge("model.safetensors", [("style.safetensors", 0.8)])
     >>> report.output

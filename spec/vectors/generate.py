@@ -355,7 +355,6 @@ def invalid_vectors():
     text = _canonical_header_text(a)
     (n,) = struct.unpack("<Q", good[:8])
     data = good[8 + n:]
-    meta = a.metadata()
 
     # LT001 - LT008: the container.
     yield "empty_file", "LT001", "a file of 0 bytes", b""
