@@ -99,11 +99,6 @@ def load_loratool(path: str, *, check_values: bool = True) -> Adapter:
                    extra_metadata=dict(info.extra_metadata), source_format="loratool")
 
 
-def _raw(tensor):
-    from .tensors import to_bytes
-    return to_bytes(tensor)
-
-
 def canonical_tensors(adapter: Adapter) -> dict[str, object]:
     """Tensor name -> torch tensor, exactly as ``save_adapter`` writes them."""
     out = {}

@@ -194,9 +194,6 @@ class Adapter(_AdapterFacts):
     def scaling(self) -> str:
         return _common_scaling(m.scaling for m in self.modules.values())
 
-    def module_infos(self) -> dict[str, ModuleInfo]:
-        return {n: m.info for n, m in self.modules.items()}
-
 
 def _common_scaling(scalings) -> str:
     found = set(scalings)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import BinaryIO
 
-import numpy as np
 import torch
 
 from .errors import ContainerError
@@ -49,10 +48,6 @@ def to_bytes(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
-def to_numpy_bits(t: torch.Tensor) -> np.ndarray:
-    return np.asarray(to_bytes(t))
 
 
 def round_to_odd_f32(x):
