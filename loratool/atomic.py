@@ -56,9 +56,12 @@ class AtomicFile:
     def __exit__(self, exc_type, exc, tb):
         try:
             failed = self._f.write_error if exc_type is not None else None
-            if failed is None and exc_type is not None and issubclass(exc_type, OSError):
+            if failed is None and exc_type is not None and issubclass(exc_type, OSError) and (
+                    exc.errno in _FULL_ERRNOS or _names_inside(exc, self._tmp)):
                 failed = exc
-            if failed is not None and getattr(failed, "errno", None) in _FULL_ERRNOS:
+            if failed is not None:
+                # Any failed write of the output is LT505; an OSError from elsewhere in the
+                # block (reading an input) passes through and the CLI reports a read error.
                 # The disk filled up (or the file limit hit) mid-write: say which output.
                 # torch.save reports such a failure as a RuntimeError; the tracked file
                 # remembers the real OSError.
@@ -86,6 +89,16 @@ class AtomicFile:
             if self._tmp is not None and os.path.exists(self._tmp):
                 os.unlink(self._tmp)
         return False
+
+
+def _names_inside(e: OSError, tmp: str | None) -> bool:
+    """Whether the OSError names the temporary output (or a file inside it)."""
+    if tmp is None:
+        return False
+    tmp = os.path.abspath(tmp)
+    return any(isinstance(f, str) and (os.path.abspath(f) == tmp or os.path.abspath(f)
+                                       .startswith(tmp + os.sep))
+               for f in (e.filename, e.filename2))
 
 
 def _fdopen(fd: int):
@@ -146,7 +159,8 @@ class AtomicDir:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
-            if issubclass(exc_type, OSError) and getattr(exc, "errno", None) in _FULL_ERRNOS:
+            if issubclass(exc_type, OSError) and (exc.errno in _FULL_ERRNOS
+                                                  or _names_inside(exc, self.tmp)):
                 raise OperationError(f"cannot write {self.dest}: {exc.strerror or exc}; "
                                      "nothing was written", code="LT505") from None
             return False

@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass
 
 from .errors import CheckpointError, LoraToolError
+from .guards import PICKLE_SUFFIXES, TooLarge, check_regular_file, read_capped
 
 INDEX_NAMES = ("model.safetensors.index.json",)
-PICKLE_SUFFIXES = (".pt", ".bin", ".pth", ".ckpt")
 MAX_INDEX_BYTES = 64 << 20
 
 
@@ -39,13 +39,11 @@ def find_index(path: str) -> str | None:
 
 def read_index(index_path: str) -> dict[str, str]:
     """tensor name -> shard path, with every shard inside the index's directory."""
-    from .stfile import open_regular
     try:
-        with open_regular(index_path) as f:  # refuses FIFOs and devices: they never end
-            if os.fstat(f.fileno()).st_size > MAX_INDEX_BYTES:
-                raise CheckpointError(f"index {index_path} is larger than {MAX_INDEX_BYTES} "
-                                      "bytes", code="LT402")
-            raw = f.read(MAX_INDEX_BYTES + 1)
+        raw = read_capped(index_path, MAX_INDEX_BYTES)  # refuses FIFOs and devices
+    except TooLarge:
+        raise CheckpointError(f"index {index_path} is larger than {MAX_INDEX_BYTES} bytes",
+                              code="LT402") from None
     except OSError as e:
         raise CheckpointError(f"cannot read index {index_path}: {e.strerror or e}",
                               code="LT402") from None
@@ -104,7 +102,6 @@ def load_pickle_state_dict(path: str) -> dict:
     """
     import torch
 
-    from .stfile import check_regular_file
     check_regular_file(path)  # torch.load on a FIFO or /dev/zero would block or never end
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
     if (major, minor) < (2, 10):
@@ -365,11 +362,8 @@ def read_sidecar(path: str) -> dict[str, str]:
     if not os.path.exists(side):
         return {}
     try:
-        from .stfile import open_regular
-        with open_regular(side) as f:  # a FIFO or device sidecar must not block or never end
-            if os.fstat(f.fileno()).st_size > MAX_INDEX_BYTES:
-                raise ValueError
-            obj = json.loads(f.read().decode("utf-8"))
+        # a FIFO or device sidecar must not block or never end; TooLarge is a ValueError
+        obj = json.loads(read_capped(side, MAX_INDEX_BYTES).decode("utf-8"))
         if not isinstance(obj, dict) or not all(isinstance(v, str) for v in obj.values()):
             raise ValueError
     except (ValueError, OSError, RecursionError, LoraToolError):

@@ -15,6 +15,7 @@ import sys
 import click
 
 from . import __version__
+from .rules import READ_FAILED
 
 # name -> (module, attribute, one-line help shown by `loratool --help` without importing it)
 COMMANDS = {
@@ -61,9 +62,11 @@ class LazyGroup(click.Group):
             error(str(e))
             ctx.exit(1)
         except OSError as e:
+            # Writes are turned into LT505 (OperationError) by the atomic writers; an OSError
+            # that gets here came from reading an input.
             from .console import error
             name = f" {e.filename}" if getattr(e, "filename", None) else ""
-            error(f"[LT505]{name}: {e.strerror or e}")
+            error(f"[{READ_FAILED}]{name}: cannot read: {e.strerror or e}")
             ctx.exit(1)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise

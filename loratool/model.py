@@ -67,11 +67,17 @@ class ModuleInfo:
         return self.out_features, self.in_features * math.prod(self.kernel)
 
     @property
+    def transposed(self) -> bool:
+        """Whether the base tensor holds the delta transposed ([in, out]): embeddings and
+        ``in_out`` linears. The one place this rule is written."""
+        return self.kind == KIND_EMBEDDING or self.layout == LAYOUT_IN_OUT
+
+    @property
     def base_shape(self) -> tuple[int, ...]:
         """Shape the base tensor ``<name>.weight`` must have."""
         if self.kind == KIND_CONV:
             return (self.out_features, self.in_features, *self.kernel)
-        if self.kind == KIND_EMBEDDING or self.layout == LAYOUT_IN_OUT:
+        if self.transposed:
             return (self.in_features, self.out_features)
         return (self.out_features, self.in_features)
 
@@ -141,18 +147,7 @@ def to_base_layout(delta2d, info: ModuleInfo):
     """Reshape/transpose a 2-D [out, in*k] delta into the base tensor's shape."""
     if info.kind == KIND_CONV:
         return delta2d.reshape(info.base_shape)
-    if info.kind == KIND_EMBEDDING or info.layout == LAYOUT_IN_OUT:
-        return delta2d.T
-    return delta2d
-
-
-def from_base_layout(w, info: ModuleInfo):
-    """Inverse of ``to_base_layout``: the base tensor as a 2-D [out, in*k] matrix (a view)."""
-    if info.kind == KIND_CONV:
-        return w.reshape(info.out_features, -1)
-    if info.kind == KIND_EMBEDDING or info.layout == LAYOUT_IN_OUT:
-        return w.T
-    return w
+    return delta2d.T if info.transposed else delta2d
 
 
 @dataclass(kw_only=True)

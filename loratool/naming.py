@@ -26,6 +26,27 @@ def parse_map(items) -> dict[str, str]:
     return out
 
 
+def map_name(name: str, name_map: dict[str, str] | None) -> str | None:
+    """The ``--map`` rule, written once: ``OLD=NEW`` renames exactly ``OLD``; ``OLD.=NEW.``
+    (``OLD`` ending in ``.``) rewrites that prefix, the first such rule that applies wins; an
+    exact rule beats any prefix rule. None when no rule applies.
+
+    >>> map_name("base_model.model.q", {"base_model.model.": ""})
+    'q'
+    >>> map_name("k", {"q": "x"}) is None
+    True
+    """
+    if not name_map:
+        return None
+    target = name_map.get(name)
+    if target is not None:
+        return target
+    for old, new in name_map.items():
+        if old.endswith(".") and name.startswith(old):
+            return new + name[len(old):]
+    return None
+
+
 def _dotted_suffix(long: str, short: str) -> bool:
     return long == short or long.endswith("." + short)
 
@@ -48,12 +69,7 @@ def resolve_modules(modules, base_keys, name_map: dict[str, str] | None = None, 
     unmatched: list[str] = []
     ambiguous: list[str] = []
     for module in modules:
-        target = name_map.get(module)
-        if target is None:
-            for old, new in name_map.items():  # prefix rewrite: --map base_model.model.=
-                if old.endswith(".") and module.startswith(old):
-                    target = new + module[len(old):]
-                    break
+        target = map_name(module, name_map)
         if target is not None:
             if target + suffix in keys:
                 mapping[module] = target

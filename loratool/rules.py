@@ -54,6 +54,17 @@ RULES: dict[str, tuple[str, str]] = {
     "LT213": (MUST, "module names are dot-separated segments of [A-Za-z0-9_-]"),
 }
 
+# Codes any command may raise that are not rules about a file (spec/README.md, "Codes of
+# every command"). Operation codes (LT3xx-LT5xx) are listed in each operation's spec.
+WRITE_FAILED = "LT505"
+READ_FAILED = "LT507"
+COMMAND_CODES = {
+    "LT000": "internal error: a loratool bug (LORATOOL_DEBUG=1 shows the traceback)",
+    WRITE_FAILED: "an output could not be written (disk full, I/O error); nothing was written",
+    READ_FAILED: "an input could not be read (I/O error, permission denied, vanished file)",
+    "LT590": "not enough memory for the tensors of an input; nothing was written",
+}
+
 
 @dataclass(frozen=True)
 class Finding:

@@ -8,15 +8,13 @@ header that claims terabytes allocates nothing. No torch import here (``inspect`
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
 import os
 import re
-import stat
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Iterator, Mapping
 
 import numpy as np
@@ -24,6 +22,7 @@ import numpy as np
 from .atomic import AtomicFile
 from .errors import ContainerError
 from .format import MAX_HEADER_BYTES
+from .guards import open_regular
 
 # Bytes per element for the safetensors dtypes we can address. Sub-byte types (F4, F6) are
 # refused: their sizes do not follow from the shape alone.
@@ -73,7 +72,6 @@ class Header:
     data_start: int
     file_size: int
     header_size: int = 0
-    raw_metadata: object = field(default=None, repr=False)
 
 
 def _reject_duplicates(pairs):
@@ -84,21 +82,6 @@ def _reject_duplicates(pairs):
                                  "metadata key must appear once", code="LT004")
         seen[key] = value
     return seen
-
-
-def _depth(obj, limit: int) -> int:
-    stack = [(obj, 1)]
-    deepest = 1
-    while stack:
-        node, d = stack.pop()
-        deepest = max(deepest, d)
-        if d > limit:
-            return d
-        if isinstance(node, dict):
-            stack.extend((v, d + 1) for v in node.values())
-        elif isinstance(node, list):
-            stack.extend((v, d + 1) for v in node)
-    return deepest
 
 
 def _is_int(x) -> bool:
@@ -214,41 +197,6 @@ def _tensor_entry(name: str, entry, path: str) -> TensorInfo:
         raise bad(f"shape {shape} of {dtype} needs {nbytes} bytes but data_offsets "
                   f"{offsets} span {offsets[1] - offsets[0]}", code="LT007")
     return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
-
-
-def open_regular(path: str | os.PathLike) -> BinaryIO:
-    """Open a regular file for binary reading, refusing FIFOs, devices, sockets and directories.
-
-    ``open()`` on a FIFO blocks until a writer appears and ``/dev/zero`` never ends, so
-    hostile paths (a symlink named ``adapter.safetensors`` pointing at one) are refused
-    before any read. The open itself does not block (O_NONBLOCK), then blocking is restored.
-    """
-    path = os.fspath(path)
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, "is a directory", path)
-        if not stat.S_ISREG(mode):
-            raise ContainerError("is not a regular file (a FIFO, device or socket); loratool "
-                                 "reads regular files only", code="LT001", path=path)
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def check_regular_file(path: str | os.PathLike) -> None:
-    """Raise ContainerError (LT001) unless ``path`` is a readable regular file."""
-    try:
-        open_regular(path).close()
-    except IsADirectoryError:
-        raise ContainerError("is a directory, not a file", code="LT001",
-                             path=os.fspath(path)) from None
-    except OSError as e:
-        raise ContainerError(f"cannot read: {e.strerror or e}", code="LT001",
-                             path=os.fspath(path)) from None
 
 
 def read_header(path: str | os.PathLike, *, max_header: int = MAX_HEADER_BYTES) -> Header:

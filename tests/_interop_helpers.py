@@ -77,6 +77,16 @@ def delta_modules(peft_model):
     return out
 
 
+def from_base_layout(w, info):
+    """The base tensor as a 2-D [out, in*k] matrix (a view): the inverse of
+    ``loratool.model.to_base_layout``, written independently for the DoRA reference."""
+    if info.kind == "conv":
+        return w.reshape(info.out_features, -1)
+    if info.kind == "embedding" or info.layout == "in_out":
+        return w.T
+    return w
+
+
 def dora_merge_reference(W, module, base_layout_fns):
     """Our reading of PEFT's DoRA merge: with W2 = W as [out, in*k] and V = W2 + delta,
     W2' = magnitude / ||V||_row * V. ``base_layout_fns`` = (from_base_layout, to_base_layout)."""

@@ -59,18 +59,14 @@ def _big_inputs(root: str) -> dict[str, str]:
 def _kill_jobs(big: dict, root: str) -> list[tuple[str, list[str], str]]:
     """(label, args without -o, output suffix) for each existing writing command."""
     jobs = []
-    if H.has_command("merge"):
-        jobs.append(("merge", ["merge", big["base"], big["adapter"]], ".safetensors"))
-    if H.has_command("resize"):
-        jobs.append(("resize", ["resize", big["adapter"], "--rank", "8"], ".safetensors"))
-    if H.has_command("compose"):
-        jobs.append(("compose", ["compose", big["adapter"], f"{big['adapter2']}:-0.5"],
+    jobs.append(("merge", ["merge", big["base"], big["adapter"]], ".safetensors"))
+    jobs.append(("resize", ["resize", big["adapter"], "--rank", "8"], ".safetensors"))
+    jobs.append(("compose", ["compose", big["adapter"], f"{big['adapter2']}:-0.5"],
+                 ".safetensors"))
+    jobs.append(("convert-peft", ["convert", big["adapter"], "--to", "peft"], ""))
+    if H.long_fuzz():
+        jobs.append(("convert-kohya", ["convert", big["adapter"], "--to", "kohya"],
                      ".safetensors"))
-    if H.has_command("convert"):
-        jobs.append(("convert-peft", ["convert", big["adapter"], "--to", "peft"], ""))
-        if H.long_fuzz():
-            jobs.append(("convert-kohya", ["convert", big["adapter"], "--to", "kohya"],
-                         ".safetensors"))
     return jobs
 
 
@@ -252,11 +248,10 @@ def _writers(seeds, outdir):
     """Every writing invocation that succeeds on the valid seeds (a refusal such as
     `convert --to kohya` of an embedding module is correct behaviour, not a fault case)."""
     invs = [inv for inv in H.adapter_invocations(seeds.loratool, seeds, outdir) if inv.writes]
-    if H.has_command("merge"):
-        invs += [H.Invocation("merge sharded", ("merge", seeds.base_sharded, seeds.loratool, "-o",
-                                                os.path.join(outdir, "sharded-out")), True),
-                 H.Invocation("merge .pt", ("merge", seeds.base_pt, seeds.loratool, "-o",
-                                            os.path.join(outdir, "pt-out.pt")), True)]
+    invs += [H.Invocation("merge sharded", ("merge", seeds.base_sharded, seeds.loratool, "-o",
+                                            os.path.join(outdir, "sharded-out")), True),
+             H.Invocation("merge .pt", ("merge", seeds.base_pt, seeds.loratool, "-o",
+                                        os.path.join(outdir, "pt-out.pt")), True)]
     if seeds.root not in _WORKING:
         ok = set()
         scratch = os.path.join(seeds.root, "_baseline")
@@ -347,7 +342,7 @@ def test_file_size_limit_subprocess(tmp_path, tiny_seeds):
 def test_real_full_tmpfs(tmp_path, tiny_seeds):
     """A 64 KiB tmpfs, when this machine allows mounting one (root in a container): the real
     ENOSPC from the kernel. Skipped elsewhere; the two tests above cover the same paths."""
-    if os.geteuid() != 0 or not shutil.which("mount") or not H.has_command("merge"):
+    if os.geteuid() != 0 or not shutil.which("mount"):
         pytest.skip("mounting a tmpfs needs root")
     mnt = tmp_path / "full"
     mnt.mkdir()
@@ -359,8 +354,6 @@ def test_real_full_tmpfs(tmp_path, tiny_seeds):
         big = _big_inputs(str(tmp_path / "in"))
         for args in (["merge", big["base"], big["adapter"]], ["resize", big["adapter"],
                                                               "--rank", "8"]):
-            if not H.has_command(args[0]):
-                continue
             dest = str(mnt / "out.safetensors")
             r = H.run_inprocess([*args, "-o", dest])
             assert r.exit_code == 1, (args, r.stdout, r.stderr)

@@ -18,6 +18,7 @@ from loratool import convert, load_adapter, read_adapter_info
 from loratool.errors import LoraToolError
 from loratool.interop import detect_format
 from loratool.interop import kohya as K
+from loratool.interop.base import ReaderOptions
 from loratool.model import Adapter, LoraModule
 from loratool.naming import resolve_modules
 
@@ -191,17 +192,17 @@ def test_writer_refuses_what_kohya_cannot_hold(tmp_path):
     emb = LoraModule("model.embed_tokens", "embedding", "in_out", torch.randn(2, 10, generator=g),
                      torch.randn(4, 2, generator=g), alpha=2.0)
     with pytest.raises(LoraToolError) as e:
-        K.save(Adapter(modules={emb.name: emb}, alpha=2.0), str(tmp_path / "a.safetensors"), {})
+        K.save(Adapter(modules={emb.name: emb}, alpha=2.0), str(tmp_path / "a.safetensors"), ReaderOptions())
     assert e.value.code == "LT306" and "embedding" in e.value.message
     dora = LoraModule("q", "linear", "out_in", torch.randn(2, 4, generator=g),
                       torch.randn(3, 2, generator=g), alpha=2.0, magnitude=torch.ones(3))
     with pytest.raises(LoraToolError) as e:
-        K.save(Adapter(modules={"q": dora}, alpha=2.0), str(tmp_path / "a.safetensors"), {})
+        K.save(Adapter(modules={"q": dora}, alpha=2.0), str(tmp_path / "a.safetensors"), ReaderOptions())
     assert e.value.code == "LT306" and "DoRA" in e.value.message
     clash = {n: LoraModule(n, "linear", "out_in", torch.randn(2, 4, generator=g),
                            torch.randn(3, 2, generator=g), alpha=2.0) for n in ("a.b_c", "a_b.c")}
     with pytest.raises(LoraToolError) as e:
-        K.save(Adapter(modules=clash, alpha=2.0), str(tmp_path / "a.safetensors"), {})
+        K.save(Adapter(modules=clash, alpha=2.0), str(tmp_path / "a.safetensors"), ReaderOptions())
     assert e.value.code == "LT307"
     assert not os.path.exists(tmp_path / "a.safetensors")
 
@@ -211,7 +212,7 @@ def test_rslora_is_written_as_equivalent_alpha(tmp_path):
     m = LoraModule("model.q_proj", "linear", "out_in", torch.randn(4, 6, generator=g),
                    torch.randn(5, 4, generator=g), alpha=3.0, scaling="rslora")
     out = str(tmp_path / "k.safetensors")
-    notes = K.save(Adapter(modules={m.name: m}, alpha=3.0), out, {})
+    notes = K.save(Adapter(modules={m.name: m}, alpha=3.0), out, ReaderOptions())
     assert any("rsLoRA" in n for n in notes)
     back = load_adapter(out).modules["model.q_proj"]
     assert back.scaling == "standard" and back.scale == m.scale == 1.5
@@ -224,7 +225,7 @@ def test_from_peft_style_names_and_back(tmp_path):
                           torch.randn(6, 2, generator=g), alpha=4.0)
             for n in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")}
     out = str(tmp_path / "k.safetensors")
-    K.save(Adapter(modules=mods, alpha=4.0), out, {})
+    K.save(Adapter(modules=mods, alpha=4.0), out, ReaderOptions())
     assert sorted(_read_all(out)[0]) == sorted(
         f"lora_model_layers_{i}_{p}.{s}" for i, p in ((0, "self_attn_q_proj"),
                                                        (1, "mlp_down_proj"))

@@ -17,6 +17,7 @@ from loratool import convert, load_adapter, read_adapter_info  # noqa: E402
 from loratool.errors import LoraToolError  # noqa: E402
 from loratool.interop import detect_format  # noqa: E402
 from loratool.interop import loralib as L  # noqa: E402
+from loratool.interop.base import ReaderOptions  # noqa: E402
 from loratool.model import Adapter, LoraModule  # noqa: E402
 
 R, ALPHA, MASK = 2, 8.0, [True, False, True]
@@ -166,7 +167,7 @@ def test_general_conv_adapter_written_to_loralib(tmp_path):
     B = torch.randn(4, 3, 1, 1, generator=g)
     m = LoraModule("conv", "conv", "out_in", A, B, alpha=6.0)
     out = str(tmp_path / "c.pt")
-    notes = L.save(Adapter(modules={"conv": m}, alpha=6.0), out, {"alpha": 6.0})
+    notes = L.save(Adapter(modules={"conv": m}, alpha=6.0), out, ReaderOptions(alpha=6.0))
     state = torch.load(out, weights_only=True)
     assert state["conv.lora_A"].shape == (3 * 3, 3 * 3) and state["conv.lora_B"].shape == (12, 9)
     layer = lora.Conv2d(3, 4, 3, r=3, lora_alpha=6.0, padding=1)
@@ -187,7 +188,7 @@ def test_dense_linear_written_as_merged_linear(tmp_path):
     B[3:6] = 0  # the disabled (k) group changes nothing
     m = LoraModule("c_attn", "linear", "in_out", torch.randn(2, 6, generator=g), B, alpha=4.0)
     out = str(tmp_path / "m.pt")
-    L.save(Adapter(modules={"c_attn": m}, alpha=4.0), out, {"enable_lora": MASK})
+    L.save(Adapter(modules={"c_attn": m}, alpha=4.0), out, ReaderOptions.of(enable_lora=MASK))
     state = torch.load(out, weights_only=True)
     layer = lora.MergedLinear(6, 9, r=2, lora_alpha=4.0, enable_lora=MASK, fan_in_fan_out=True)
     layer.load_state_dict({"lora_A": state["c_attn.lora_A"], "lora_B": state["c_attn.lora_B"]},
@@ -207,9 +208,9 @@ def test_loralib_writer_needs_alpha_when_scales_differ(tmp_path):
             for n, a in (("a", 4.0), ("b", 8.0))}
     adapter = Adapter(modules=mods, alpha=4.0)
     with pytest.raises(LoraToolError) as e:
-        L.save(adapter, str(tmp_path / "x.pt"), {})
+        L.save(adapter, str(tmp_path / "x.pt"), ReaderOptions())
     assert e.value.code == "LT304" and "--alpha" in e.value.message
-    notes = L.save(adapter, str(tmp_path / "x.pt"), {"alpha": 4.0})
+    notes = L.save(adapter, str(tmp_path / "x.pt"), ReaderOptions(alpha=4.0))
     assert any("folded" in n for n in notes)
     state = torch.load(str(tmp_path / "x.pt"), weights_only=True)
     torch.testing.assert_close(state["b.lora_B"], mods["b"].B * 2)

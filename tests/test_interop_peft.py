@@ -22,9 +22,11 @@ from loratool import convert, load_adapter, read_adapter_info  # noqa: E402
 from loratool.errors import LoraToolError  # noqa: E402
 from loratool.interop import detect_format  # noqa: E402
 from loratool.interop import peft as P  # noqa: E402
-from loratool.model import from_base_layout, to_base_layout  # noqa: E402
+from loratool.interop.base import ReaderOptions  # noqa: E402
+from loratool.model import to_base_layout  # noqa: E402
 
 from _interop_helpers import (ConvNet, delta_modules, dora_merge_reference, fresh,  # noqa: E402
+                               from_base_layout,
                                randomize_lora, save_state_dict, tiny_gpt2, tiny_llama)
 
 
@@ -239,11 +241,11 @@ def test_writer_refusals(models, tmp_path):
     _, pm, src = _make(models, "conv-dora", tmp_path)
     adapter = load_adapter(src)
     with pytest.raises(LoraToolError) as e:
-        P.save(adapter, str(tmp_path / "x.safetensors"), {})
+        P.save(adapter, str(tmp_path / "x.safetensors"), ReaderOptions())
     assert e.value.code == "LT306"
     adapter.modules["lin"].magnitude = None  # now some modules are DoRA and some are not
     with pytest.raises(LoraToolError) as e:
-        P.save(adapter, str(tmp_path / "out"), {})
+        P.save(adapter, str(tmp_path / "out"), ReaderOptions())
     assert e.value.code == "LT306" and "DoRA" in e.value.message
     assert not os.path.exists(tmp_path / "out")
 
@@ -256,7 +258,7 @@ def test_mixed_scaling_is_folded_into_alpha_pattern(models, tmp_path):
     adapter.modules[first].scaling = "standard"
     adapter.modules[first].alpha = adapter.modules[first].alpha * 2  # alpha/sqrt(4) == 2alpha/4
     out = str(tmp_path / "mixed")
-    notes = P.save(adapter, out, {})
+    notes = P.save(adapter, out, ReaderOptions())
     assert any("rsLoRA" in n for n in notes)
     reloaded = PeftModel.from_pretrained(fresh(base), out).eval()
     torch.testing.assert_close(_out(reloaded, x), _out(pm, x), rtol=1e-5, atol=1e-6)

@@ -427,12 +427,20 @@ def test_int_base_weight_cannot_be_merged(tmp_path):
     ("a.safetensors:-1.5e-1", ("a.safetensors", -0.15)),
     ("C:/x/a.safetensors", ("C:/x/a.safetensors", 1.0)),
     ("dir:name/a.safetensors:2", ("dir:name/a.safetensors", 2.0)),
-    ("a.safetensors:nan", ("a.safetensors:nan", 1.0)),
     ("a.safetensors:", ("a.safetensors:", 1.0)),
     (":0.5", (":0.5", 1.0)),
 ])
 def test_parse_adapter_spec(text, want):
     assert parse_adapter_spec(text) == want
+
+
+@pytest.mark.parametrize("text", ["a.safetensors:nan", "a:inf", "a:-Infinity"])
+def test_parse_adapter_spec_refuses_nonfinite(text):
+    # one PATH:NUMBER parser for merge and compose (guards.parse_path_number): the same input
+    # gives the same refusal, here with merge's argument code
+    with pytest.raises(OperationError) as e:
+        parse_adapter_spec(text)
+    assert e.value.code == "LT520" and "finite" in e.value.message
 
 
 def test_parse_adapter_spec_existing_path_wins(tmp_path):

@@ -1,6 +1,6 @@
-"""Options shared by every command that reads adapters.
+"""The one home of the CLI's shared options and argument parsing.
 
-Some formats do not store everything needed to apply an adapter: loralib checkpoints hold no
+``source_options``: options of every command that reads adapters. Some formats do not store everything needed to apply an adapter: loralib checkpoints hold no
 alpha, no MergedLinear mask and no weight layout; a PEFT safetensors file may come without its
 adapter_config.json. These options supply the missing facts, the same way in every command.
 """
@@ -8,6 +8,7 @@ adapter_config.json. These options supply the missing facts, the same way in eve
 from __future__ import annotations
 
 import functools
+import os
 
 import click
 
@@ -16,11 +17,34 @@ def _enable_lora(ctx, param, value):
     if value is None:
         return None
     from ..errors import InteropError
-    from ..interop.loralib import parse_enable_lora
+    from ..interop.base import parse_enable_lora
     try:
         return parse_enable_lora(value)
     except InteropError as e:
         raise click.BadParameter(e.message) from None
+
+
+def path_numbers(what: str, code: str):
+    """Click callback for ``PATH[:NUMBER]...`` arguments (``merge`` scales, ``compose``
+    weights): ``guards.parse_path_number`` on each, then each path must exist."""
+    def callback(ctx, param, values):
+        from ..errors import LoraToolError
+        from ..guards import parse_path_number
+        out = []
+        for text in values:
+            try:
+                path, number = parse_path_number(text, what=what, code=code)
+            except LoraToolError as e:
+                raise click.BadParameter(e.message, ctx=ctx, param=param) from None
+            if not os.path.exists(path):
+                hint = ("" if ":" not in text else
+                        f" (read {text!r} as path {path!r}, {what} {number!r}; a {what} is "
+                        "written as a trailing :NUMBER, e.g. adapter.safetensors:0.5)")
+                raise click.BadParameter(f"adapter {path!r} does not exist{hint}", ctx=ctx,
+                                         param=param)
+            out.append((path, number))
+        return out
+    return callback
 
 
 def source_options(f):

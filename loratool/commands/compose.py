@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 
 from .. import console
-from ._options import source_options
+from ._options import path_numbers, source_options
 from .resize import fmt, load_with_progress, write_output
 
 
-def _weighted(ctx, param, values):
-    from ..errors import LoraToolError
-    from ..ops.compose import parse_weighted
-    out = []
-    for text in values:
-        try:
-            path, weight = parse_weighted(text)
-        except LoraToolError as e:
-            raise click.BadParameter(e.message, ctx=ctx, param=param) from None
-        if not os.path.exists(path):
-            hint = "" if path == text else f" (read {text!r} as path {path!r}, weight {weight!r})"
-            raise click.BadParameter(f"{path!r} does not exist{hint}", ctx=ctx, param=param)
-        out.append((path, weight))
-    return out
+_weighted = path_numbers("weight", "LT534")
 
 
 @click.command("compose")

@@ -3,6 +3,7 @@ from __future__ import annotations
 import click
 
 from .. import console
+from ..interop import FORMATS
 from ._options import source_options
 
 
@@ -11,7 +12,7 @@ from ._options import source_options
 @click.option("-o", "--output", "dst", required=True, type=click.Path(),
               help="Output path: a .safetensors file (loratool, kohya), a directory (peft) or "
                    "a .pt file (loralib).")
-@click.option("--to", "to", type=click.Choice(["loratool", "peft", "kohya", "loralib"]),
+@click.option("--to", "to", type=click.Choice(FORMATS),
               default="loratool", show_default=True, help="Target format.")
 @source_options
 @click.option("--base", type=click.Path(exists=True, dir_okay=True), default=None,

@@ -6,17 +6,20 @@ from contextlib import ExitStack
 import click
 
 from .. import console
-from ._options import source_options
+from ..ops.merge import DEVICE_CHOICES, DTYPE_CHOICES, OUTPUT_FORMATS
+from ._options import path_numbers, source_options
+
+_scaled = path_numbers("scale", "LT520")
 
 _COMMON = [
     click.option("-o", "--output", type=click.Path(dir_okay=True),
                  help="Output path. Default: beside the input with a -merged (-unmerged) suffix "
                       "(model-merged.safetensors, or <dir>-merged for a sharded directory)."),
-    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+    click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto",
                  show_default=True,
                  help="cpu: exact (float64, rounded once). cuda: float32 on the GPU, overlapped "
                       "I/O. auto: cuda when available."),
-    click.option("--dtype", type=click.Choice(["keep", "fp32", "fp16", "bf16"]),
+    click.option("--dtype", type=click.Choice(list(DTYPE_CHOICES)),
                  default="keep", show_default=True,
                  help="Storage dtype of the output's floating-point tensors."),
     click.option("--map", "maps", multiple=True, metavar="OLD=NEW",
@@ -25,7 +28,7 @@ _COMMON = [
     click.option("--allow-missing", is_flag=True,
                  help="Skip adapter modules with no (or a misshapen) base tensor instead of "
                       "failing; they are listed."),
-    click.option("--output-format", type=click.Choice(["safetensors", "pt"]),
+    click.option("--output-format", type=click.Choice(OUTPUT_FORMATS),
                  help="Output container for a single-file base. Default: the -o suffix, else "
                       "the input's format."),
     click.option("--overwrite", is_flag=True, help="Replace an existing output."),
@@ -43,23 +46,9 @@ def _common(f):
     return source_options(f)
 
 
-def _parse_adapters(specs) -> list[tuple[str, float]]:
-    from ..ops.merge import parse_adapter_spec
-    out = []
-    for spec in specs:
-        path, scale = parse_adapter_spec(spec)
-        if not os.path.exists(path):
-            hint = ("" if ":" not in spec else
-                    " (a scale is written as a trailing :NUMBER, e.g. adapter.safetensors:0.5)")
-            raise click.BadParameter(f"adapter {path!r} does not exist{hint}",
-                                     param_hint="ADAPTER[:SCALE]")
-        out.append((path, scale))
-    return out
-
-
 def _run(fn, base, adapters, output, device, dtype, maps, allow_missing, output_format,
          overwrite, fsync, quiet, as_json, source, **extra):
-    items = _parse_adapters(adapters)
+    items = adapters
     with ExitStack() as stack:
         bar = []
 
@@ -109,7 +98,8 @@ def _render(d: dict) -> None:
 
 @click.command("merge")
 @click.argument("base", type=click.Path(exists=True, dir_okay=True))
-@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:SCALE]...")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:SCALE]...",
+                callback=_scaled)
 @_common
 def merge_cmd(base, adapters, **kw):
     """Merge one or more adapters into BASE and write a new checkpoint.
@@ -133,7 +123,8 @@ def merge_cmd(base, adapters, **kw):
 
 @click.command("unmerge")
 @click.argument("merged", type=click.Path(exists=True, dir_okay=True))
-@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:SCALE]...")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:SCALE]...",
+                callback=_scaled)
 @_common
 @click.option("--force", is_flag=True,
               help="Subtract even when the adapter or scale does not match the loratool.merged "

@@ -1,77 +1,43 @@
-"""Source formats: detection and the reader/writer registry.
+"""Adapter formats as plug-ins: the registry, detection, and the ``Format`` protocol.
 
-Each format module provides ``read_info(path, options) -> AdapterInfo`` (header-level; no torch
-for safetensors sources), ``load(path, options) -> Adapter``, ``load_report(path, options) ->
-LoadResult`` (the adapter with notes and dropped tensors, for ``convert``), ``save(adapter,
-path, options) -> list[str]`` (notes on anything folded) and ``check_data(path, options) ->
-list[Finding]`` (NaN/Inf and all-zero B, for ``validate``). ``loratool`` itself is one of the
-formats.
+Each format is one module of this package implementing ``base.Format`` (``detect``,
+``read_info``, ``load_report``/``load``, ``save``, ``validate``, ``CAPABILITIES``); the native
+loratool format (``native``) is one of them. ``REGISTRY`` is the one list of formats: the CLI's
+``--to`` choices, ``convert``'s targets and detection all come from it. Modules are imported
+only when used, so ``inspect``/``validate`` of a loratool file import no other format.
 
-``options`` (all optional): ``alpha``, ``enable_lora`` (list of bools or "1,0,1"),
-``fan_in_fan_out`` (bool), ``base`` (a checkpoint used to recover names, layouts and kinds),
-``name_map`` (``{OLD: NEW}``), ``allow_unknown``, ``check_values`` (default True: refuse NaN/Inf
-when loading), ``overwrite``, ``source_format`` (skip detection).
+Options are a ``base.ReaderOptions`` (typed, frozen); see its docstring.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-from types import SimpleNamespace
 
 from ..errors import InteropError
-from ..format import KEY_FORMAT
+from .base import Format, Probe, ReaderOptions
 
-FORMATS = ("loratool", "peft", "kohya", "loralib")
-PEFT_CONFIG = "adapter_config.json"
-_PICKLE_SUFFIXES = (".pt", ".bin", ".pth", ".ckpt")
-
-
-def _loratool_format():
-    from .. import adapter as A
-    from ._common import LoadResult
-
-    def load(path, options):
-        return A.load_loratool(path, check_values=options.get("check_values", True))
-
-    return SimpleNamespace(
-        name="loratool",
-        read_info=lambda path, options: A.read_loratool_info(path),
-        load=load,
-        load_report=lambda path, options: LoadResult(load(path, options)),
-        save=lambda adapter, path, options: (A.save_adapter(
-            adapter, path, overwrite=options.get("overwrite", False)), [])[1],
-    )
+# name -> module of this package. Detection asks every format; ties go to the first listed.
+REGISTRY: dict[str, str] = {
+    "loratool": "native",
+    "peft": "peft",
+    "kohya": "kohya",
+    "loralib": "loralib",
+}
+FORMATS: tuple[str, ...] = tuple(REGISTRY)
 
 
-def format_module(name: str):
-    """The reader/writer of a format by name."""
-    if name == "loratool":
-        return _loratool_format()
-    if name not in FORMATS:
+def get_format(name: str) -> Format:
+    """The plug-in of a format by name."""
+    if name not in REGISTRY:
         raise InteropError(f"unknown adapter format {name!r}; choose one of "
                            f"{', '.join(FORMATS)}", code="LT301")
-    import importlib
-    return importlib.import_module(f".{name}", __name__)
+    return importlib.import_module(f".{REGISTRY[name]}", __name__)
 
 
-def _peft_config_beside(path: str) -> bool:
-    return os.path.exists(os.path.join(os.path.dirname(path) or ".", PEFT_CONFIG))
-
-
-def _kind_from_names(names) -> str | None:
-    """kohya, PEFT or None from tensor names alone."""
-    names = list(names)
-    if any(n.endswith((".lora_down.weight", ".lora_up.weight")) or ".hada_" in n
-           or ".lokr_" in n for n in names):
-        return "kohya"
-    if any(n.endswith((".lora_A.weight", ".lora_B.weight")) or ".lora_embedding_A" in n
-           for n in names):
-        return "peft"
-    return None
-
-
-def detect_format(path: str) -> str:
-    """Name of the format of ``path``: from its layout and names, never from tensor values.
+def detect_format(path: str | os.PathLike) -> str:
+    """Name of the format of ``path``: from its layout, metadata and names, never from
+    tensor values. Every format scores the path (``Format.detect``); the highest wins.
 
     - a directory with ``adapter_config.json`` (or ``adapter_model.safetensors``/``.bin``): PEFT
     - ``.safetensors``: ``loratool.format`` metadata -> loratool; ``*.lora_down.weight`` ->
@@ -81,27 +47,21 @@ def detect_format(path: str) -> str:
       by names (loaded with the weights-only unpickler): kohya, PEFT, otherwise loralib
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, PEFT_CONFIG)) or any(
-                os.path.exists(os.path.join(path, n)) for n in
-                ("adapter_model.safetensors", "adapter_model.bin")):
-            return "peft"
-        raise InteropError(f"{path} is a directory without {PEFT_CONFIG}; pass an adapter file "
-                           "or a PEFT adapter directory", code="LT301")
-    from ._common import require_regular_file
-    require_regular_file(path, "adapter file", code="LT001")
-    if path.lower().endswith(_PICKLE_SUFFIXES):
-        if _peft_config_beside(path):
-            return "peft"
-        from ._common import load_pickle
-        return _kind_from_names(load_pickle(path)) or "loralib"
-    from ..stfile import read_header
-    header = read_header(path)
-    if KEY_FORMAT in header.metadata:
-        return "loratool"
-    return _kind_from_names(header.tensors) or "loratool"
+    probe = Probe(path)
+    if not probe.is_dir:
+        from ._common import require_regular_file
+        require_regular_file(path, "adapter file", code="LT001")
+    best, score = None, 0
+    for name in FORMATS:
+        s = get_format(name).detect(probe)
+        if s > score:
+            best, score = name, s
+    if best is None:
+        what = "a directory that holds no adapter" if probe.is_dir else "not an adapter file"
+        raise InteropError(f"{path} is {what} of a known format ({', '.join(FORMATS)}); for "
+                           "PEFT pass the directory with adapter_config.json", code="LT301")
+    return best
 
 
-def reader_for(path: str, options: dict):
-    fmt = options.get("source_format") or detect_format(path)
-    return format_module(fmt)
+def reader_for(path: str, options: ReaderOptions) -> Format:
+    return get_format(options.source_format or detect_format(path))

@@ -10,34 +10,21 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 from collections import Counter
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..checkpoint import PICKLE_SUFFIXES
 from ..errors import CheckpointError, InteropError, TensorError
-from ..format import LAYOUT_IN_OUT, LAYOUT_OUT_IN
+from ..format import ADAPTER_DTYPES, LAYOUT_IN_OUT, LAYOUT_OUT_IN, MODULE_NAME_RE
+from ..guards import TooLarge, is_pickle, read_capped, reject_duplicate_keys
+from ..guards import require_regular_file as _require_regular
+from ..naming import map_name
 from ..rules import Finding
+from .base import LoadResult, ModuleRecord, ReaderOptions, load_pickle  # noqa: F401
 
 MAX_CONFIG_BYTES = 16 << 20
 MAX_MODULE_NAME = 1024
-_PICKLE_CACHE: dict = {}
 _BASE_CACHE: dict = {}
-
-
-@dataclass
-class LoadResult:
-    """What a reader produced: the adapter, notes on anything folded, tensors it dropped."""
-
-    adapter: object
-    notes: list[str] = field(default_factory=list)
-    unknown: list[str] = field(default_factory=list)
-
-
-def is_pickle(path: str) -> bool:
-    return path.lower().endswith(PICKLE_SUFFIXES)
 
 
 # --- tensor sources ------------------------------------------------------------------------
@@ -130,26 +117,11 @@ class TensorSource:
         return bad, nonzero, info.numel
 
 
-def load_pickle(path: str) -> dict:
-    """``checkpoint.load_pickle_state_dict``, caching the last file: detection and reading
-    each need it."""
-    from ..checkpoint import load_pickle_state_dict
-    from ..stfile import check_regular_file
-    check_regular_file(path)
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size)
-    if key not in _PICKLE_CACHE:
-        obj = load_pickle_state_dict(path)
-        _PICKLE_CACHE.clear()
-        _PICKLE_CACHE[key] = obj
-    return _PICKLE_CACHE[key]
-
-
 # --- options -------------------------------------------------------------------------------
 
-def get_alpha(options: dict, *, fmt: str, strict: bool, why: str) -> float | None:
+def get_alpha(options: ReaderOptions, *, fmt: str, strict: bool, why: str) -> float | None:
     """The user-supplied alpha; None when absent and not ``strict``, else an LT304 error."""
-    alpha = options.get("alpha")
+    alpha = options.alpha
     if alpha is None:
         if strict:
             raise InteropError(f"{why}; pass the alpha the adapter was trained with: --alpha A "
@@ -161,7 +133,7 @@ def get_alpha(options: dict, *, fmt: str, strict: bool, why: str) -> float | Non
     return alpha
 
 
-def check_unknown(unknown: list[str], options: dict, *, path: str, fmt: str,
+def check_unknown(unknown: list[str], options: ReaderOptions, *, path: str, fmt: str,
                   hint: str = "") -> list[str]:
     """Refuse tensors loratool cannot place (LT303) unless ``allow_unknown``; then note them."""
     if not unknown:
@@ -169,7 +141,7 @@ def check_unknown(unknown: list[str], options: dict, *, path: str, fmt: str,
     unknown = sorted(unknown)
     shown = ", ".join(unknown[:12]) + (f", ... ({len(unknown) - 12} more)"
                                        if len(unknown) > 12 else "")
-    if not options.get("allow_unknown"):
+    if not options.allow_unknown:
         raise InteropError(f"{len(unknown)} tensor(s) of this {fmt} adapter are not LoRA factors "
                            f"loratool can represent: {shown}.{(' ' + hint) if hint else ''} Pass "
                            "--allow-unknown (allow_unknown=True) to drop them; they are then "
@@ -179,22 +151,24 @@ def check_unknown(unknown: list[str], options: dict, *, path: str, fmt: str,
 
 def scan_plan(plan):
     """``check_data`` of a format whose plan lists each module's tensors (NaN/Inf, zero B)."""
-    names = [k for r in plan.modules.values() for k in r["tensors"].values()]
-    b_names = [r["tensors"]["B"] for r in plan.modules.values()]
+    names = [k for r in plan.modules.values() for k in r.tensors.values()]
+    b_names = [r.tensors["B"] for r in plan.modules.values()]
     return plan.source.scan(sorted(names), b_names)
 
 
-def read_factors(plan, record: dict, path: str, module: str, options: dict):
-    """(A, B) of one planned module as stored, NaN/Inf-checked (unless check_values is off)."""
-    A = plan.source.get(record["tensors"]["A"])
-    B = plan.source.get(record["tensors"]["B"])
-    for t, key in ((A, record["tensors"]["A"]), (B, record["tensors"]["B"])):
-        check_finite(t, key, path, module, options)
-    return A, B
+def read_tensors(plan, record: ModuleRecord, path: str, options: ReaderOptions) -> dict:
+    """Role -> torch tensor of one planned module as stored, NaN/Inf-checked (unless
+    ``check_values`` is off)."""
+    out = {}
+    for role, key in record.tensors.items():
+        t = plan.source.get(key)
+        check_finite(t, key, path, record.name, options)
+        out[role] = t
+    return out
 
 
-def check_finite(t, name: str, path: str, module: str | None, options: dict) -> None:
-    if options.get("check_values", True) and t.is_floating_point() and not bool(
+def check_finite(t, name: str, path: str, module: str | None, options: ReaderOptions) -> None:
+    if options.check_values and t.is_floating_point() and not bool(
             t.isfinite().all()):
         raise TensorError(f"tensor {name!r} holds NaN or Inf values", code="LT209", path=path,
                           module=module)
@@ -202,9 +176,9 @@ def check_finite(t, name: str, path: str, module: str | None, options: dict) -> 
 
 # --- base checkpoints ----------------------------------------------------------------------
 
-def base_shapes(options: dict) -> dict[str, tuple[int, ...]] | None:
-    """``{tensor name: shape}`` of ``options['base']`` (header only for safetensors), cached."""
-    base = options.get("base")
+def base_shapes(options: ReaderOptions) -> dict[str, tuple[int, ...]] | None:
+    """``{tensor name: shape}`` of ``options.base`` (header only for safetensors), cached."""
+    base = options.base
     if base is None:
         return None
     from ..checkpoint import list_tensors
@@ -220,18 +194,17 @@ def base_shapes(options: dict) -> dict[str, tuple[int, ...]] | None:
     return _BASE_CACHE[key]
 
 
-def resolve_base(modules, options: dict, *, suffixes=(".weight",)) -> dict[str, str]:
+def resolve_base(modules, options: ReaderOptions, *, suffixes=(".weight",)) -> dict[str, str]:
     """Adapter module -> base tensor name holding its weight (only the modules that match)."""
     shapes = base_shapes(options)
     if shapes is None:
         return {}
     from ..naming import resolve_modules
-    name_map = options.get("name_map") or {}
+    name_map = options.name_map or {}
     out: dict[str, str] = {}
     left = []
     for m in modules:  # exact names first, for every suffix, before any suffix matching
-        exact = None if m in name_map or any(
-            old.endswith(".") and m.startswith(old) for old in name_map) else next(
+        exact = None if map_name(m, name_map) is not None else next(
             (m + s for s in suffixes if m + s in shapes), None)
         if exact is None:
             left.append(m)
@@ -240,7 +213,7 @@ def resolve_base(modules, options: dict, *, suffixes=(".weight",)) -> dict[str, 
     for suffix in suffixes:
         if not left:
             break
-        mapping, left = resolve_modules(left, shapes, options.get("name_map"), suffix=suffix)
+        mapping, left = resolve_modules(left, shapes, name_map, suffix=suffix)
         out.update({m: p + suffix for m, p in mapping.items()})
     return out
 
@@ -293,16 +266,10 @@ def rename_modules(adapter, name_map: dict[str, str] | None):
     """Rename modules by ``name_map``: exact ``OLD=NEW``, or prefix ``OLD.=NEW.`` / ``OLD.=``."""
     if not name_map:
         return adapter, []
-    from ..format import MODULE_NAME_RE
     renamed = {}
     changed = 0
     for name, m in adapter.modules.items():
-        new = name_map.get(name)
-        if new is None:
-            for old, repl in name_map.items():
-                if old.endswith(".") and name.startswith(old):
-                    new = repl + name[len(old):]
-                    break
+        new = map_name(name, name_map)
         new = name if new is None else new
         if not MODULE_NAME_RE.match(new):
             raise InteropError(f"--map renames {name!r} to {new!r}, which is not dot-separated "
@@ -317,38 +284,26 @@ def rename_modules(adapter, name_map: dict[str, str] | None):
 
 
 def require_regular_file(path: str, what: str, code: str = "LT301") -> None:
-    """Refuse directories, devices, FIFOs and sockets before opening (a FIFO would block and
-    /dev/zero never ends); symlinks to regular files are fine."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise InteropError(f"cannot read {what}: {e.strerror or e}", code=code,
-                           path=path) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise InteropError(f"{what} is not a regular file", code=code, path=path)
-
-
-def _no_duplicates(pairs):
-    seen = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError(f"key {key!r} appears twice")
-        seen[key] = value
-    return seen
+    """``guards.require_regular_file`` raising an InteropError."""
+    _require_regular(path, what, code=code, error=InteropError)
 
 
 def read_json_config(path: str) -> dict:
+    """A small JSON object file of a format (PEFT's adapter_config.json), size-capped."""
     import json
     name = os.path.basename(path)
     require_regular_file(path, name, code="LT302")
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise InteropError(f"{name} is larger than {MAX_CONFIG_BYTES} bytes; an adapter "
-                               "config is small JSON", code="LT302", path=path)
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (OSError, ValueError, RecursionError) as e:
+        raw = read_capped(path, MAX_CONFIG_BYTES)
+    except TooLarge:
+        raise InteropError(f"{name} is larger than {MAX_CONFIG_BYTES} bytes; an adapter "
+                           "config is small JSON", code="LT302", path=path) from None
+    except OSError as e:
+        raise InteropError(f"cannot read {name} as JSON: {str(e)[:200]}", code="LT302",
+                           path=path) from None
+    try:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
+    except (ValueError, RecursionError) as e:
         raise InteropError(f"cannot read {name} as JSON: {str(e)[:200]}", code="LT302",
                            path=path) from None
     if not isinstance(obj, dict):
@@ -359,7 +314,6 @@ def read_json_config(path: str) -> dict:
 def check_factors(module: str, dtypes: dict, a, b, path: str, *, what: str = "lora_A/lora_B"
                   ) -> None:
     """Rank >= 1, no empty dimension, float dtypes (F16/BF16/F32/F64)."""
-    from ..format import ADAPTER_DTYPES
     if a[0] < 1 or any(d == 0 for d in (*a, *b)):
         raise InteropError(f"module {module!r}: {what} shapes {list(a)} and {list(b)} have an "
                            "empty dimension (rank must be at least 1)", code="LT305", path=path,
@@ -373,7 +327,6 @@ def check_factors(module: str, dtypes: dict, a, b, path: str, *, what: str = "lo
 
 
 def check_module_name(name: str, path: str, fmt: str) -> None:
-    from ..format import MODULE_NAME_RE
     if len(name) > MAX_MODULE_NAME or not MODULE_NAME_RE.match(name):
         shown = name if len(name) <= 80 else name[:77] + "..."
         raise InteropError(f"{fmt} module name {shown!r} is not dot-separated segments of "

@@ -24,8 +24,13 @@ import os
 from ..errors import InteropError
 from ..format import (KIND_CONV, KIND_EMBEDDING, KIND_LINEAR, LAYOUT_IN_OUT, LAYOUT_OUT_IN,
                       MODULE_NAME_RE, SCALING_STANDARD)
-from ..model import Adapter, AdapterInfo, LoraModule, ModuleInfo
+from ..model import Adapter, AdapterInfo, LoraModule
 from . import _common as C
+from .base import NAMES, Capabilities, LoadResult, ModuleRecord, Probe, ReaderOptions
+
+NAME = "kohya"
+CAPABILITIES = Capabilities(kinds=frozenset({KIND_LINEAR, KIND_CONV}), per_module_alpha=True,
+                            reads=frozenset({"fan_in_fan_out", "base", "name_map"}))
 
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 PREFIX = "lora_"
@@ -44,6 +49,13 @@ def kohya_name(module: str) -> str:
     return PREFIX + underscored(module)
 
 
+def detect(probe: Probe) -> int:
+    # LyCORIS LoHa/LoKr names are claimed too: the reader then names them as unsupported.
+    # One above PEFT's score: a file with both kinds of names has always been read as kohya.
+    return NAMES + 1 if any(n.endswith((DOWN, UP)) or ".hada_" in n or ".lokr_" in n
+                            for n in probe.names) else 0
+
+
 def _split(name: str):
     for suffix, role in ((DOWN, "A"), (UP, "B"), (ALPHA, "alpha")):
         if name.endswith(suffix):
@@ -52,7 +64,7 @@ def _split(name: str):
 
 
 class _Plan:
-    def __init__(self, path: str, options: dict):
+    def __init__(self, path: str, options: ReaderOptions):
         self.path = path
         self.source = C.TensorSource(path)
         self.notes: list[str] = []
@@ -75,9 +87,9 @@ class _Plan:
                 raise InteropError(f"kohya module {lora!r} has no {missing}.weight tensor",
                                    code="LT305", path=path, module=lora)
         self.names = self._names(sorted(groups), options)
-        self.modules: dict[str, dict] = {}
+        self.modules: dict[str, ModuleRecord] = {}
         shapes = C.base_shapes(options)
-        default_layout = LAYOUT_IN_OUT if options.get("fan_in_fan_out") else LAYOUT_OUT_IN
+        default_layout = LAYOUT_IN_OUT if options.fan_in_fan_out else LAYOUT_OUT_IN
         no_alpha = 0
         for lora in sorted(groups):
             t = groups[lora]
@@ -116,12 +128,12 @@ class _Plan:
             else:
                 layout = LAYOUT_OUT_IN
                 C.check_base_shape(module, (b[0], a[1], *a[2:]), base_shape, path)
-            self.modules[module] = dict(tensors=t, kind=kind, layout=layout, alpha=alpha,
-                                        a_shape=tuple(a), b_shape=tuple(b), dtype=a_dtype,
-                                        lora=lora)
+            self.modules[module] = ModuleRecord(
+                module, dict(t), kind, layout, tuple(a), tuple(b), alpha,
+                SCALING_STANDARD, a_dtype)
         if no_alpha:
             self.details["missing_alpha"] = f"{no_alpha} module(s): alpha = rank"
-        self.default_alpha = float(C.most_common(m["alpha"] for m in self.modules.values())
+        self.default_alpha = float(C.most_common(m.alpha for m in self.modules.values())
                                    or 1.0)
         prefixes = sorted({lora.split("_")[1] for lora in groups if lora.count("_") >= 1})
         if prefixes:
@@ -131,7 +143,7 @@ class _Plan:
 
     def _names(self, loras, options) -> dict[str, str]:
         """kohya name -> canonical module path (see the module docstring)."""
-        name_map = options.get("name_map") or {}
+        name_map = options.name_map or {}
         shapes = C.base_shapes(options)
         index: dict[str, set[str]] = {}
         if shapes is not None:
@@ -198,40 +210,38 @@ class _Plan:
         return C.check_unknown(self.unknown, options, path=self.path, fmt="kohya", hint=hint)
 
 
-def read_info(path: str, options: dict) -> AdapterInfo:
+def read_info(path: str, options: ReaderOptions) -> AdapterInfo:
     plan = _Plan(path, options)
     details = dict(plan.details)
     if plan.unknown:
         details["unknown_tensors"] = ", ".join(sorted(plan.unknown))
-    modules = {n: ModuleInfo(n, r["kind"], r["layout"], r["a_shape"], r["b_shape"], r["alpha"],
-                             SCALING_STANDARD, r["dtype"])
-               for n, r in sorted(plan.modules.items())}
+    modules = {n: r.info() for n, r in sorted(plan.modules.items())}
     return AdapterInfo(path=path, format_version=None, modules=modules,
                        alpha=plan.default_alpha, extra_metadata=dict(plan.source.metadata),
                        source_format="kohya", tensor_bytes=plan.source.tensor_bytes,
                        details=details)
 
 
-def load_report(path: str, options: dict) -> C.LoadResult:
+def load_report(path: str, options: ReaderOptions) -> LoadResult:
     plan = _Plan(path, options)
     notes = list(plan.notes) + plan.check_unknown(options)
     modules = {}
     for name, r in sorted(plan.modules.items()):
-        A, B = C.read_factors(plan, r, path, name, options)
-        modules[name] = LoraModule(name, r["kind"], r["layout"], A, B, r["alpha"],
-                                   SCALING_STANDARD)
+        t = C.read_tensors(plan, r, path, options)
+        modules[name] = LoraModule(name, r.kind, r.layout, t["A"], t["B"], r.alpha, r.scaling)
     adapter = Adapter(modules=modules, alpha=plan.default_alpha,
                       extra_metadata=dict(plan.source.metadata), source_format="kohya")
-    return C.LoadResult(adapter, notes, sorted(plan.unknown) if options.get("allow_unknown")
-                        else [])
+    return LoadResult(adapter, notes, sorted(plan.unknown) if options.allow_unknown else [])
 
 
-def load(path: str, options: dict) -> Adapter:
+def load(path: str, options: ReaderOptions) -> Adapter:
     return load_report(path, options).adapter
 
 
-def check_data(path: str, options: dict):
-    return C.scan_plan(_Plan(path, options))
+def validate(path: str, options: ReaderOptions, *, data: bool = True):
+    """Valid when it reads into the canonical model; with ``data``, NaN/Inf and zero B."""
+    plan = _Plan(path, options)
+    return C.scan_plan(plan) if data else []
 
 
 # --- writing -------------------------------------------------------------------------------
@@ -247,7 +257,7 @@ def _alpha_tensor(alpha: float, like):
     return torch.tensor(alpha, dtype=torch.float64)
 
 
-def save(adapter: Adapter, path: str, options: dict) -> list[str]:
+def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
     """Write a kohya/sd-scripts ``.safetensors`` file; metadata other than ``loratool.*`` kept."""
     from ..stfile import SafetensorsWriter
     from ..tensors import st_dtype, to_bytes
@@ -294,7 +304,7 @@ def save(adapter: Adapter, path: str, options: dict) -> list[str]:
     meta = {k: v for k, v in adapter.extra_metadata.items() if not k.startswith("loratool.")}
     entries = [(n, st_dtype(t), tuple(t.shape)) for n, t in tensors.items()]
     with SafetensorsWriter(path, entries, meta or None,
-                           overwrite=options.get("overwrite", False)) as w:
+                           overwrite=options.overwrite) as w:
         for n, t in tensors.items():
             w.write(n, to_bytes(t))
         w.commit()

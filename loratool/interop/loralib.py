@@ -19,12 +19,21 @@ Mapping to the canonical model (spec/interop.md, "loralib"), with loralib's scal
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from ..errors import InteropError
 from ..format import (KIND_CONV, KIND_EMBEDDING, KIND_LINEAR, LAYOUT_IN_OUT, LAYOUT_OUT_IN,
                       SCALING_STANDARD)
-from ..model import Adapter, AdapterInfo, LoraModule, ModuleInfo
+from ..model import Adapter, AdapterInfo, LoraModule
 from . import _common as C
+from .base import (FALLBACK, Capabilities, LoadResult, ModuleRecord, Probe, ReaderOptions,
+                   parse_enable_lora)  # noqa: F401 (public here too)
+
+NAME = "loralib"
+CAPABILITIES = Capabilities(
+    kinds=frozenset({KIND_LINEAR, KIND_CONV, KIND_EMBEDDING}), per_module_alpha=False,
+    reads=frozenset({"alpha", "enable_lora", "fan_in_fan_out", "base", "name_map"}),
+    writes=frozenset({"alpha", "enable_lora"}))
 
 A_SUFFIX, B_SUFFIX = ".lora_A", ".lora_B"
 # Last path segments that name an embedding table (used only when the base says the weight is
@@ -36,26 +45,20 @@ EMBEDDING_NAMES = frozenset({"wte", "wpe", "embed_tokens", "word_embeddings",
 MERGED, CONV2D = "merged", "conv2d"
 
 
-def parse_enable_lora(value) -> list[bool] | None:
-    """``"1,0,1"`` / ``[True, False, True]`` -> ``[True, False, True]``."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        items = [v.strip().lower() for v in value.split(",") if v.strip()]
-        table = {"1": True, "0": False, "true": True, "false": False, "t": True, "f": False}
-        if not items or any(v not in table for v in items):
-            raise InteropError(f"--enable-lora {value!r} is not a comma-separated list of 1/0 "
-                               "(e.g. 1,0,1)", code="LT304")
-        mask = [table[v] for v in items]
-    else:
-        mask = [bool(v) for v in value]
-    if not mask or not any(mask):
-        raise InteropError("--enable-lora needs at least one enabled (1) group", code="LT304")
-    return mask
+def detect(probe: Probe) -> int:
+    # A weights-only pickle that neither PEFT nor kohya claims: loralib names are the
+    # generic ``.lora_A``/``.lora_B`` (without ``.weight``).
+    return FALLBACK if probe.is_pickle else 0
+
+
+@dataclass
+class _Record(ModuleRecord):
+    loralib: str = "linear"  # the loralib layer class: linear, merged, conv2d, conv, embedding
+    r: int = 0               # loralib's r (a MergedLinear's per-group rank)
 
 
 class _Plan:
-    def __init__(self, path: str, options: dict, strict: bool):
+    def __init__(self, path: str, options: ReaderOptions, strict: bool):
         self.path = path
         self.source = C.TensorSource(path)
         self.notes: list[str] = []
@@ -65,7 +68,7 @@ class _Plan:
             "loralib checkpoints do not store lora_alpha"))
         if self.alpha is None:
             self.details["alpha"] = "not stored in loralib files (pass --alpha); shown as rank"
-        mask = parse_enable_lora(options.get("enable_lora"))
+        mask = options.enable_lora
         groups: dict[str, dict] = {}
         for name in self.source.entries:
             if name.endswith(A_SUFFIX):
@@ -77,8 +80,8 @@ class _Plan:
         shapes = C.base_shapes(options)
         base_of = C.resolve_base(groups, options, suffixes=(".weight", ".conv.weight")) \
             if shapes is not None else {}
-        fif = options.get("fan_in_fan_out")
-        self.modules: dict[str, dict] = {}
+        fif = options.fan_in_fan_out
+        self.modules: dict[str, _Record] = {}
         pending: list[str] = []
         for module in sorted(groups):
             t = groups[module]
@@ -99,9 +102,9 @@ class _Plan:
                 pending.append(module)  # a MergedLinear: described once the mask is known
                 continue
             rec = self._classify(module, a, b, mask, base_shape, fif)
-            rec.update(tensors=t, dtype=dtype, lora_a=a, lora_b=b)
+            rec.tensors, rec.dtype = t, dtype
             self.modules[module] = rec
-        kinds = sorted({r["loralib"] for r in self.modules.values()})
+        kinds = sorted({r.loralib for r in self.modules.values()})
         self.details["loralib_layers"] = ", ".join(kinds) or "-"
         if pending:
             self.details["merged_linear"] = (f"{', '.join(pending)}: not described; pass "
@@ -109,7 +112,7 @@ class _Plan:
         if mask is not None:
             self.details["enable_lora"] = ",".join("1" if m else "0" for m in mask)
 
-    def _classify(self, module, a, b, mask, base_shape, fif) -> dict:
+    def _classify(self, module, a, b, mask, base_shape, fif) -> _Record:
         """Which loralib layer a module is, and its canonical shapes and alpha."""
         path = self.path
         ra, in_ = a
@@ -119,8 +122,8 @@ class _Plan:
 
         def rec(loralib, kind, layout, a_shape, b_shape, factor, rank):
             al = (alpha if alpha is not None else float(rank)) * factor
-            return dict(loralib=loralib, kind=kind, layout=layout, a_shape=a_shape,
-                        b_shape=b_shape, alpha=al, r=rank)
+            return _Record(module, kind=kind, layout=layout, a_shape=a_shape, b_shape=b_shape,
+                           alpha=al, loralib=loralib, r=rank)
 
         if ra != rb or (mask is not None and base_shape is not None and sum(mask) == 1
                         and len(base_shape) == 2 and out_b * len(mask) in base_shape
@@ -177,56 +180,51 @@ class _Plan:
     def default_alpha(self) -> float:
         if self.alpha is not None:
             return self.alpha
-        return float(C.most_common(r["r"] for r in self.modules.values()) or 1)
+        return float(C.most_common(r.r for r in self.modules.values()) or 1)
 
 
-def read_info(path: str, options: dict) -> AdapterInfo:
+def read_info(path: str, options: ReaderOptions) -> AdapterInfo:
     plan = _Plan(path, options, strict=False)
     details = dict(plan.details)
     if plan.unknown:
         details["unknown_tensors"] = ", ".join(sorted(plan.unknown)[:50])
-    modules = {n: ModuleInfo(n, r["kind"], r["layout"], r["a_shape"], r["b_shape"], r["alpha"],
-                             SCALING_STANDARD, r["dtype"])
-               for n, r in sorted(plan.modules.items())}
+    modules = {n: r.info() for n, r in sorted(plan.modules.items())}
     return AdapterInfo(path=path, format_version=None, modules=modules,
                        alpha=plan.default_alpha, source_format="loralib",
                        tensor_bytes=plan.source.tensor_bytes, details=details)
 
 
-def _to_canonical(r: dict, A, B):
+def _to_canonical(r: _Record, mask, A, B):
     """loralib factors -> canonical (A, B) of the shapes in ``r``."""
     import torch
-    if r["loralib"] == MERGED:
-        out, rank = r["b_shape"]
-        mask = r["mask"]
+    if r.loralib == MERGED:
+        out, rank = r.b_shape
         n = len(mask)
         gs = out // n
         Bc = torch.zeros(out, rank, dtype=B.dtype)
         enabled = [g for g in range(n) if mask[g]]
         for e, g in enumerate(enabled):
-            Bc[g * gs:(g + 1) * gs, e * r["r"]:(e + 1) * r["r"]] = B[e * gs:(e + 1) * gs]
+            Bc[g * gs:(g + 1) * gs, e * r.r:(e + 1) * r.r] = B[e * gs:(e + 1) * gs]
         return A.clone(), Bc
-    if r["loralib"] == CONV2D:
-        rank, cin, k, _ = r["a_shape"]
-        out = r["b_shape"][0]
+    if r.loralib == CONV2D:
+        rank, cin, k, _ = r.a_shape
+        out = r.b_shape[0]
         Ac = torch.block_diag(*([A] * k))  # [k * r*k, k * in*k]
         return Ac.reshape(rank, cin, k, k), B.reshape(out, rank, 1, 1)
-    return A.reshape(r["a_shape"]).clone(), B.reshape(r["b_shape"]).clone()
+    return A.reshape(r.a_shape).clone(), B.reshape(r.b_shape).clone()
 
 
-def load_report(path: str, options: dict) -> C.LoadResult:
+def load_report(path: str, options: ReaderOptions) -> LoadResult:
     plan = _Plan(path, options, strict=True)
     notes = list(plan.notes) + plan.check_unknown(options)
-    mask = parse_enable_lora(options.get("enable_lora"))
     modules = {}
     for name, r in sorted(plan.modules.items()):
-        A, B = C.read_factors(plan, r, path, name, options)
-        Ac, Bc = _to_canonical({**r, "mask": mask}, A, B)
-        modules[name] = LoraModule(name, r["kind"], r["layout"], Ac, Bc, r["alpha"],
-                                   SCALING_STANDARD)
+        t = C.read_tensors(plan, r, path, options)
+        Ac, Bc = _to_canonical(r, options.enable_lora, t["A"], t["B"])
+        modules[name] = LoraModule(name, r.kind, r.layout, Ac, Bc, r.alpha, SCALING_STANDARD)
     counts = {}
     for r in plan.modules.values():
-        counts[r["loralib"]] = counts.get(r["loralib"], 0) + 1
+        counts[r.loralib] = counts.get(r.loralib, 0) + 1
     if counts.get(MERGED):
         notes.append(f"{counts[MERGED]} MergedLinear module(s) stored as block-structured "
                      "factors of rank r x enabled groups (alpha scaled to keep alpha / r)")
@@ -234,16 +232,17 @@ def load_report(path: str, options: dict) -> C.LoadResult:
         notes.append(f"{counts[CONV2D]} Conv2d module(s) rewritten from loralib's "
                      "[out*k, r*k] @ [r*k, in*k] factorization to conv factors of rank r*k*k")
     adapter = Adapter(modules=modules, alpha=plan.default_alpha, source_format="loralib")
-    return C.LoadResult(adapter, notes, sorted(plan.unknown) if options.get("allow_unknown")
-                        else [])
+    return LoadResult(adapter, notes, sorted(plan.unknown) if options.allow_unknown else [])
 
 
-def load(path: str, options: dict) -> Adapter:
+def load(path: str, options: ReaderOptions) -> Adapter:
     return load_report(path, options).adapter
 
 
-def check_data(path: str, options: dict):
-    return C.scan_plan(_Plan(path, options, strict=False))
+def validate(path: str, options: ReaderOptions, *, data: bool = True):
+    """Valid when it reads into the canonical model; with ``data``, NaN/Inf and zero B."""
+    plan = _Plan(path, options, strict=False)
+    return C.scan_plan(plan) if data else []
 
 
 # --- writing -------------------------------------------------------------------------------
@@ -303,7 +302,7 @@ def _conv2d(m):
     return (A2.reshape(rank * k, cin * k).clone(), torch.kron(B2, eye), rank, False)
 
 
-def save(adapter: Adapter, path: str, options: dict) -> list[str]:
+def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
     """``torch.save`` a loralib state dict (``<m>.lora_A``/``<m>.lora_B``).
 
     loralib scales by lora_alpha / r with r read from each layer; the file cannot say either.
@@ -314,7 +313,7 @@ def save(adapter: Adapter, path: str, options: dict) -> list[str]:
 
     from ..atomic import AtomicFile
     path = os.fspath(path)
-    mask = parse_enable_lora(options.get("enable_lora"))
+    mask = options.enable_lora
     target_alpha = C.get_alpha(options, fmt="loralib", strict=False, why="")
     notes: list[str] = []
     state = {}
@@ -375,6 +374,6 @@ def save(adapter: Adapter, path: str, options: dict) -> list[str]:
             B = (B.to(torch.float64) * ratio).to(B.dtype)
         state[name + A_SUFFIX] = A.detach().contiguous().clone()
         state[name + B_SUFFIX] = B.detach().contiguous().clone()
-    with AtomicFile(path, overwrite=options.get("overwrite", False)) as f:
+    with AtomicFile(path, overwrite=options.overwrite) as f:
         torch.save(dict(sorted(state.items())), f)
     return notes

@@ -15,12 +15,21 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 
 from ..errors import InteropError
 from ..format import (KIND_CONV, KIND_EMBEDDING, KIND_LINEAR, LAYOUT_IN_OUT, LAYOUT_OUT_IN,
                       SCALING_RSLORA, SCALING_STANDARD)
-from ..model import Adapter, AdapterInfo, LoraModule, ModuleInfo
+from ..model import Adapter, AdapterInfo, LoraModule
 from . import _common as C
+from .base import (DECLARED, NAMES, Capabilities, LoadResult, ModuleRecord, Probe,
+                   ReaderOptions)
+
+NAME = "peft"
+CAPABILITIES = Capabilities(
+    kinds=frozenset({KIND_LINEAR, KIND_CONV, KIND_EMBEDDING}), dora=True, bias=True,
+    rslora=True, per_module_alpha=True,
+    reads=frozenset({"alpha", "fan_in_fan_out", "base", "name_map"}))
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -46,6 +55,17 @@ _SUFFIXES = (
     (".lora_magnitude_vector", "magnitude", None),
     (".lora_magnitude_vector.weight", "magnitude", None),
 )
+
+
+def detect(probe: Probe) -> int:
+    if probe.is_dir:
+        return DECLARED if (probe.beside(CONFIG_NAME) or any(
+            probe.beside(n) for n in WEIGHTS_NAMES)) else 0
+    if probe.is_pickle and probe.beside(CONFIG_NAME):
+        return DECLARED
+    # kohya names are checked first (NAMES + 1): a file with both is kohya, as it always was
+    return NAMES if any(n.endswith((".lora_A.weight", ".lora_B.weight"))
+                        or ".lora_embedding_A" in n for n in probe.names) else 0
 
 
 def locate(path: str) -> tuple[str | None, str]:
@@ -184,17 +204,22 @@ def _split(name: str):
     return None
 
 
+@dataclass
+class _Record(ModuleRecord):
+    embedding: bool | None = None  # lora_embedding_A/B names (None: not known yet)
+
+
 class _Plan:
     """Everything the header (and config) say: modules with their tensor names and facts."""
 
-    def __init__(self, path: str, options: dict, strict: bool):
+    def __init__(self, path: str, options: ReaderOptions, strict: bool):
         self.path = path
         self.config_path, self.weights = locate(path)
         self.source = C.TensorSource(self.weights)
         self.notes: list[str] = []
         self.details: dict = {}
         self.config = self._config(options, strict)
-        self.modules: dict[str, dict] = {}
+        self.modules: dict[str, _Record] = {}
         self.unknown: list[str] = []
         self._group()
         self._facts(options)
@@ -207,7 +232,7 @@ class _Plan:
             return {"peft_type": "LORA", "lora_alpha": alpha, "r": None}
         cfg = C.read_json_config(self.config_path)
         self.details["peft_config"] = self.config_path
-        if options.get("alpha") is not None:
+        if options.alpha is not None:
             self.notes.append(f"ignored --alpha: {CONFIG_NAME} gives lora_alpha")
         _check_config(cfg, self.path)
         for key, what in _UNSUPPORTED.items():
@@ -232,17 +257,17 @@ class _Plan:
                 continue
             module, role, emb = split
             C.check_module_name(module, self.path, "PEFT")
-            rec = self.modules.setdefault(module, {"tensors": {}, "embedding": None})
-            if role in rec["tensors"]:
+            rec = self.modules.setdefault(module, _Record(module))
+            if role in rec.tensors:
                 raise InteropError(f"module {module!r} has two {role} tensors", code="LT305",
                                    path=self.path, module=module)
-            rec["tensors"][role] = name
+            rec.tensors[role] = name
             if emb is not None:
-                if rec["embedding"] is not None and rec["embedding"] != emb:
+                if rec.embedding is not None and rec.embedding != emb:
                     raise InteropError(f"module {module!r} mixes lora_A/lora_B and "
                                        "lora_embedding_A/B tensors", code="LT305",
                                        path=self.path, module=module)
-                rec["embedding"] = emb
+                rec.embedding = emb
 
     def _facts(self, options):
         cfg = self.config
@@ -251,7 +276,7 @@ class _Plan:
         rank_pattern = cfg.get("rank_pattern") or {}
         alpha_pattern = cfg.get("alpha_pattern") or {}
         scaling = SCALING_RSLORA if cfg.get("use_rslora") else SCALING_STANDARD
-        fif = options.get("fan_in_fan_out")
+        fif = options.fan_in_fan_out
         if fif is None:
             fif = bool(cfg.get("fan_in_fan_out", False))
         default_layout = LAYOUT_IN_OUT if fif else LAYOUT_OUT_IN
@@ -259,14 +284,14 @@ class _Plan:
         base_of = C.resolve_base(self.modules, options) if shapes is not None else {}
         use_dora = bool(cfg.get("use_dora"))
         for module, rec in sorted(self.modules.items()):
-            t = rec["tensors"]
+            t = rec.tensors
             if "A" not in t or "B" not in t:
                 missing = "lora_A" if "A" not in t else "lora_B"
                 raise InteropError(f"module {module!r} has no {missing} tensor", code="LT305",
                                    path=self.path, module=module)
             a_dtype, a = self.source.entries[t["A"]]
             _, b = self.source.entries[t["B"]]
-            if rec["embedding"]:
+            if rec.embedding:
                 kind = KIND_EMBEDDING
                 ok = len(a) == 2 and len(b) == 2
             elif len(a) >= 3:
@@ -324,10 +349,10 @@ class _Plan:
                 raise InteropError(f"module {module!r}: lora_B.bias has shape "
                                    f"{list(self.source.entries[t['bias']][1])}; expected [{out}]",
                                    code="LT305", path=self.path, module=module)
-            rec.update(kind=kind, layout=layout, alpha=float(alpha), scaling=scaling,
-                       a_shape=tuple(a), b_shape=tuple(b), dtype=a_dtype)
+            rec.kind, rec.layout, rec.alpha, rec.scaling = kind, layout, float(alpha), scaling
+            rec.a_shape, rec.b_shape, rec.dtype = tuple(a), tuple(b), a_dtype
         self.default_alpha = float(default_alpha) if default_alpha is not None else (
-            float(C.most_common(r["alpha"] for r in self.modules.values()) or 1.0))
+            float(C.most_common(r.alpha for r in self.modules.values()) or 1.0))
         tm = cfg.get("target_modules")
         if tm is not None:
             text = tm if isinstance(tm, str) else ", ".join(map(str, tm))
@@ -357,17 +382,12 @@ class _Plan:
                  "weights, not LoRA factors.)")
 
 
-def read_info(path: str, options: dict) -> AdapterInfo:
+def read_info(path: str, options: ReaderOptions) -> AdapterInfo:
     plan = _Plan(path, options, strict=False)
     details = dict(plan.details)
     if plan.unknown:
         details["unknown_tensors"] = ", ".join(sorted(plan.unknown))
-    modules = {}
-    for name, r in sorted(plan.modules.items()):
-        t = r["tensors"]
-        modules[name] = ModuleInfo(name, r["kind"], r["layout"], r["a_shape"], r["b_shape"],
-                                   r["alpha"], r["scaling"], r["dtype"], "magnitude" in t,
-                                   "bias" in t)
+    modules = {name: r.info() for name, r in sorted(plan.modules.items())}
     return AdapterInfo(path=path, format_version=None, modules=modules,
                        alpha=plan.default_alpha, base_model=plan.config.get(
                            "base_model_name_or_path"),
@@ -375,34 +395,31 @@ def read_info(path: str, options: dict) -> AdapterInfo:
                        tensor_bytes=plan.source.tensor_bytes, details=details)
 
 
-def load_report(path: str, options: dict) -> C.LoadResult:
+def load_report(path: str, options: ReaderOptions) -> LoadResult:
     plan = _Plan(path, options, strict=True)
     notes = list(plan.notes) + plan.check_unknown(options)
     modules = {}
     for name, r in sorted(plan.modules.items()):
-        tensors = {}
-        for role, key in r["tensors"].items():
-            t = plan.source.get(key)
-            C.check_finite(t, key, path, name, options)
-            tensors[role] = t
+        tensors = C.read_tensors(plan, r, path, options)
         mag = tensors.get("magnitude")
         if mag is not None:
             mag = mag.reshape(-1)
-        modules[name] = LoraModule(name, r["kind"], r["layout"], tensors["A"], tensors["B"],
-                                   r["alpha"], r["scaling"], mag, tensors.get("bias"))
+        modules[name] = LoraModule(name, r.kind, r.layout, tensors["A"], tensors["B"],
+                                   r.alpha, r.scaling, mag, tensors.get("bias"))
     adapter = Adapter(modules=modules, alpha=plan.default_alpha,
                       base_model=plan.config.get("base_model_name_or_path"),
                       extra_metadata=plan.extra_metadata, source_format="peft")
-    return C.LoadResult(adapter, notes, sorted(plan.unknown) if options.get("allow_unknown")
-                        else [])
+    return LoadResult(adapter, notes, sorted(plan.unknown) if options.allow_unknown else [])
 
 
-def load(path: str, options: dict) -> Adapter:
+def load(path: str, options: ReaderOptions) -> Adapter:
     return load_report(path, options).adapter
 
 
-def check_data(path: str, options: dict):
-    return C.scan_plan(_Plan(path, options, strict=False))
+def validate(path: str, options: ReaderOptions, *, data: bool = True):
+    """Valid when it reads into the canonical model; with ``data``, NaN/Inf and zero B."""
+    plan = _Plan(path, options, strict=False)
+    return C.scan_plan(plan) if data else []
 
 
 # --- writing -------------------------------------------------------------------------------
@@ -428,7 +445,7 @@ def _patterns(values: dict, default) -> dict:
         chosen |= wrong
 
 
-def save(adapter: Adapter, path: str, options: dict) -> list[str]:
+def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
     """Write a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
 
     Per-module ranks and alphas go to ``rank_pattern``/``alpha_pattern`` (escaped full module
@@ -523,7 +540,7 @@ def save(adapter: Adapter, path: str, options: dict) -> list[str]:
     meta = {k: v for k, v in adapter.extra_metadata.items() if not k.startswith("loratool.")}
     meta["format"] = "pt"
     entries = [(n, st_dtype(t), tuple(t.shape)) for n, t in tensors.items()]
-    with AtomicDir(path, overwrite=options.get("overwrite", False)) as tmp:
+    with AtomicDir(path, overwrite=options.overwrite) as tmp:
         with SafetensorsWriter(os.path.join(tmp, WEIGHTS_NAMES[0]), entries, meta) as w:
             for name, t in tensors.items():
                 w.write(name, to_bytes(t))

@@ -86,7 +86,7 @@ class NpAdapter:
 
 def header_allows_numpy(path: str) -> bool:
     """True when ``path`` is a loratool-format adapter without DoRA modules (header only)."""
-    from ..adapter import read_loratool_info
+    from ..interop.native import read_info as read_loratool_info
     from ..interop import detect_format
     try:
         if detect_format(path) != "loratool":
@@ -103,7 +103,7 @@ def load_numpy(path: str) -> NpAdapter:
     Its identity equals ``merge.adapter_identity`` of the torch-loaded adapter: the canonical
     tensors of a loratool file are exactly its tensors, so their hash is the file's data hash.
     """
-    from ..adapter import read_loratool_tensors
+    from ..interop.native import read_tensors as read_loratool_tensors
     from ..stfile import NUMPY_DTYPES
     info, raw, digest = read_loratool_tensors(path)
     arrays = {}

@@ -14,34 +14,19 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import re
 from collections.abc import Iterable
 
 from ..errors import OperationError
+from ..guards import parse_path_number
 from ..format import SCALING_STANDARD
 from ..model import Adapter, LoraModule
 from .resize import (LowRankResult, Progress, load_input, module_bytes, most_common_rank,
                      output_dtype, rebuild, refuse_dora, refuse_nonfinite)
 
-_NUMBER = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
-_WEIGHTED_RE = re.compile(rf"^(?P<path>.+):(?P<weight>{_NUMBER})$")
-_NONFINITE_RE = re.compile(r"^.+:[+-]?(?:inf|infinity|nan)$", re.IGNORECASE)
-
-
 def parse_weighted(text: str) -> tuple[str, float]:
-    """``"a.safetensors:0.5"`` -> ``("a.safetensors", 0.5)``; no weight means 1.0.
-
-    Only a trailing ``:<number>`` is a weight (``b:-0.5``, ``c:1e-1``), so paths may hold
-    colons: ``dir:x/a.safetensors`` has weight 1. A file whose name itself ends in ``:<number>``
-    is named with an explicit weight: ``a:1:1``.
-    """
-    if _NONFINITE_RE.match(text):
-        raise OperationError(f"{text!r}: the weight after the last ':' must be a finite number",
-                             code="LT534")
-    m = _WEIGHTED_RE.match(text)
-    if m is None:
-        return text, 1.0
-    return m.group("path"), float(m.group("weight"))
+    """``"a.safetensors:0.5"`` -> ``("a.safetensors", 0.5)``; no weight means 1.0 (the CLI's
+    one ``PATH:NUMBER`` syntax, ``guards.parse_path_number``; a non-finite weight is LT534)."""
+    return parse_path_number(text, what="weight", code="LT534")
 
 
 def _inputs(inputs, options) -> list[tuple[Adapter, float, str]]:

@@ -11,18 +11,14 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import InteropError, OperationError
+from ..interop import FORMATS, detect_format, get_format
+from ..interop._common import rename_modules
+from ..interop.base import ReaderOptions
 
-TARGETS = ("loratool", "peft", "kohya", "loralib")
+TARGETS = FORMATS
 
-# Options each format reads (R) or writes (W) with; others are reported as ignored.
-_READ_OPTIONS = {
-    "loratool": set(),
-    "peft": {"alpha", "fan_in_fan_out", "base", "name_map"},
-    "kohya": {"fan_in_fan_out", "base", "name_map"},
-    "loralib": {"alpha", "enable_lora", "fan_in_fan_out", "base", "name_map"},
-}
-_WRITE_OPTIONS = {"loratool": set(), "peft": set(), "kohya": set(),
-                  "loralib": {"alpha", "enable_lora"}}
+# Options reported as ignored when neither the source's reader nor the target's writer uses
+# them (``Capabilities.reads``/``writes``).
 _FLAGS = {"alpha": "--alpha", "enable_lora": "--enable-lora", "fan_in_fan_out":
           "--fan-in-fan-out", "base": "--base"}
 
@@ -64,8 +60,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "lorato
     >>> convert("peft_dir", "adapter.safetensors").modules
     >>> convert("lora.pt", "adapter.safetensors", alpha=16, enable_lora="1,0,1")
     """
-    from ..interop import _common as C
-    from ..interop import detect_format, format_module
     src, dst = os.fspath(src), os.fspath(dst)
     if to not in TARGETS:
         raise InteropError(f"unknown target format {to!r}; choose one of {', '.join(TARGETS)}",
@@ -77,22 +71,18 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "lorato
     if _inside(src, dst):
         raise OperationError(f"input {src} is inside the output {dst}, which would replace it; "
                              "choose another -o path", code="LT502")
-    options = {k: v for k, v in options.items() if v is not None}
-    if isinstance(options.get("name_map"), (list, tuple)):
-        from ..naming import parse_map
-        options["name_map"] = parse_map(options["name_map"])
-    if options.get("enable_lora") is not None:
-        from ..interop.loralib import parse_enable_lora
-        options["enable_lora"] = parse_enable_lora(options["enable_lora"])
-    fmt = options.pop("source_format", None) or detect_format(src)
-    result = format_module(fmt).load_report(src, options)
-    adapter, rename_notes = C.rename_modules(result.adapter, options.get("name_map"))
+    options = ReaderOptions.of(**options).replace(overwrite=overwrite)
+    fmt = options.source_format or detect_format(src)
+    source, target = get_format(fmt), get_format(to)
+    result = source.load_report(src, options)
+    adapter, rename_notes = rename_modules(result.adapter, options.name_map)
     notes = list(result.notes) + rename_notes
-    used = _READ_OPTIONS.get(fmt, set()) | _WRITE_OPTIONS.get(to, set())
-    ignored = [_FLAGS[k] for k in _FLAGS if k in options and options[k] is not False
+    used = source.CAPABILITIES.reads | target.CAPABILITIES.writes
+    given = options.given()
+    ignored = [_FLAGS[k] for k in _FLAGS if k in given and getattr(options, k) is not False
                and k not in used]
     if ignored:
         notes.append(f"ignored {', '.join(ignored)}: a {fmt} source"
                      f"{'' if to == fmt else f' and a {to} target'} do not use it")
-    notes += format_module(to).save(adapter, dst, {**options, "overwrite": overwrite})
+    notes += target.save(adapter, dst, options)
     return ConvertReport(src, dst, fmt, to, len(adapter.modules), notes, list(result.unknown))

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import queue
-import re
 import shutil
 import threading
 import time
@@ -40,13 +39,12 @@ from ..checkpoint import (KIND_PICKLE, KIND_SHARDED, SafetensorsSource, StreamWr
                           open_source, read_index_json, shard_order, sidecar_path,
                           write_pickle_from_safetensors, write_sidecar)
 from ..errors import CheckpointError, OperationError
+from ..guards import PICKLE_SUFFIXES, parse_path_number
 
 DTYPE_CHOICES = {"keep": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 OUTPUT_FORMATS = ("safetensors", "pt")
 MERGEABLE_DTYPES = ("F16", "BF16", "F32", "F64")
-PICKLE_SUFFIXES = (".pt", ".bin", ".pth", ".ckpt")
-_SCALE_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _MAX_LISTED = 40
 
 
@@ -58,12 +56,7 @@ def parse_adapter_spec(text: str) -> tuple[str, float]:
     Paths may contain ``:``; only a trailing ``:<decimal number>`` is a scale, and only when
     ``text`` is not itself an existing path. ``"a:b.safetensors"`` is a path, scale 1.0.
     """
-    if os.path.exists(text):
-        return text, 1.0
-    head, sep, tail = text.rpartition(":")
-    if sep and head and _SCALE_RE.match(tail):
-        return head, float(tail)
-    return text, 1.0
+    return parse_path_number(text, what="scale", code="LT520")
 
 
 def _normalize_adapters(adapters) -> list[tuple[object, float]]:
@@ -122,7 +115,7 @@ def adapter_identity(adapter) -> str:
     ``loratool.tensor_hash`` that ``save_adapter`` writes). The same adapter read from PEFT,
     kohya or loratool files has one identity: it depends on what is added, not on the file.
     """
-    from ..adapter import canonical_tensors
+    from ..interop.native import canonical_tensors
     from ..stfile import tensor_hash
     from ..tensors import st_dtype, to_bytes
     tensors = canonical_tensors(adapter)
@@ -168,9 +161,8 @@ def _squeeze_tail(shape) -> tuple[int, ...]:
 def _orientation(info, base_shape) -> str | None:
     """"rows" when the base's 2-D view is [out, in*k], "cols" when it is [in, out]; None when
     the base tensor's shape does not fit the module."""
-    from ..format import KIND_EMBEDDING, LAYOUT_IN_OUT
     base_shape = tuple(base_shape)
-    cols = info.kind == KIND_EMBEDDING or info.layout == LAYOUT_IN_OUT
+    cols = info.transposed
     if base_shape == tuple(info.base_shape):
         return "cols" if cols else "rows"
     # A linear adapter on a 1x1 conv weight (or the reverse), as in Stable Diffusion's proj_in.

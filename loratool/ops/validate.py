@@ -95,40 +95,17 @@ def validate(paths: str | os.PathLike | list, *, data: bool = True, **options
 
 
 def _validate_one(path: str, data: bool, options: dict) -> FileReport:
-    from ..interop import detect_format
+    from ..interop import detect_format, get_format
+    from ..interop.base import ReaderOptions
     report = FileReport(path, None)
     try:
+        opts = ReaderOptions.of(**options)
         if not os.path.exists(path):
             raise LoraToolError("no such file or directory", code="LT001", path=path)
-        fmt = detect_format(path)
+        fmt = opts.source_format or detect_format(path)
         report.source_format = fmt
-        if fmt == "loratool":
-            report.findings.extend(_validate_loratool(path, data))
-        else:
-            report.findings.extend(_validate_foreign(path, fmt, data, options))
+        # A foreign adapter is valid when it reads into the canonical model without error.
+        report.findings.extend(get_format(fmt).validate(path, opts, data=data))
     except LoraToolError as e:
         report.findings.append(Finding(e.code, e.message, path, e.module))
     return report
-
-
-def _validate_loratool(path: str, data: bool) -> list[Finding]:
-    from ..stfile import read_header
-    from ..validation import check_data, check_header
-    header = read_header(path)
-    findings, info = check_header(header)
-    if data:
-        findings.extend(check_data(header, tensor_hash=header.metadata.get(
-            "loratool.tensor_hash")))
-    return findings
-
-
-def _validate_foreign(path: str, fmt: str, data: bool, options: dict) -> list[Finding]:
-    """A foreign adapter is valid when it reads into the canonical model without error."""
-    from ..interop import format_module
-    module = format_module(fmt)
-    module.read_info(path, options)
-    findings: list[Finding] = []
-    check = getattr(module, "check_data", None)
-    if data and check is not None:
-        findings.extend(check(path, options))
-    return findings

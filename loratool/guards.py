@@ -1,0 +1,141 @@
+"""File guards: the one home of the checks every reader makes before trusting a path.
+
+Regular-file checks (a FIFO blocks ``open()`` and ``/dev/zero`` never ends), size-capped reads
+of small JSON files, the pickle suffixes, and the ``PATH:NUMBER`` argument syntax shared by
+``merge`` (scales) and ``compose`` (weights). No torch, no numpy: ``inspect`` and ``validate``
+import this.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+from typing import BinaryIO
+
+from .errors import ContainerError, LoraToolError, OperationError
+
+# Suffixes of torch pickles (read with the weights-only unpickler, never plain pickle).
+PICKLE_SUFFIXES = (".pt", ".bin", ".pth", ".ckpt")
+
+
+def is_pickle(path: str | os.PathLike) -> bool:
+    return os.fspath(path).lower().endswith(PICKLE_SUFFIXES)
+
+
+# --- regular files -----------------------------------------------------------------------------
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """Open a regular file for binary reading, refusing FIFOs, devices, sockets and directories.
+
+    ``open()`` on a FIFO blocks until a writer appears and ``/dev/zero`` never ends, so
+    hostile paths (a symlink named ``adapter.safetensors`` pointing at one) are refused
+    before any read. The open itself does not block (O_NONBLOCK), then blocking is restored.
+    """
+    path = os.fspath(path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+        if not stat.S_ISREG(mode):
+            raise ContainerError("is not a regular file (a FIFO, device or socket); loratool "
+                                 "reads regular files only", code="LT001", path=path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_regular_file(path: str | os.PathLike) -> None:
+    """Raise ContainerError (LT001) unless ``path`` is a readable regular file."""
+    try:
+        open_regular(path).close()
+    except IsADirectoryError:
+        raise ContainerError("is a directory, not a file", code="LT001",
+                             path=os.fspath(path)) from None
+    except OSError as e:
+        raise ContainerError(f"cannot read: {e.strerror or e}", code="LT001",
+                             path=os.fspath(path)) from None
+
+
+def require_regular_file(path: str, what: str, *, code: str,
+                         error: type[LoraToolError] = LoraToolError) -> None:
+    """Like ``check_regular_file`` but by ``stat`` (opens nothing) and with the caller's code:
+    ``what`` names the file in the message. Symlinks to regular files are fine."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise error(f"cannot read {what}: {e.strerror or e}", code=code, path=path) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{what} is not a regular file", code=code, path=path)
+
+
+# --- small JSON files --------------------------------------------------------------------------
+
+class TooLarge(ValueError):
+    """A file is larger than its cap; ``limit`` is the cap in bytes."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"larger than {limit} bytes")
+        self.limit = limit
+
+
+def read_capped(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of the regular file ``path``, refusing (``TooLarge``) more than ``limit``.
+
+    Reads at most ``limit + 1`` bytes whatever the file claims, so a file that grows between
+    ``stat`` and ``read`` cannot make us read more. OSError and ContainerError pass through.
+    """
+    with open_regular(path) as f:
+        if os.fstat(f.fileno()).st_size > limit:
+            raise TooLarge(limit)
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise TooLarge(limit)
+    return raw
+
+
+def reject_duplicate_keys(pairs):
+    """``object_pairs_hook`` for ``json.loads``: a key twice is a ValueError (Python keeps the
+    last one silently, other tools the first: the two would disagree on what a file says)."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} appears twice")
+        seen[key] = value
+    return seen
+
+
+# --- PATH:NUMBER -------------------------------------------------------------------------------
+
+_NUMBER = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+_WITH_NUMBER_RE = re.compile(rf"^(?P<path>.+):(?P<number>{_NUMBER})$")
+_NONFINITE_RE = re.compile(r"^.+:[+-]?(?:inf|infinity|nan)$", re.IGNORECASE)
+
+
+def parse_path_number(text: str, *, what: str, code: str) -> tuple[str, float]:
+    """``"a.safetensors:0.5"`` -> ``("a.safetensors", 0.5)``; no number means 1.0.
+
+    The one ``PATH:NUMBER`` syntax of the CLI (``merge`` scales, ``compose`` weights). Paths
+    may hold colons: only a trailing ``:<decimal number>`` is a number, and an existing path
+    is always a path (``odd:0.5`` on disk is that file, number 1). A file whose name itself
+    ends in ``:<number>`` is named with an explicit number: ``a:1:1``. A trailing ``:nan`` or
+    ``:inf`` is refused (``OperationError`` with ``code``; ``what`` names the number).
+
+    >>> parse_path_number("dir:x/a.safetensors:-0.5", what="weight", code="LT534")
+    ('dir:x/a.safetensors', -0.5)
+    >>> parse_path_number("C:/x/a.safetensors", what="scale", code="LT520")
+    ('C:/x/a.safetensors', 1.0)
+    """
+    if os.path.exists(text):
+        return text, 1.0
+    if _NONFINITE_RE.match(text):
+        raise OperationError(f"{text!r}: the {what} after the last ':' must be a finite number",
+                             code=code)
+    m = _WITH_NUMBER_RE.match(text)
+    if m is None:
+        return text, 1.0
+    return m.group("path"), float(m.group("number"))
