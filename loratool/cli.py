@@ -15,7 +15,7 @@ import sys
 import click
 
 from . import __version__
-from .rules import READ_FAILED
+from .rules import READ_FAILED, WRITE_FAILED
 
 # name -> (module, attribute, one-line help shown by `loratool --help` without importing it)
 COMMANDS = {
@@ -62,11 +62,18 @@ class LazyGroup(click.Group):
             error(str(e))
             ctx.exit(1)
         except OSError as e:
-            # Writes are turned into LT505 (OperationError) by the atomic writers; an OSError
-            # that gets here came from reading an input.
+            # The atomic writers turn failed writes into LT505 (OperationError); an OSError
+            # that gets here is a read of an input, unless it names one of our temporary
+            # outputs (every output is written under atomic.TEMP_PREFIX first).
+            from .atomic import TEMP_PREFIX
             from .console import error
             name = f" {e.filename}" if getattr(e, "filename", None) else ""
-            error(f"[{READ_FAILED}]{name}: cannot read: {e.strerror or e}")
+            ours = any(isinstance(f, str) and os.path.basename(f).startswith(TEMP_PREFIX)
+                       for f in (e.filename, getattr(e, "filename2", None)))
+            if ours:
+                error(f"[{WRITE_FAILED}]{name}: {e.strerror or e}")
+            else:
+                error(f"[{READ_FAILED}]{name}: cannot read: {e.strerror or e}")
             ctx.exit(1)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise

@@ -79,8 +79,12 @@ class CoreSVD:
     solve and one GEMM) when eps * kappa <= TOL, else with Q formed from the Householder
     reflectors.
 
+    >>> import torch
+    >>> B, A = torch.randn(64, 32, dtype=torch.float64), torch.randn(32, 48, dtype=torch.float64)
     >>> svd = CoreSVD(B, A, scale=0.5)
     >>> B2, A2 = svd.factors(16)          # best rank-16 approximation, balanced, scale 1
+    >>> tuple(B2.shape), tuple(A2.shape)
+    ((64, 16), (16, 48))
     """
 
     TOL = 1e-12

@@ -397,7 +397,8 @@ def test_our_files_load_with_safetensors(tmp_path, tiny_adapter):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from loratool.adapter import canonical_tensors, save_adapter
+    from loratool.adapter import save_adapter
+    from loratool.interop.native import canonical_tensors
     tiny_adapter.modules["conv1"].A = tiny_adapter.modules["conv1"].A.to(torch.bfloat16)
     tiny_adapter.modules["conv1"].B = tiny_adapter.modules["conv1"].B.to(torch.bfloat16)
     tiny_adapter.modules["embed"].A = tiny_adapter.modules["embed"].A.to(torch.float16)

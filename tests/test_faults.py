@@ -107,6 +107,7 @@ def _kill_run(args, dest_dir, delay, poll_temp):
     return p.returncode
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_no_partial_output(tmp_path):
     """Kill each writer at random points; the destination is absent, the old file, or complete."""
     big = _big_inputs(str(tmp_path / "in"))
@@ -302,6 +303,7 @@ def test_enospc_mid_write(tmp_path, tiny_seeds, monkeypatch, budget):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.slow
 def test_file_size_limit_subprocess(tmp_path, tiny_seeds):
     """RLIMIT_FSIZE in a real process: every write beyond 2 KiB fails with EFBIG, whatever
     writes it (safetensors writer, torch.save, json): clear error, nothing left."""

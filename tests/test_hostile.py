@@ -134,6 +134,7 @@ def _materialize(root, name, blob, suffix=".safetensors") -> str:
 # --- adapters -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", ["loratool", "kohya"])
+@pytest.mark.slow
 def test_safetensors_adapter_mutations(seeds, work, fmt):
     src = seeds.adapters()[fmt]
     with open(src, "rb") as f:
@@ -150,6 +151,7 @@ def test_safetensors_adapter_mutations(seeds, work, fmt):
     assert not failures, _report(failures)
 
 
+@pytest.mark.slow
 def test_peft_directory_mutations(seeds, work):
     root = os.path.join(work, "peft")
     os.makedirs(root)
@@ -179,6 +181,7 @@ def test_loralib_pt_mutations(seeds, work):
 
 # --- base checkpoints ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_base_safetensors_mutations(seeds, work):
     with open(seeds.base, "rb") as f:
         data = f.read()
@@ -525,6 +528,7 @@ def _subprocess_cases(seeds, work):
     return jobs
 
 
+@pytest.mark.slow
 def test_subprocess_bounded(seeds, work):
     """The worst cases again in a real process: 3 GiB address space, 60 s, stderr checked."""
     jobs = _subprocess_cases(seeds, work)

@@ -124,6 +124,7 @@ def _invocations(seeds, path, outdir):
     return inv
 
 
+@pytest.mark.slow
 def test_every_command_refuses_malicious_pickles(env):
     seeds, files, markers, root = env
     outdir = os.path.join(root, "out")
@@ -153,6 +154,7 @@ def test_every_command_refuses_malicious_pickles(env):
     assert not failures, "\n".join(f"[{lab}] {n}: {w[:400]}" for n, lab, w in failures)
 
 
+@pytest.mark.slow
 def test_subprocess_refuses_malicious_pickles(env):
     """The installed entry point in a real process, for the two most common uses."""
     seeds, files, markers, root = env

@@ -181,6 +181,7 @@ def test_merge_equals_peft_merge_and_unload(case):
     _check(case, report.output)
 
 
+@pytest.mark.slow
 def test_merge_peft_directory_directly(case):
     """The PEFT directory itself, read by loratool's PEFT reader against the base."""
     pytest.importorskip("loratool.interop.peft")

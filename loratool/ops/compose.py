@@ -79,6 +79,8 @@ def compose(inputs: Iterable, *, rank: int | None = None, fro: float | None = No
 
     >>> new, report = compose([("examples/adapter.safetensors", 1.0),
     ...                        ("examples/adapter_style.safetensors", 0.5)], rank=8)
+    >>> report["summary"]["modules"], report["summary"]["truncated"]
+    (8, 4)
     """
     import torch
 
@@ -225,8 +227,10 @@ def compare(a: Adapter | str | os.PathLike, b: Adapter | str | os.PathLike,
     ``only_a``/``only_b``; modules of different shapes get ``shape_mismatch`` and DoRA modules
     ``dora`` (no linear delta), both without numbers. ``rel_diff`` is |dB - dA| / |dA|.
 
-    >>> compare("examples/adapter.safetensors",
-    ...         "examples/adapter_style.safetensors")["summary"]["cosine"]
+    >>> s = compare("examples/adapter.safetensors",
+    ...             "examples/adapter_style.safetensors")["summary"]
+    >>> s["common"], round(s["cosine"], 4)
+    (4, -0.0117)
     """
     from ..linalg import difference_norm, frobenius_norm, inner
     A_ad, label_a = load_input(a, options)

@@ -57,8 +57,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "lorato
     (``{OLD: NEW}`` renames, also used to find base tensors), ``allow_unknown``,
     ``source_format`` (skip detection).
 
-    >>> convert("peft_dir", "adapter.safetensors").modules
-    >>> convert("lora.pt", "adapter.safetensors", alpha=16, enable_lora="1,0,1")
+    >>> import tempfile
+    >>> out = tempfile.mkdtemp()
+    >>> convert("examples/peft_adapter", out + "/a.safetensors").source_format
+    'peft'
+    >>> convert(out + "/a.safetensors", out + "/kohya.safetensors", to="kohya").modules
+    8
     """
     src, dst = os.fspath(src), os.fspath(dst)
     if to not in TARGETS:

@@ -18,6 +18,7 @@ def inspect(path: str | os.PathLike, *, stats: bool = False, **options) -> dict:
     flags for an all-zero B or NaN/Inf values.
 
     >>> inspect("examples/adapter.safetensors")["totals"]["modules"]
+    8
     """
     from ..adapter import read_adapter_info
     from ..checkpoint import merged_checkpoint_report

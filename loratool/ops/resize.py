@@ -132,7 +132,8 @@ def resize(adapter: Adapter | str | os.PathLike, *, rank: int | None = None,
     go to ``load_adapter``); ``progress`` is called with the bytes of each module done.
 
     >>> new, report = resize("examples/adapter.safetensors", fro=0.95, max_rank=32)
-    >>> report["summary"]["parameters_after"]
+    >>> report["summary"]["parameters_before"], report["summary"]["parameters_after"]
+    (8192, 6912)
     """
     import torch
 

@@ -1,0 +1,48 @@
+"""Module variants: one class per way a module turns its tensors into a weight update.
+
+A plain LoRA module adds ``s * B @ A`` to its base weight; a DoRA module rescales the
+updated weight's rows to a learned magnitude, so it has no additive delta. Code that must
+treat them differently asks ``module.variant`` (``LoraModule`` and ``ModuleInfo`` both have it)
+instead of testing ``magnitude is not None`` at each site. A new module kind (LyCORIS LoHa,
+LoKr, a full-tensor replacement) is one new class here plus the readers that produce it.
+No torch here.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ModuleVariant:
+    """What a variant means to every operation; subclasses only set the class attributes."""
+
+    name: ClassVar[str]
+    #: extra tensor roles beyond ``A``/``B`` that the variant needs (spec role names)
+    roles: ClassVar[tuple[str, ...]] = ()
+    #: the update is ``W += s * B @ A``: linear in the adapter, so it can be resized,
+    #: composed, subtracted (unmerge) and applied without reading the base weight
+    additive: ClassVar[bool] = True
+    #: how a refusal names it ("a DoRA magnitude")
+    described: ClassVar[str] = ""
+
+
+class Lora(ModuleVariant):
+    name = "lora"
+    described = "a plain LoRA module"
+
+
+class Dora(ModuleVariant):
+    """DoRA (weight-decomposed LoRA): ``W' = m / ||W + s B A||_row * (W + s B A)``."""
+
+    name = "dora"
+    roles = ("magnitude",)
+    additive = False
+    described = "a DoRA magnitude"
+
+
+VARIANTS: dict[str, type[ModuleVariant]] = {v.name: v for v in (Lora, Dora)}
+
+
+def variant_of(has_magnitude: bool) -> type[ModuleVariant]:
+    """The variant of a module from the roles it has (today: whether it has a magnitude)."""
+    return Dora if has_magnitude else Lora
