@@ -6,6 +6,7 @@ The library never prints; the CLI renders what library functions return through 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 
@@ -181,6 +182,140 @@ class _RichProgress:
 
     def set_description(self, text: str) -> None:
         self._p.update(self._t, description=text)
+
+
+# --- operation reports (resize, compose, compare, merge) ------------------------------------
+
+def fmt(x, digits: int = 6) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def render_resize(report: dict) -> None:
+    from rich.table import Table
+    from rich.text import Text
+    c = out()
+    rule = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in report["rule"].items())
+    c.print(f"{report['input']}  resize ({rule})", style="bold", markup=False, highlight=False)
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("module", "kind", "rank", "new", "retained", "residual", "s_max", "note"):
+        table.add_column(col, justify="left" if col in ("module", "kind", "note") else "right",
+                         no_wrap=col == "module")
+    for r in report["modules"]:
+        note = []
+        if r["unchanged"]:
+            note.append("unchanged")
+        if r["clamped"]:
+            note.append(f"clamped to {r['limit']}")
+        table.add_row(Text(r["name"]), r["kind"], str(r["old_rank"]), str(r["new_rank"]),
+                      f"{r['retained']:.6f}", fmt(r["residual"], 3), fmt(r["sv_max"], 4),
+                      ", ".join(note))
+    if report["modules"]:
+        c.print(table)
+    s = report["summary"]
+    ranks = lambda h: ", ".join(f"{k} x{v}" for k, v in h.items()) or "-"  # noqa: E731
+    for key, value in (
+            ("modules", f"{s['modules']} ({s['resized']} resized, {s['unchanged']} unchanged, "
+                        f"{s['clamped']} clamped)"),
+            ("ranks", f"{ranks(s['ranks_before'])} -> {ranks(s['ranks_after'])}"),
+            ("parameters", f"{s['parameters_before']:,} -> {s['parameters_after']:,}"),
+            ("retained", f"overall {s['retained_overall']:.6f}, min {s['retained_min']:.6f} "
+                         f"(fraction of the Frobenius norm)")):
+        c.print(f"  {key:<11} {value}", markup=False, highlight=False)
+
+
+def render_compose(report: dict) -> None:
+    from rich.table import Table
+    from rich.text import Text
+    c = out()
+    inputs = " + ".join(f"{fmt(i['weight'])} x {i['input']}" for i in report["inputs"])
+    rule = ", ".join(f"{k} {v}" for k, v in report["rule"].items()) or "exact"
+    c.print(f"compose {inputs}  ({rule})", style="bold", markup=False, highlight=False)
+    truncating = bool(report["rule"])
+    table = Table(show_edge=False, pad_edge=False)
+    cols = ["module", "kind", "ranks", "sum rank", "new"]
+    if truncating:
+        cols += ["retained", "residual"]
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("module", "kind", "ranks") else "right",
+                         no_wrap=col == "module")
+    for r in report["modules"]:
+        ranks = "+".join("-" if x is None else str(x) for x in r["ranks"])
+        row = [Text(r["name"]), r["kind"], ranks, str(r["concat_rank"]), str(r["new_rank"])]
+        if truncating:
+            row += [f"{r['retained']:.6f}", fmt(r["residual"], 3)]
+        table.add_row(*row)
+    if report["modules"]:
+        c.print(table)
+    s = report["summary"]
+    lines = [("modules", f"{s['modules']} ({s['in_all_inputs']} in every input; {s['exact']} "
+                         f"exact, {s['truncated']} truncated)"),
+             ("parameters", f"{s['parameters_before']:,} in the inputs -> "
+                            f"{s['parameters_after']:,}")]
+    if "retained_overall" in s:
+        lines.append(("retained", f"overall {s['retained_overall']:.6f}, min "
+                                  f"{s['retained_min']:.6f} (fraction of the Frobenius norm)"))
+    for key, value in lines:
+        c.print(f"  {key:<11} {value}", markup=False, highlight=False)
+
+
+def render_compare(report: dict) -> None:
+    from rich.table import Table
+    from rich.text import Text
+    c = out()
+    c.print(f"A = {report['a']}\nB = {report['b']}", style="bold", markup=False,
+            highlight=False)
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("module", "|dA|", "|dB|", "|dB|/|dA|", "cosine", "|dB-dA|/|dA|", "status"):
+        table.add_column(col, justify="left" if col in ("module", "status") else "right",
+                         no_wrap=col == "module")
+    for r in report["modules"]:
+        status = {"ok": "", "only_a": "only in A", "only_b": "only in B",
+                  "shape_mismatch": "shapes differ", "dora": "DoRA, not compared"}[r["status"]]
+        if r.get("note"):
+            status = r["note"]
+        table.add_row(Text(r["name"]), fmt(r["norm_a"], 5), fmt(r["norm_b"], 5),
+                      fmt(r["norm_ratio"], 5), fmt(r["cosine"], 6), fmt(r["rel_diff"], 4),
+                      status)
+    if report["modules"]:
+        c.print(table)
+    s = report["summary"]
+    lines = [("modules", f"{s['common']} compared, {len(s['only_a'])} only in A, "
+                         f"{len(s['only_b'])} only in B, {len(s['not_compared'])} not comparable"),
+             ("cosine", f"{fmt(s['cosine'])} (whole adapter), mean {fmt(s['cosine_mean'])}, "
+                        f"min {fmt(s['cosine_min'])}"),
+             ("norm ratio", f"{fmt(s['norm_ratio'])} (whole adapter, |B|/|A|)")]
+    for key, value in lines:
+        c.print(f"  {key:<11} {value}", markup=False, highlight=False)
+
+
+def render_merge(d: dict) -> None:
+    c = out()
+    verb = "Merged" if d["operation"] == "merge" else "Unmerged"
+    names = ", ".join(f"{os.path.basename(a['source'])}:{a['scale']:g}" for a in d["adapters"])
+    rate = d["bytes_read"] / d["stream_seconds"] if d["stream_seconds"] else 0.0
+    how = "float64, rounded once" if d["precision"] == "fp64" else "float32"
+    lines = [
+        f"{verb} {names} -> {d['output']}",
+        f"  modules     {d['modules_merged']} ({d['tensors_merged']} tensors changed, "
+        f"{d['tensors_copied']} copied, {d['tensors_converted']} converted)",
+        f"  data        {fmt_bytes(d['bytes_read'])} streamed in {d['stream_seconds']:.2f} s "
+        f"({fmt_bytes(rate)}/s); {d['seconds']:.2f} s in all",
+        f"  device      {d['device']} ({how}), dtype {d['dtype']}",
+    ]
+    for a in d["adapters"]:
+        lines.append(f"  identity    {os.path.basename(a['source'])} {a['identity']}")
+    for line in lines:
+        c.print(line, markup=False, highlight=False, soft_wrap=True)
+    for note in d.get("notes", []):
+        note(f"note: {note}")
+    if d["skipped"]:
+        note(f"warning: {len(d['skipped'])} module(s) skipped (--allow-missing):")
+        for s in d["skipped"]:
+            note(f"  {s['adapter']}: {s['module']} {s['reason']}")
 
 
 @contextmanager

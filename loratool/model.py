@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from .format import (KIND_CONV, KIND_EMBEDDING, LAYOUT_IN_OUT, SCALING_STANDARD,
                      scale_for)
+from .variants import ModuleVariant, variant_of
 
 if TYPE_CHECKING:
     import torch
@@ -65,6 +66,11 @@ class ModuleInfo:
     def delta_shape(self) -> tuple[int, int]:
         """Shape of the 2-D delta matrix s * B @ A."""
         return self.out_features, self.in_features * math.prod(self.kernel)
+
+    @property
+    def variant(self) -> type[ModuleVariant]:
+        """How this module updates its base weight (``variants.Lora``, ``variants.Dora``)."""
+        return variant_of(self.magnitude)
 
     @property
     def transposed(self) -> bool:
@@ -112,6 +118,11 @@ class LoraModule:
     @property
     def rank(self) -> int:
         return int(self.A.shape[0])
+
+    @property
+    def variant(self) -> type[ModuleVariant]:
+        """How this module updates its base weight (``variants.Lora``, ``variants.Dora``)."""
+        return variant_of(self.magnitude is not None)
 
     @property
     def scale(self) -> float:

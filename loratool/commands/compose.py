@@ -6,7 +6,7 @@ import click
 
 from .. import console
 from ._options import path_numbers, source_options
-from .resize import fmt, load_with_progress, write_output
+from .resize import load_with_progress, write_output
 
 
 _weighted = path_numbers("weight", "LT534")
@@ -63,42 +63,7 @@ def compose_cmd(adapters, rank, fro, out, overwrite, as_json, source, quiet):
     if as_json:
         console.print_json(report)
     else:
-        render_compose(report)
-
-
-def render_compose(report: dict) -> None:
-    from rich.table import Table
-    from rich.text import Text
-    c = console.out()
-    inputs = " + ".join(f"{fmt(i['weight'])} x {i['input']}" for i in report["inputs"])
-    rule = ", ".join(f"{k} {v}" for k, v in report["rule"].items()) or "exact"
-    c.print(f"compose {inputs}  ({rule})", style="bold", markup=False, highlight=False)
-    truncating = bool(report["rule"])
-    table = Table(show_edge=False, pad_edge=False)
-    cols = ["module", "kind", "ranks", "sum rank", "new"]
-    if truncating:
-        cols += ["retained", "residual"]
-    for col in cols:
-        table.add_column(col, justify="left" if col in ("module", "kind", "ranks") else "right",
-                         no_wrap=col == "module")
-    for r in report["modules"]:
-        ranks = "+".join("-" if x is None else str(x) for x in r["ranks"])
-        row = [Text(r["name"]), r["kind"], ranks, str(r["concat_rank"]), str(r["new_rank"])]
-        if truncating:
-            row += [f"{r['retained']:.6f}", fmt(r["residual"], 3)]
-        table.add_row(*row)
-    if report["modules"]:
-        c.print(table)
-    s = report["summary"]
-    lines = [("modules", f"{s['modules']} ({s['in_all_inputs']} in every input; {s['exact']} "
-                         f"exact, {s['truncated']} truncated)"),
-             ("parameters", f"{s['parameters_before']:,} in the inputs -> "
-                            f"{s['parameters_after']:,}")]
-    if "retained_overall" in s:
-        lines.append(("retained", f"overall {s['retained_overall']:.6f}, min "
-                                  f"{s['retained_min']:.6f} (fraction of the Frobenius norm)"))
-    for key, value in lines:
-        c.print(f"  {key:<11} {value}", markup=False, highlight=False)
+        console.render_compose(report)
 
 
 @click.command("compare")
@@ -122,34 +87,4 @@ def compare_cmd(a, b, as_json, source):
     if as_json:
         console.print_json(report)
     else:
-        render_compare(report)
-
-
-def render_compare(report: dict) -> None:
-    from rich.table import Table
-    from rich.text import Text
-    c = console.out()
-    c.print(f"A = {report['a']}\nB = {report['b']}", style="bold", markup=False,
-            highlight=False)
-    table = Table(show_edge=False, pad_edge=False)
-    for col in ("module", "|dA|", "|dB|", "|dB|/|dA|", "cosine", "|dB-dA|/|dA|", "status"):
-        table.add_column(col, justify="left" if col in ("module", "status") else "right",
-                         no_wrap=col == "module")
-    for r in report["modules"]:
-        status = {"ok": "", "only_a": "only in A", "only_b": "only in B",
-                  "shape_mismatch": "shapes differ", "dora": "DoRA, not compared"}[r["status"]]
-        if r.get("note"):
-            status = r["note"]
-        table.add_row(Text(r["name"]), fmt(r["norm_a"], 5), fmt(r["norm_b"], 5),
-                      fmt(r["norm_ratio"], 5), fmt(r["cosine"], 6), fmt(r["rel_diff"], 4),
-                      status)
-    if report["modules"]:
-        c.print(table)
-    s = report["summary"]
-    lines = [("modules", f"{s['common']} compared, {len(s['only_a'])} only in A, "
-                         f"{len(s['only_b'])} only in B, {len(s['not_compared'])} not comparable"),
-             ("cosine", f"{fmt(s['cosine'])} (whole adapter), mean {fmt(s['cosine_mean'])}, "
-                        f"min {fmt(s['cosine_min'])}"),
-             ("norm ratio", f"{fmt(s['norm_ratio'])} (whole adapter, |B|/|A|)")]
-    for key, value in lines:
-        c.print(f"  {key:<11} {value}", markup=False, highlight=False)
+        console.render_compare(report)

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 from contextlib import ExitStack
 
 import click
@@ -67,33 +66,7 @@ def _run(fn, base, adapters, output, device, dtype, maps, allow_missing, output_
     if as_json:
         console.print_json(data)
         return
-    _render(data)
-
-
-def _render(d: dict) -> None:
-    c = console.out()
-    verb = "Merged" if d["operation"] == "merge" else "Unmerged"
-    names = ", ".join(f"{os.path.basename(a['source'])}:{a['scale']:g}" for a in d["adapters"])
-    rate = d["bytes_read"] / d["stream_seconds"] if d["stream_seconds"] else 0.0
-    how = "float64, rounded once" if d["precision"] == "fp64" else "float32"
-    lines = [
-        f"{verb} {names} -> {d['output']}",
-        f"  modules     {d['modules_merged']} ({d['tensors_merged']} tensors changed, "
-        f"{d['tensors_copied']} copied, {d['tensors_converted']} converted)",
-        f"  data        {console.fmt_bytes(d['bytes_read'])} streamed in {d['stream_seconds']:.2f} s "
-        f"({console.fmt_bytes(rate)}/s); {d['seconds']:.2f} s in all",
-        f"  device      {d['device']} ({how}), dtype {d['dtype']}",
-    ]
-    for a in d["adapters"]:
-        lines.append(f"  identity    {os.path.basename(a['source'])} {a['identity']}")
-    for line in lines:
-        c.print(line, markup=False, highlight=False, soft_wrap=True)
-    for note in d.get("notes", []):
-        console.note(f"note: {note}")
-    if d["skipped"]:
-        console.note(f"warning: {len(d['skipped'])} module(s) skipped (--allow-missing):")
-        for s in d["skipped"]:
-            console.note(f"  {s['adapter']}: {s['module']} {s['reason']}")
+    console.render_merge(data)
 
 
 @click.command("merge")

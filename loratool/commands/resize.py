@@ -12,14 +12,6 @@ from .. import console
 from ._options import source_options
 
 
-def fmt(x, digits: int = 6) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.{digits}g}"
-    return str(x)
-
-
 def load_with_progress(paths, quiet: bool, label: str, options: dict):
     """Load adapters (any format) and open a bytes progress bar over their tensors."""
     from ..adapter import load_adapter
@@ -90,37 +82,4 @@ def resize_cmd(adapter, rank, fro, sv_ratio, cumulative, max_rank, min_rank, out
     if as_json:
         console.print_json(report)
     else:
-        render_resize(report)
-
-
-def render_resize(report: dict) -> None:
-    from rich.table import Table
-    from rich.text import Text
-    c = console.out()
-    rule = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in report["rule"].items())
-    c.print(f"{report['input']}  resize ({rule})", style="bold", markup=False, highlight=False)
-    table = Table(show_edge=False, pad_edge=False)
-    for col in ("module", "kind", "rank", "new", "retained", "residual", "s_max", "note"):
-        table.add_column(col, justify="left" if col in ("module", "kind", "note") else "right",
-                         no_wrap=col == "module")
-    for r in report["modules"]:
-        note = []
-        if r["unchanged"]:
-            note.append("unchanged")
-        if r["clamped"]:
-            note.append(f"clamped to {r['limit']}")
-        table.add_row(Text(r["name"]), r["kind"], str(r["old_rank"]), str(r["new_rank"]),
-                      f"{r['retained']:.6f}", fmt(r["residual"], 3), fmt(r["sv_max"], 4),
-                      ", ".join(note))
-    if report["modules"]:
-        c.print(table)
-    s = report["summary"]
-    ranks = lambda h: ", ".join(f"{k} x{v}" for k, v in h.items()) or "-"  # noqa: E731
-    for key, value in (
-            ("modules", f"{s['modules']} ({s['resized']} resized, {s['unchanged']} unchanged, "
-                        f"{s['clamped']} clamped)"),
-            ("ranks", f"{ranks(s['ranks_before'])} -> {ranks(s['ranks_after'])}"),
-            ("parameters", f"{s['parameters_before']:,} -> {s['parameters_after']:,}"),
-            ("retained", f"overall {s['retained_overall']:.6f}, min {s['retained_min']:.6f} "
-                         f"(fraction of the Frobenius norm)")):
-        c.print(f"  {key:<11} {value}", markup=False, highlight=False)
+        console.render_resize(report)

@@ -214,7 +214,7 @@ class Capabilities:
     """What a format can express; ``convert`` and the docs read it, writers enforce it."""
 
     kinds: frozenset[str]
-    dora: bool = False
+    variants: frozenset[str] = frozenset({"lora"})  # names of variants.VARIANTS it can hold
     bias: bool = False
     rslora: bool = False
     per_module_alpha: bool = True

@@ -26,10 +26,12 @@ from ..format import (KIND_CONV, KIND_EMBEDDING, KIND_LINEAR, LAYOUT_IN_OUT, LAY
                       MODULE_NAME_RE, SCALING_STANDARD)
 from ..model import Adapter, AdapterInfo, LoraModule
 from . import _common as C
+from ..variants import Lora
 from .base import NAMES, Capabilities, LoadResult, ModuleRecord, Probe, ReaderOptions
 
 NAME = "kohya"
-CAPABILITIES = Capabilities(kinds=frozenset({KIND_LINEAR, KIND_CONV}), per_module_alpha=True,
+CAPABILITIES = Capabilities(kinds=frozenset({KIND_LINEAR, KIND_CONV}),
+                            variants=frozenset({Lora.name}), per_module_alpha=True,
                             reads=frozenset({"fan_in_fan_out", "base", "name_map"}))
 
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
@@ -272,8 +274,8 @@ def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
             raise InteropError(f"module {name!r} is an embedding; kohya LoRA files have no "
                                "embedding modules. Convert to loratool or PEFT instead",
                                code="LT306", module=name)
-        if m.magnitude is not None:
-            raise InteropError(f"module {name!r} has a DoRA magnitude; the kohya LoRA format "
+        if m.variant.name not in CAPABILITIES.variants:
+            raise InteropError(f"module {name!r} has {m.variant.described}; the kohya LoRA format "
                                "cannot store it (merge it into the base with `loratool merge` "
                                "or convert to PEFT/loratool)", code="LT306", module=name)
         if m.bias is not None:

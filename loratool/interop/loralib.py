@@ -26,12 +26,14 @@ from ..format import (KIND_CONV, KIND_EMBEDDING, KIND_LINEAR, LAYOUT_IN_OUT, LAY
                       SCALING_STANDARD)
 from ..model import Adapter, AdapterInfo, LoraModule
 from . import _common as C
+from ..variants import Lora
 from .base import (FALLBACK, Capabilities, LoadResult, ModuleRecord, Probe, ReaderOptions,
                    parse_enable_lora)  # noqa: F401 (public here too)
 
 NAME = "loralib"
 CAPABILITIES = Capabilities(
-    kinds=frozenset({KIND_LINEAR, KIND_CONV, KIND_EMBEDDING}), per_module_alpha=False,
+    kinds=frozenset({KIND_LINEAR, KIND_CONV, KIND_EMBEDDING}), variants=frozenset({Lora.name}),
+    per_module_alpha=False,
     reads=frozenset({"alpha", "enable_lora", "fan_in_fan_out", "base", "name_map"}),
     writes=frozenset({"alpha", "enable_lora"}))
 
@@ -320,8 +322,9 @@ def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
     plan = []  # (name, lora_A, lora_B, loralib r, module)
     kinds: dict[str, int] = {}
     for name, m in adapter.modules.items():
-        if m.magnitude is not None:
-            raise InteropError(f"module {name!r} has a DoRA magnitude; loralib has no DoRA",
+        if m.variant.name not in CAPABILITIES.variants:
+            raise InteropError(f"module {name!r} has {m.variant.described}; loralib has only "
+                               "plain LoRA modules (no DoRA)",
                                code="LT306", module=name)
         if m.bias is not None:
             raise InteropError(f"module {name!r} has a lora_bias; loralib has none",

@@ -17,11 +17,12 @@ from ..model import Adapter, AdapterInfo, LoraModule
 from ..rules import Finding
 from ..stfile import Header, SafetensorsWriter, read_header
 from ..validation import check_header
+from ..variants import VARIANTS
 from .base import DECLARED, FALLBACK, Capabilities, LoadResult, Probe, ReaderOptions
 
 NAME = "loratool"
 CAPABILITIES = Capabilities(kinds=frozenset({KIND_LINEAR, KIND_CONV, KIND_EMBEDDING}),
-                            dora=True, bias=True, rslora=True, per_module_alpha=True)
+                            variants=frozenset(VARIANTS), bias=True, rslora=True, per_module_alpha=True)
 
 
 def detect(probe: Probe) -> int:

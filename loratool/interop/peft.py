@@ -22,12 +22,14 @@ from ..format import (KIND_CONV, KIND_EMBEDDING, KIND_LINEAR, LAYOUT_IN_OUT, LAY
                       SCALING_RSLORA, SCALING_STANDARD)
 from ..model import Adapter, AdapterInfo, LoraModule
 from . import _common as C
+from ..variants import Dora, Lora
 from .base import (DECLARED, NAMES, Capabilities, LoadResult, ModuleRecord, Probe,
                    ReaderOptions)
 
 NAME = "peft"
 CAPABILITIES = Capabilities(
-    kinds=frozenset({KIND_LINEAR, KIND_CONV, KIND_EMBEDDING}), dora=True, bias=True,
+    kinds=frozenset({KIND_LINEAR, KIND_CONV, KIND_EMBEDDING}),
+    variants=frozenset({Lora.name, Dora.name}), bias=True,
     rslora=True, per_module_alpha=True,
     reads=frozenset({"alpha", "fan_in_fan_out", "base", "name_map"}))
 
@@ -464,7 +466,7 @@ def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
     if not mods:
         raise InteropError("the adapter has no modules", code="LT306")
     notes: list[str] = []
-    dora = {m.magnitude is not None for m in mods}
+    dora = {m.variant is Dora for m in mods}
     if len(dora) > 1:
         raise InteropError("some modules have a DoRA magnitude and others do not; PEFT's "
                            "use_dora applies to every module of an adapter. Split the adapter",

@@ -245,7 +245,7 @@ def compare(a: Adapter | str | os.PathLike, b: Adapter | str | os.PathLike,
             row["status"] = "only_a" if mb is None else "only_b"
         elif ma.info.delta_shape != mb.info.delta_shape:
             row["status"] = "shape_mismatch"
-        elif ma.magnitude is not None or mb.magnitude is not None:
+        elif not (ma.variant.additive and mb.variant.additive):
             row["status"] = "dora"
         else:
             fa, fb = (*ma.factors(), ma.scale), (*mb.factors(), mb.scale)

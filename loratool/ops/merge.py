@@ -626,9 +626,11 @@ def merge(base, adapters, *, output=None, device: str = "auto", dtype: str = "ke
     ``progress(advance_bytes, total_bytes)`` is called as each tensor has been written (from
     the writer thread).
 
-    >>> report = merge("model.safetensors", [("style.safetensors", 0.8)])
-    >>> report.output
-    'model-merged.safetensors'
+    >>> import os, tempfile
+    >>> out = os.path.join(tempfile.mkdtemp(), "merged.safetensors")
+    >>> merge("examples/base.safetensors", [("examples/adapter.safetensors", 0.8)],
+    ...       output=out).modules_merged
+    8
     """
     return _run("merge", base, adapters, output=output, device=device, dtype=dtype,
                 name_map=name_map, allow_missing=allow_missing, overwrite=overwrite,
@@ -645,8 +647,12 @@ def unmerge(merged, adapters, *, output=None, device: str = "auto", dtype: str =
     """Subtract adapters merged earlier (the inverse of ``merge``); checks each adapter and
     scale against the checkpoint's ``loratool.merged`` record unless ``force``.
 
-    >>> unmerge("model-merged.safetensors", [("style.safetensors", 0.8)]).output
-    'model-merged-unmerged.safetensors'
+    >>> import os, tempfile
+    >>> merged = os.path.join(tempfile.mkdtemp(), "merged.safetensors")
+    >>> _ = merge("examples/base.safetensors", [("examples/adapter.safetensors", 0.8)],
+    ...           output=merged)
+    >>> os.path.basename(unmerge(merged, [("examples/adapter.safetensors", 0.8)]).output)
+    'merged-unmerged.safetensors'
     """
     return _run("unmerge", merged, adapters, output=output, device=device, dtype=dtype,
                 name_map=name_map, allow_missing=allow_missing, overwrite=overwrite,

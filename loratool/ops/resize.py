@@ -48,8 +48,9 @@ def load_input(adapter_or_path, options: dict) -> tuple[Adapter, str]:
 
 
 def refuse_dora(adapter: Adapter, label: str, operation: str) -> None:
-    """DoRA deltas are not linear in the factors: refuse with LT531."""
-    dora = [n for n, m in adapter.modules.items() if m.magnitude is not None]
+    """Variants whose update is not additive (DoRA: not linear in the factors) are refused
+    with LT531."""
+    dora = [n for n, m in adapter.modules.items() if not m.variant.additive]
     if dora:
         more = f" and {len(dora) - 1} more" if len(dora) > 1 else ""
         raise OperationError(
