@@ -310,8 +310,8 @@ def render_merge(d: dict) -> None:
         lines.append(f"  identity    {os.path.basename(a['source'])} {a['identity']}")
     for line in lines:
         c.print(line, markup=False, highlight=False, soft_wrap=True)
-    for note in d.get("notes", []):
-        note(f"note: {note}")
+    for text in d.get("notes", []):
+        note(f"note: {text}")
     if d["skipped"]:
         note(f"warning: {len(d['skipped'])} module(s) skipped (--allow-missing):")
         for s in d["skipped"]:
