@@ -13,21 +13,6 @@ from fractions import Fraction
 import torch
 
 
-def factored_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0,
-                 dtype: torch.dtype = torch.float64):
-    """SVD of ``scale * B @ A`` for B [m, r], A [r, n]: returns U [m, k], S [k], Vh [k, n].
-
-    k = min(m, n, r); the singular values come back in descending order.
-    """
-    B = B.to(dtype)
-    A = A.to(dtype)
-    Qb, Rb = torch.linalg.qr(B)  # [m, k1], [k1, r]
-    Qa, Ra = torch.linalg.qr(A.T)  # [n, k2], [k2, r]
-    core = (Rb @ Ra.T) * scale  # [k1, k2]
-    U, S, Vh = torch.linalg.svd(core, full_matrices=False)
-    return Qb @ U, S, Vh @ Qa.T
-
-
 def singular_values(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0,
                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Singular values of ``scale * B @ A`` (descending), from the r x r core only."""
@@ -216,16 +201,6 @@ def concat_factors(parts, dtype: torch.dtype = torch.float64):
         Bs.append(B.to(dtype) * c)
         As.append(A.to(dtype))
     return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
-
-
-def cosine(B1, A1, s1, B2, A2, s2, dtype: torch.dtype = torch.float64) -> float | None:
-    """Cosine similarity <d1, d2> / (|d1| |d2|) of two deltas in factored form; None if one is 0."""
-    n1 = frobenius_norm(B1, A1, s1, dtype)
-    n2 = frobenius_norm(B2, A2, s2, dtype)
-    if n1 == 0.0 or n2 == 0.0:
-        return None
-    c = inner(B1, A1, s1, B2, A2, s2, dtype) / (n1 * n2)
-    return max(-1.0, min(1.0, c))
 
 
 def difference_norm(B1, A1, s1, B2, A2, s2, dtype: torch.dtype = torch.float64) -> float:

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from loratool.linalg import frobenius_norm, inner
 from loratool.model import Adapter, LoraModule
 
 # Unit roundoff (half an ulp at 1) of each storage dtype: the "u" of spec/lowrank.md.
@@ -92,3 +93,30 @@ def diagonal_module(values, *, name="d", out=None, inp=None, alpha=None,
     A = torch.zeros(r, inp, dtype=dtype)
     A[:, :r] = torch.eye(r, dtype=dtype)
     return LoraModule(name, "linear", "out_in", A, B, float(alpha or r))
+
+
+# Test-only helpers moved out of loratool.linalg (no library code used them).
+
+def factored_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0,
+                 dtype: torch.dtype = torch.float64):
+    """SVD of ``scale * B @ A`` for B [m, r], A [r, n]: returns U [m, k], S [k], Vh [k, n].
+
+    k = min(m, n, r); the singular values come back in descending order.
+    """
+    B = B.to(dtype)
+    A = A.to(dtype)
+    Qb, Rb = torch.linalg.qr(B)  # [m, k1], [k1, r]
+    Qa, Ra = torch.linalg.qr(A.T)  # [n, k2], [k2, r]
+    core = (Rb @ Ra.T) * scale  # [k1, k2]
+    U, S, Vh = torch.linalg.svd(core, full_matrices=False)
+    return Qb @ U, S, Vh @ Qa.T
+
+
+def cosine(B1, A1, s1, B2, A2, s2, dtype: torch.dtype = torch.float64) -> float | None:
+    """Cosine similarity <d1, d2> / (|d1| |d2|) of two deltas in factored form; None if one is 0."""
+    n1 = frobenius_norm(B1, A1, s1, dtype)
+    n2 = frobenius_norm(B2, A2, s2, dtype)
+    if n1 == 0.0 or n2 == 0.0:
+        return None
+    c = inner(B1, A1, s1, B2, A2, s2, dtype) / (n1 * n2)
+    return max(-1.0, min(1.0, c))

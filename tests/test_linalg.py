@@ -12,11 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loratool.errors import OperationError
-from loratool.linalg import (CoreSVD, check_rank_rule, concat_factors, cosine, difference_norm,
-                             factored_svd, frobenius_norm, inner, numerical_rank, rule_rank,
-                             select_rank, singular_values)
+from loratool.linalg import (CoreSVD, check_rank_rule, concat_factors, difference_norm,
+                             frobenius_norm, inner, numerical_rank, rule_rank, select_rank,
+                             singular_values)
 
-from _lowrank_helpers import truncated
+from _lowrank_helpers import cosine, factored_svd, truncated
 
 
 def _factors(m, n, r, seed=0, decay=0.7):
