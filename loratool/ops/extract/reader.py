@@ -101,14 +101,14 @@ def matrix_shape(shape) -> tuple[int, int]:
 
 @dataclass
 class Pair:
-    """The same tensor in base and tuned, read in row blocks of at most ``block_rows``."""
+    """The same tensor in base and tuned, read in row blocks of at most ``BLOCK_ELEMENTS``
+    elements (one row when a row is longer)."""
 
     name: str
     base: Checkpoint
     tuned: Checkpoint
     dtype: str
     shape: tuple[int, ...]
-    block_elements: int = BLOCK_ELEMENTS
 
     @property
     def m(self) -> int:
@@ -124,7 +124,7 @@ class Pair:
 
     def blocks(self):
         """``(start, stop)`` row ranges covering the matrix."""
-        step = max(1, self.block_elements // max(1, self.n))
+        step = max(1, BLOCK_ELEMENTS // max(1, self.n))
         for start in range(0, self.m, step):
             yield start, min(self.m, start + step)
 
