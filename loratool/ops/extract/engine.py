@@ -28,7 +28,7 @@ from .reader import Pair
 
 # Matrices with at most this many elements take the exact path (a dense float64 SVD). A test
 # knob, not an option: the answer does not depend on it beyond rounding.
-EXACT_MAX_ELEMENTS = 1 << 20
+EXACT_MAX_ELEMENTS = 1 << 18
 OVERSAMPLE = 10  # extra sketch columns beyond the rank looked for
 POWER = 1  # power passes (each one more read of both tensors)
 START_RANK = 32  # first sketch size of the adaptive rules (doubles while not satisfied)
