@@ -211,6 +211,8 @@ def _run(b, t, rule, targets, other_names, not_selected, *, others, dtype, seed,
         if progress is not None:
             progress(nbytes, total)
 
+    from .engine import Scratch
+    scratch = Scratch()
     changed_others = []
     for name in other_names:
         row = compare_other(b, t, name)
@@ -221,7 +223,7 @@ def _run(b, t, rule, targets, other_names, not_selected, *, others, dtype, seed,
         raise _others_error(changed_others)
     mods, rows, identical = {}, [], 0
     for i, x in enumerate(targets):
-        pair = Pair(x.name, b, t, x.dtype, x.shape)
+        pair = Pair(x.name, b, t, x.dtype, x.shape, scratch)
         spec_choice = spectrum_for(pair, rule, seed=seed + i)
         if spec_choice is None:
             identical += 1

@@ -83,7 +83,7 @@ class Stats:
             self.zero_blocks.add(i)
         else:
             self.identical = False
-            self.fro2 += float(torch.sum(d * d))
+            self.fro2 += _sq(d)
         if self._noise and dtype in PRECISION_BITS:
             x = t.to(torch.float64).abs()
             exponent = torch.frexp(x).exponent
@@ -95,6 +95,33 @@ class Stats:
 def _diff(b, t) -> torch.Tensor:
     # float64 holds every bf16/fp16/fp32 value exactly, so the difference is rounded once.
     return t.to(torch.float64) - b.to(torch.float64)
+
+
+class Scratch:
+    """Two reused float64 block buffers: per-block allocations of tens of MiB fragment the C
+    heap until RSS grows with the number of tensors; reusing them keeps it flat."""
+
+    def __init__(self):
+        self._bufs = [torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)]
+
+    def get(self, i: int, shape) -> torch.Tensor:
+        need = shape[0] * shape[1]
+        if self._bufs[i].numel() < need:
+            self._bufs[i] = torch.empty(need, dtype=torch.float64)
+        return self._bufs[i][:need].view(shape[0], shape[1])
+
+    def diff(self, b, t) -> torch.Tensor:
+        """t - b in float64, in buffer 0 (buffer 1 stays free for the caller)."""
+        d = self.get(0, tuple(t.shape))
+        d.copy_(t)
+        tmp = self.get(1, tuple(b.shape))
+        tmp.copy_(b)
+        return d.sub_(tmp)
+
+
+def _sq(x) -> float:
+    flat = x.reshape(-1)
+    return float(torch.dot(flat, flat))
 
 
 def check_finite(pair: Pair, stats: Stats) -> None:
@@ -132,6 +159,7 @@ class Sketch:
         self.Z = torch.zeros(pair.n, 0, dtype=torch.float64)
         self.Y = torch.zeros(pair.m, 0, dtype=torch.float64)
         self.stats: Stats | None = None
+        self.scratch = pair.scratch or Scratch()
         self._noise = noise
         self.passes = 0
         self.res2 = 0.0
@@ -150,7 +178,7 @@ class Sketch:
                 Y[start:stop] = 0.0  # identical rows: dW is zero there, no need to read
                 continue
             b, t, same = self.pair.read(start, stop)
-            d = _diff(b, t)
+            d = self.scratch.diff(b, t)
             if first:
                 stats.add(i, d, t, same, self.pair.dtype)
             if same:
@@ -159,8 +187,9 @@ class Sketch:
             y = d @ Z
             Y[start:stop] = y
             if final:
-                r = d - torch.cat([self.Y[start:stop], y], dim=1) @ Zall.T
-                res2 += float(torch.sum(r * r))
+                r = self.scratch.get(1, tuple(d.shape))
+                torch.mm(torch.cat([self.Y[start:stop], y], dim=1), Zall.T, out=r)
+                res2 += _sq(r.sub_(d))
             else:
                 H.addmm_(d.T, y)
         self.passes += 1

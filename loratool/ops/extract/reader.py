@@ -32,6 +32,7 @@ class Checkpoint:
         self.tensors: dict[str, BaseTensor] = list_tensors(self.path)
         self._sources: dict[str, object] = {}
         self._fds: dict[str, int] = {}
+        self._buf = bytearray()
 
     def config_dir(self) -> str:
         """The directory where a Hugging Face ``config.json`` of this checkpoint would be."""
@@ -58,22 +59,25 @@ class Checkpoint:
         info = source.header.tensors[name]
         item = info.nbytes // max(1, d0 * cols)
         nbytes = (stop - start) * cols * item
-        buf = bytearray(nbytes)
-        if nbytes:
-            fd = self._fds.get(t.file)
-            if fd is None:
-                fd = self._fds[t.file] = os.open(t.file, os.O_RDONLY)
-            offset = source.header.data_start + info.begin + start * cols * item
-            mv, done = memoryview(buf), 0
-            while done < nbytes:
-                n = os.preadv(fd, [mv[done:]], offset + done)
-                if n <= 0:
-                    raise CheckpointError(f"tensor {name!r}: file ended early (truncated or "
-                                          "changed while reading)", code="LT401", path=t.file)
-                done += n
         if not nbytes:
             return torch.empty((stop - start, cols), dtype=TORCH_DTYPES[t.dtype])
-        return torch.frombuffer(buf, dtype=torch.uint8).view(
+        # One reused buffer per checkpoint: a fresh 10-MiB bytearray per block fragments the
+        # C heap until RSS grows with the model. The returned tensor is valid until the next
+        # call (callers convert it first).
+        if len(self._buf) < nbytes:
+            self._buf = bytearray(nbytes)  # a new one: views of the old may still be alive
+        fd = self._fds.get(t.file)
+        if fd is None:
+            fd = self._fds[t.file] = os.open(t.file, os.O_RDONLY)
+        offset = source.header.data_start + info.begin + start * cols * item
+        mv, done = memoryview(self._buf)[:nbytes], 0
+        while done < nbytes:
+            n = os.preadv(fd, [mv[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(f"tensor {name!r}: file ended early (truncated or "
+                                      "changed while reading)", code="LT401", path=t.file)
+            done += n
+        return torch.frombuffer(self._buf, dtype=torch.uint8, count=nbytes).view(
             TORCH_DTYPES[t.dtype]).reshape(stop - start, cols)
 
     def close(self) -> None:
@@ -109,6 +113,7 @@ class Pair:
     tuned: Checkpoint
     dtype: str
     shape: tuple[int, ...]
+    scratch: object = None  # engine.Scratch shared by the tensors of one extract call
 
     @property
     def m(self) -> int:
