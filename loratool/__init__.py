@@ -23,6 +23,7 @@ _EXPORTS = {
     "resize": "loratool.ops.resize",
     "compose": "loratool.ops.compose",
     "compare": "loratool.ops.compose",
+    "extract": "loratool.ops.extract",
     "load_adapter": "loratool.adapter",
     "save_adapter": "loratool.adapter",
     "read_adapter_info": "loratool.adapter",
