@@ -7,6 +7,7 @@ import os
 import click
 
 from .. import console
+from ..ops.subspace import SUBSPACE_ON
 from ._options import source_options
 from .resize import fmt, load_with_progress, write_output
 
@@ -123,7 +124,7 @@ def render_compose(report: dict) -> None:
 @click.option("--subspace", is_flag=True,
               help="Also the subspace similarity phi(i, j) of the LoRA paper per module "
                    "(top-i singular directions of A against top-j of B).")
-@click.option("--on", "on", type=click.Choice(["a", "delta"]), default=None,
+@click.option("--on", "on", type=click.Choice(SUBSPACE_ON), default=None,
               help="With --subspace: singular vectors of the A matrices (default, as in the "
                    "paper) or of the deltas (input and output side).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",

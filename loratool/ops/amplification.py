@@ -6,8 +6,8 @@ dW, ``||U^T W V||_F`` is W projected on dW's subspace; the amplification factor 
 singular directions, and on a random k-dimensional subspace (seeded). Definitions and
 tolerances: spec/lowrank.md section 7.
 
-The base is streamed tensor by tensor through the checkpoint readers (memory: one base tensor
-and its binary64 copy, whatever the model's size); U and V come from the factored kernel.
+The base is streamed tensor by tensor through the checkpoint readers (memory: a few copies of
+one base tensor, whatever the model's size); U and V come from the factored kernel.
 Modules are matched to base tensors by the rules merge uses (loratool.naming, and merge's
 orientation rule for transposed and conv weights).
 """
@@ -76,8 +76,10 @@ def _targets(adapter, base_tensors: dict, base: str) -> dict[str, list[tuple]]:
 
 def _stream(base: str, wanted):
     """Yield (name, torch tensor) for each wanted base tensor, one at a time, in file order."""
+    import torch
+
     from ..checkpoint import list_tensors, open_source
-    from ..tensors import from_bytes
+    from ..tensors import TORCH_DTYPES, from_bytes
     # A sharded checkpoint names each tensor's shard; a single file (safetensors or .pt)
     # names itself.
     files: dict[str, None] = {}
@@ -87,10 +89,17 @@ def _stream(base: str, wanted):
     for file in files:
         with open_source(file) as source:
             for t in source.tensors:
-                if t.name in wanted:
-                    buf = bytearray(t.nbytes)
-                    source.read_into(t, buf)
-                    yield t.name, from_bytes(buf, t.dtype, t.shape)
+                if t.name not in wanted:
+                    continue
+                if not t.nbytes:
+                    yield t.name, from_bytes(b"", t.dtype, t.shape)
+                    continue
+                buf = bytearray(t.nbytes)
+                source.read_into(t, buf)
+                # A view of the buffer, not a copy: one raw copy of the tensor in memory.
+                yield t.name, torch.frombuffer(buf, dtype=torch.uint8).view(
+                    TORCH_DTYPES[t.dtype]).reshape(t.shape)
+                del buf
 
 
 def amplification_row(m, W2, seed: int) -> dict:

@@ -158,8 +158,8 @@ def plot_subspace(report: dict, output: str | os.PathLike, *, overwrite: bool = 
             image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", origin="upper",
                               extent=(0.5, dims[1] + 0.5, dims[0] + 0.5, 0.5),
                               interpolation="nearest", aspect="auto")
-            ax.set_xlabel("j (B)")
-            ax.set_ylabel("i (A)")
+            ax.set_xlabel("j (second adapter)")
+            ax.set_ylabel("i (first adapter)")
             leaf = group.rsplit(".", 1)[-1]
             more = f", mean of {count}" if count > 1 else ""
             ax.set_title(f"{leaf} ({side[key]}{more})", fontsize=9)
