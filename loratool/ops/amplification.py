@@ -102,11 +102,22 @@ def _stream(base: str, wanted):
                 del buf
 
 
+def random_projection_norm(W2, k: int, seed: int, module: str) -> float:
+    """||U_R^T W2 V_R||_F for the seeded random k-dimensional subspaces of ``module``."""
+    import torch
+
+    from ..linalg import projection_norm, random_basis
+    g = torch.Generator().manual_seed(module_seed(seed, module))
+    Ur = random_basis(W2.shape[0], k, g)
+    Vr = random_basis(W2.shape[1], k, g)
+    return projection_norm(W2, Ur, Vr)
+
+
 def amplification_row(m, W2, seed: int) -> dict:
     """Every quantity of spec/lowrank.md section 7 for one module and its [out, n] base view."""
     import torch
 
-    from ..linalg import projection_norm, random_basis, singular_bases
+    from ..linalg import projection_norm, singular_bases
     B2, A2 = m.factors(torch.float64)
     S, U, V = singular_bases(B2, A2, m.scale)
     k = U.shape[1]
@@ -115,10 +126,7 @@ def amplification_row(m, W2, seed: int) -> dict:
     base_norm = float(torch.linalg.matrix_norm(W2))
     proj = projection_norm(W2, U, V)
     top = float(torch.linalg.vector_norm(torch.linalg.svdvals(W2)[:k]))
-    g = torch.Generator().manual_seed(module_seed(seed, m.name))
-    Ur = random_basis(W2.shape[0], k, g)
-    Vr = random_basis(W2.shape[1], k, g)
-    rand = projection_norm(W2, Ur, Vr)
+    rand = random_projection_norm(W2, k, seed, m.name)
     return {"rank": k, "delta_norm": delta_norm, "base_norm": base_norm,
             "projection_norm": proj,
             "amplification": delta_norm / proj if proj > 0 else None,
