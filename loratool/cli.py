@@ -27,6 +27,8 @@ COMMANDS = {
                 "Convert between loratool, PEFT, kohya/sd-scripts and loralib adapters."),
     "merge": ("loratool.commands.merge", "merge_cmd",
               "Merge adapters into a base checkpoint, streaming, rounding once."),
+    "extract": ("loratool.commands.extract", "extract_cmd",
+                "Extract the LoRA adapter that turns a base checkpoint into a tuned one (inverse of merge)."),
     "unmerge": ("loratool.commands.merge", "unmerge_cmd",
                 "Subtract merged adapters from a checkpoint (the inverse of merge)."),
     "resize": ("loratool.commands.resize", "resize_cmd",

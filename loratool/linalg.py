@@ -321,3 +321,74 @@ def select_rank(S, limit: int, *, rank=None, fro=None, sv_ratio=None, cumulative
         wanted = min(wanted, int(max_rank))
     return RankChoice(rank=max(1, min(wanted, limit)), rule_rank=k, limit=limit,
                       clamped=wanted > limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subspace similarity and amplification (spec/lowrank.md, sections 6 and 7): Hu et al. 2021,
+# section 7, computed from the factors. Singular vectors come from ``CoreSVD``.
+# ---------------------------------------------------------------------------------------------
+
+def nonzero_rank(S: torch.Tensor, shape) -> int:
+    """Number of singular values that binary64 can tell from zero: s_i > s_1 * max(shape) * 2^-52.
+
+    Directions beyond it are not determined by the matrix (any orthonormal completion would
+    do), so the subspace analyses use only these.
+    """
+    if S.numel() == 0 or not float(S[0]) > 0.0:
+        return 0
+    return int((S > S[0] * max(shape) * 2.0**-52).sum())
+
+
+def singular_bases(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0):
+    """(S, U [m, k], V [n, k]) of ``scale * B @ A`` in binary64, with k = ``nonzero_rank``.
+
+    Columns ordered by descending singular value; from the thin QRs and the core SVD only.
+    """
+    svd = CoreSVD(B, A, scale)
+    k = nonzero_rank(svd.S, svd.shape)
+    U, Vh = svd.vectors(k)
+    return svd.S, U, Vh.T
+
+
+def row_space_basis(A: torch.Tensor):
+    """(S, V [n, k]): right singular vectors of A [r, n] (the factored kernel with B = I)."""
+    A = A.to(torch.float64)
+    S, _, V = singular_bases(torch.eye(A.shape[0], dtype=torch.float64), A)
+    return S, V
+
+
+def subspace_similarity(V1: torch.Tensor, V2: torch.Tensor) -> torch.Tensor:
+    """phi[i-1, j-1] = ||V1[:, :i]^T V2[:, :j]||_F^2 / min(i, j) for orthonormal V1, V2.
+
+    One product M = V1^T V2 and 2-D prefix sums of M^2. The two arguments are put in a fixed
+    order (by size, then bytes) and the result transposed back, so that swapping them gives
+    exactly the transposed grid. Values are clamped to [0, 1] (rounding can exceed 1 by ulps).
+    """
+    swap = (V1.shape[1], _key(V1)) > (V2.shape[1], _key(V2))
+    if swap:
+        V1, V2 = V2, V1
+    M = V1.to(torch.float64).T @ V2.to(torch.float64)
+    C = (M * M).cumsum(0).cumsum(1)
+    i = torch.arange(1, M.shape[0] + 1, dtype=torch.float64)[:, None]
+    j = torch.arange(1, M.shape[1] + 1, dtype=torch.float64)[None, :]
+    phi = (C / torch.minimum(i, j)).clamp(0.0, 1.0)
+    return phi.T if swap else phi
+
+
+def _key(V: torch.Tensor) -> bytes:
+    return V.detach().to(torch.float64).contiguous().numpy().tobytes()
+
+
+def projection_norm(W2: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> float:
+    """||U^T W2 V||_F for W2 [m, n], U [m, k], V [n, k] (binary64; one pass over W2)."""
+    return float(torch.linalg.matrix_norm(U.T @ (W2 @ V)))
+
+
+def random_basis(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Orthonormal basis [n, k] of a uniformly random k-dimensional subspace of R^n.
+
+    The span of k independent standard normal vectors is uniformly distributed; Q of its
+    (Householder) QR is an orthonormal basis of that span.
+    """
+    G = torch.randn(n, k, generator=generator, dtype=torch.float64)
+    return torch.linalg.qr(G).Q

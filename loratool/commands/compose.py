@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import console
+from ..ops.subspace import SUBSPACE_ON
 from ._options import path_numbers, source_options
 from .resize import load_with_progress, write_output
 
@@ -70,21 +71,46 @@ def compose_cmd(adapters, rank, fro, out, overwrite, as_json, source, quiet):
 @click.argument("a", type=click.Path(exists=True, dir_okay=True))
 @click.argument("b", type=click.Path(exists=True, dir_okay=True))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--subspace", is_flag=True,
+              help="Also the subspace similarity phi(i, j) of the LoRA paper per module "
+                   "(top-i singular directions of A against top-j of B).")
+@click.option("--on", "on", type=click.Choice(SUBSPACE_ON), default=None,
+              help="With --subspace: singular vectors of the A matrices (default, as in the "
+                   "paper) or of the deltas (input and output side).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+              help="With --subspace: write heatmaps of phi per module group (needs the plot "
+                   "extra: pip install 'loratool[plot]').")
+@click.option("--overwrite", is_flag=True, help="Replace the --plot file if it exists.")
 @source_options
-def compare_cmd(a, b, as_json, source):
+def compare_cmd(a, b, as_json, subspace, on, plot, overwrite, source):
     """Per-module cosine similarity and norm ratio |dB|/|dA| of two adapters' deltas.
 
     Computed in factored form, without forming any dense matrix. Modules present in only
     one adapter are listed. Use it to see how adapters relate before composing them.
+    --subspace adds the LoRA paper's subspace similarity (do two runs, or two ranks, learn
+    the same directions?).
 
     \b
     Examples:
       loratool compare examples/adapter.safetensors examples/adapter_style.safetensors
       loratool compare examples/adapter.safetensors examples/adapter_style.safetensors --json
+      loratool compare examples/adapter.safetensors examples/adapter_style.safetensors \
+          --subspace --plot subspace.png
     """
     from ..ops.compose import compare
-    report = compare(a, b, **source)
+    if (on is not None or plot is not None) and not subspace:
+        raise click.UsageError("--on and --plot need --subspace")
+    if plot is not None:
+        from ..atomic import check_destination
+        check_destination(plot, overwrite=overwrite, inputs=[a, b])
+    report = compare(a, b, subspace=subspace, on=on or "a", **source)
+    if plot is not None:
+        from ..ops.subspace import plot_subspace
+        report["plot"] = plot_subspace(report, plot, overwrite=overwrite, inputs=[a, b])
     if as_json:
         console.print_json(report)
+    elif subspace:
+        from ._analysis import render_subspace
+        render_subspace(report)
     else:
         console.render_compare(report)

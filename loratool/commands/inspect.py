@@ -13,8 +13,13 @@ from ._options import source_options
 @click.option("--stats", is_flag=True,
               help="Also read the tensors: per-module norm of delta W, singular values, "
                    "effective rank, flags for all-zero B and NaN/Inf (imports torch).")
+@click.option("--base", type=click.Path(exists=True, dir_okay=True), default=None,
+              help="A base checkpoint (streamed): per module ||U^T W V||_F, ||W||_F and the "
+                   "amplification factor of the LoRA paper, with baselines (imports torch).")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+              help="With --base: seed of the random-subspace baseline.")
 @source_options
-def inspect_cmd(path, as_json, stats, source):
+def inspect_cmd(path, as_json, stats, base, seed, source):
     """Show what an adapter is: format, base model, scaling, totals and a per-module table.
 
     Without --stats only the header is read, so a multi-GB adapter inspects as fast as a
@@ -24,9 +29,15 @@ def inspect_cmd(path, as_json, stats, source):
     Examples:
       loratool inspect examples/adapter.safetensors
       loratool inspect examples/adapter.safetensors --stats --json
+      loratool inspect examples/adapter.safetensors --base examples/base.safetensors
     """
-    report = inspect(path, stats=stats, **source)
+    if seed != 0 and base is None:
+        raise click.UsageError("--seed needs --base")
+    report = inspect(path, stats=stats, base=base, seed=seed, **source)
     if as_json:
         console.print_json(report)
     else:
         console.render_inspect(report)
+        if base is not None:
+            from ._analysis import render_amplification
+            render_amplification(report)

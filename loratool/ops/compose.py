@@ -219,13 +219,16 @@ def _warnings(items, rows) -> list[str]:
 # compare
 # ---------------------------------------------------------------------------------------------
 
-def compare(a: Adapter | str | os.PathLike, b: Adapter | str | os.PathLike,
-            **options) -> dict:
+def compare(a: Adapter | str | os.PathLike, b: Adapter | str | os.PathLike, *,
+            subspace: bool = False, on: str = "a", **options) -> dict:
     """Per-module cosine similarity <dA, dB> / (|dA| |dB|) and norm ratio |dB| / |dA|.
 
     Computed in factored form (fp64). Modules in one adapter only are listed with status
     ``only_a``/``only_b``; modules of different shapes get ``shape_mismatch`` and DoRA modules
     ``dora`` (no linear delta), both without numbers. ``rel_diff`` is |dB - dA| / |dA|.
+
+    ``subspace=True`` adds the subspace similarity grid of the LoRA paper per compared module
+    (``subspace_similarity``, on ``on="a"`` or ``"delta"``; see ``ops.subspace``).
 
     >>> s = compare("examples/adapter.safetensors",
     ...             "examples/adapter_style.safetensors")["summary"]
@@ -233,6 +236,9 @@ def compare(a: Adapter | str | os.PathLike, b: Adapter | str | os.PathLike,
     (4, -0.0117)
     """
     from ..linalg import difference_norm, frobenius_norm, inner
+    if subspace:
+        from .subspace import check_on
+        check_on(on)
     A_ad, label_a = load_input(a, options)
     B_ad, label_b = load_input(b, options)
     rows = []
@@ -275,4 +281,8 @@ def compare(a: Adapter | str | os.PathLike, b: Adapter | str | os.PathLike,
         "cosine_mean": sum(cosines) / len(cosines) if cosines else None,
         "cosine_min": min(cosines) if cosines else None,
     }
-    return {"a": label_a, "b": label_b, "modules": rows, "summary": summary}
+    report = {"a": label_a, "b": label_b, "modules": rows, "summary": summary}
+    if subspace:
+        from .subspace import add_subspace
+        report["subspace"] = add_subspace(rows, A_ad, B_ad, on)
+    return report

@@ -10,12 +10,15 @@ from ..model import AdapterInfo, ModuleInfo
 EPS = {"F16": 2.0**-10, "BF16": 2.0**-7, "F32": 2.0**-23, "F64": 2.0**-52}
 
 
-def inspect(path: str | os.PathLike, *, stats: bool = False, **options) -> dict:
+def inspect(path: str | os.PathLike, *, stats: bool = False, base: str | os.PathLike | None = None,
+            seed: int = 0, **options) -> dict:
     """Describe an adapter (any format) as a JSON-ready dict.
 
     Without ``stats`` only the header is read and torch is not imported. With ``stats`` each
     module also gets the Frobenius norm and singular values of its delta (factored form) and
-    flags for an all-zero B or NaN/Inf values.
+    flags for an all-zero B or NaN/Inf values. With ``base`` (a checkpoint, streamed) each
+    module also gets the LoRA paper's ``amplification`` analysis against its base weight, with
+    a random baseline drawn from ``seed`` (``ops.amplification``).
 
     >>> inspect("examples/adapter.safetensors")["totals"]["modules"]
     8
@@ -25,11 +28,22 @@ def inspect(path: str | os.PathLike, *, stats: bool = False, **options) -> dict:
     path = os.fspath(path)
     merged = merged_checkpoint_report(path)  # a base checkpoint written by `loratool merge`
     if merged is not None:
+        if base is not None:
+            from ..errors import OperationError
+            raise OperationError(f"{path} is a merged checkpoint, not an adapter: base= "
+                                 "(--base) analyzes an adapter against its base", code="LT536")
         return merged
-    info = read_adapter_info(path, **options)
+    read_options = options
+    if base is not None:  # foreign formats then read names and layouts against the base
+        from .amplification import reading_options
+        read_options = reading_options(path, base, options)
+    info = read_adapter_info(path, **read_options)
     report = _report(info)
     if stats:
-        _add_stats(report, path, options)
+        _add_stats(report, path, read_options)
+    if base is not None:
+        from .amplification import add_amplification
+        add_amplification(report, path, base, seed, options)
     return report
 
 
