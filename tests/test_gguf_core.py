@@ -510,3 +510,12 @@ def test_fuzzed_files_never_crash(good_adapter, tmp_path, data):
     cut = data.draw(st.integers(0, len(g)))
     code = _code(tmp_path, bytes(g[:cut]))
     assert code is None or code.startswith("LT3")
+
+
+def test_spec_lists_every_gguf_code():
+    from loratool.gguf.codes import RULES
+    spec = os.path.join(os.path.dirname(os.path.dirname(__file__)), "spec", "gguf.md")
+    with open(spec, encoding="utf-8") as f:
+        text = f.read()
+    for code, (level, summary) in RULES.items():
+        assert f"| {code} | {level} | {summary} |" in text, code
