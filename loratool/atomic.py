@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import shutil
 import tempfile
 
@@ -70,7 +71,7 @@ class AtomicFile:
                     os.fsync(self._f.fileno())
                 self._f.close()
                 os.chmod(self._tmp, 0o644)
-                os.replace(self._tmp, self.dest)
+                move_into_place(self._tmp, self.dest)
                 self._tmp = None
                 if self.fsync:
                     _fsync_dir(os.path.dirname(os.path.abspath(self.dest)))
@@ -176,6 +177,38 @@ class AtomicDir:
             if self.tmp is not None:
                 shutil.rmtree(self.tmp, ignore_errors=True)
         return False
+
+
+def move_into_place(tmp: str, dest: str) -> None:
+    """``os.replace(tmp, dest)`` for a regular file, without the flush of a rename over an
+    existing file: ext4 (``auto_da_alloc``) writes the new file's data out before such a
+    rename returns (5.5 s for a 2.8 GB merge), a cost ``--fsync`` asks for and a plain
+    ``--overwrite`` must not pay. So the old file is renamed aside first (a fresh name beside
+    it), the new one renamed in (no file to replace: no flush), then the old one unlinked.
+
+    Failure: if the second rename fails, the old file is renamed back and the error raised:
+    the destination is never left missing while the new file is still unrenamed. A kill
+    between the two renames (microseconds) leaves the old file under its
+    ``.loratool-tmp-*.old.part`` name, recoverable, and no destination.
+    """
+    if not os.path.lexists(dest) or (os.path.isdir(dest) and not os.path.islink(dest)):
+        os.replace(tmp, dest)  # nothing to move aside (a directory: os.replace refuses)
+        return
+    parent = os.path.dirname(os.path.abspath(dest))
+    while True:
+        old = os.path.join(parent, f"{TEMP_PREFIX}{secrets.token_hex(8)}.old{TEMP_SUFFIX}")
+        if not os.path.lexists(old):
+            break
+    os.rename(dest, old)
+    try:
+        os.rename(tmp, dest)
+    except BaseException:
+        os.rename(old, dest)
+        raise
+    try:
+        os.unlink(old)
+    except OSError:  # the new file is in place; a leftover temporary is only litter
+        pass
 
 
 def _fsync_dir(path: str) -> None:

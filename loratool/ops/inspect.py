@@ -20,7 +20,7 @@ def inspect(path: str | os.PathLike, *, stats: bool = False, **options) -> dict:
     >>> inspect("examples/adapter.safetensors")["totals"]["modules"]
     """
     from ..adapter import read_adapter_info
-    from ..checkpoint import merged_checkpoint_report
+    from .merge.provenance import merged_checkpoint_report
     path = os.fspath(path)
     merged = merged_checkpoint_report(path)  # a base checkpoint written by `loratool merge`
     if merged is not None:
