@@ -81,7 +81,9 @@ def build(root: str, layers: int, bf16: bool = False) -> dict:
     peft_model.save_pretrained(peft_dir)
     lt_path = os.path.join(root, "adapter.safetensors")
     save_adapter(Adapter(modules=modules, alpha=ALPHA), lt_path)
-    del model, peft_model, modules
+    del model, peft_model
+    n_modules = len(modules)
+    del modules
     base = os.path.join(base_dir, "model.safetensors")
     base_bf16 = os.path.join(root, "model-bf16.safetensors")
     if bf16:
@@ -91,7 +93,7 @@ def build(root: str, layers: int, bf16: bool = False) -> dict:
             save_file({k: f.get_tensor(k).to(torch.bfloat16) for k in f.keys()}, base_bf16,
                       metadata={"format": "pt"})
     return {"base_dir": base_dir, "base": base, "peft": peft_dir, "adapter": lt_path,
-            "base_bf16": base_bf16, "size": os.path.getsize(base), "modules": len(modules)}
+            "base_bf16": base_bf16, "size": os.path.getsize(base), "modules": n_modules}
 
 
 NAIVE = r"""
