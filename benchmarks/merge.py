@@ -11,6 +11,16 @@ runs each case in a fresh process, several times, sampling the process's memory 
              + save_pretrained
   cp         cp BASE OUT (the I/O floor)
   torch      python -c "import torch" (the interpreter floor)
+  loratool-peft   the loratool merge with the PEFT adapter file (adapter_model.safetensors)
+  loratool-bf16 / cp-bf16   the merge and the copy of a bf16 copy of the base (--bf16 builds it)
+  loratool-fsync / loratool-peft-fsync / cp-sync   the same with --fsync, and cp + sync FILE
+
+Issue 11's fixture (2.8 GB fp32, 12 layers), on tmpfs and then on disk, one at a time:
+
+    python benchmarks/merge.py --layers 12 --repeats 3 --bf16 --workdir /dev/shm --skip-check \
+        --cases cp loratool loratool-peft cp-bf16 loratool-bf16 peft
+    python benchmarks/merge.py --layers 12 --repeats 3 --workdir /var/tmp \
+        --cases cp-sync loratool-fsync loratool-peft-fsync
 
 Reported per case: median wall time, median peak RSS (VmHWM/VmRSS) and median peak anonymous
 RSS (RssAnon: heap, not the page cache that mmap'd files add to RSS), and ratios. Run twice
@@ -37,8 +47,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def build(root: str, layers: int) -> dict:
-    """Base dir (config.json + model.safetensors), PEFT adapter dir, loratool adapter file."""
+def build(root: str, layers: int, bf16: bool = False) -> dict:
+    """Base dir (config.json + model.safetensors), PEFT adapter dir, loratool adapter file;
+    with ``bf16`` also a bf16 copy of the base."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -71,9 +82,18 @@ def build(root: str, layers: int) -> dict:
     lt_path = os.path.join(root, "adapter.safetensors")
     save_adapter(Adapter(modules=modules, alpha=ALPHA), lt_path)
     del model, peft_model
+    n_modules = len(modules)
+    del modules
     base = os.path.join(base_dir, "model.safetensors")
+    base_bf16 = os.path.join(root, "model-bf16.safetensors")
+    if bf16:
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+        with safe_open(base, "pt") as f:
+            save_file({k: f.get_tensor(k).to(torch.bfloat16) for k in f.keys()}, base_bf16,
+                      metadata={"format": "pt"})
     return {"base_dir": base_dir, "base": base, "peft": peft_dir, "adapter": lt_path,
-            "size": os.path.getsize(base), "modules": len(modules)}
+            "base_bf16": base_bf16, "size": os.path.getsize(base), "modules": n_modules}
 
 
 NAIVE = r"""
@@ -151,10 +171,13 @@ def _rm(path: str) -> None:
         os.unlink(path)
 
 
-def run_size(root: str, layers: int, repeats: int, device: str, cases: list[str]) -> dict:
-    data = build(root, layers)
-    out = os.path.join(root, "out")
+def run_size(root: str, layers: int, repeats: int, device: str, cases: list[str],
+             bf16: bool = False, check: bool = True) -> dict:
+    data = build(root, layers, bf16)
+    peft_file = os.path.join(data["peft"], "adapter_model.safetensors")
     py = sys.executable
+    merge = [py, "-m", "loratool", "merge", "--device", device, "--quiet"]
+    out = os.path.join(root, "out")
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     commands = {
         "loratool": [py, "-m", "loratool", "merge", data["base"], data["adapter"], "-o",
@@ -163,15 +186,28 @@ def run_size(root: str, layers: int, repeats: int, device: str, cases: list[str]
         "peft": [py, "-c", PEFT, data["base_dir"], data["peft"], out],
         "cp": ["cp", data["base"], out + ".safetensors"],
         "torch": [py, "-c", "import torch"],
+        "loratool-peft": merge + [data["base"], peft_file, "-o", out + ".safetensors"],
+        "loratool-bf16": merge + [data["base_bf16"], data["adapter"], "-o",
+                                  out + ".safetensors"],
+        "cp-bf16": ["cp", data["base_bf16"], out + ".safetensors"],
+        "loratool-fsync": merge + [data["base"], data["adapter"], "-o", out + ".safetensors",
+                                   "--fsync"],
+        "loratool-peft-fsync": merge + [data["base"], peft_file, "-o", out + ".safetensors",
+                                        "--fsync"],
+        "cp-sync": ["sh", "-c", 'cp "$0" "$1" && sync "$1"', data["base"],
+                    out + ".safetensors"],
     }
-    subprocess.run(["cat", data["base"]], stdout=subprocess.DEVNULL, check=True)  # warm cache
+    for path in (data["base"], data["base_bf16"]):  # warm cache
+        if os.path.exists(path):
+            subprocess.run(["cat", path], stdout=subprocess.DEVNULL, check=True)
     results: dict[str, list[dict]] = {c: [] for c in cases}
     for _ in range(repeats):
         for case in cases:
             _rm(out)
             _rm(out + ".safetensors")
             results[case].append(measure(commands[case], env))
-    _check(data, out, env)
+    if check:
+        _check(data, out, env)
     _rm(out)
     _rm(out + ".safetensors")
     summary = {c: {k: statistics.median(r[k] for r in rs) for k in ("wall", "cpu", "rss",
@@ -216,6 +252,16 @@ def report(res: dict) -> str:
         rc = f"{s['cpu'] / lt['cpu']:.2f}x" if lt and lt["cpu"] else "-"
         lines.append(f"| {c} | {s['wall']:.2f} | {s['cpu']:.2f} | {_gib(s['rss'])} | "
                      f"{_gib(s['anon'])} | {rw} | {rc} |")
+    lines.append("")
+    for case, floor in (("loratool", "cp"), ("loratool-peft", "cp"),
+                        ("loratool-bf16", "cp-bf16"), ("loratool-fsync", "cp-sync"),
+                        ("loratool-peft-fsync", "cp-sync")):
+        if case in cases and floor in cases:
+            ratio = cases[case]["wall"] / cases[floor]["wall"]
+            lines.append(f"{case} / {floor}: wall {ratio:.2f}x")
+    if "peft" in cases and "loratool-peft" in cases:
+        lines.append(f"PEFT path / loratool-peft: wall "
+                     f"{cases['peft']['wall'] / cases['loratool-peft']['wall']:.2f}x")
     if lt:
         lines.append("")
         for c, label in (("peft", "PEFT / loratool (target >= 5x)"),
@@ -244,12 +290,16 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", nargs="+", default=["loratool", "naive", "peft", "cp", "torch"])
     ap.add_argument("--workdir", default=None, help="where the checkpoints go (default: /tmp)")
     ap.add_argument("--json", help="also write the raw results to this file")
+    ap.add_argument("--bf16", action="store_true", help="also build a bf16 copy of the base")
+    ap.add_argument("--skip-check", action="store_true",
+                    help="skip the comparison with the naive merge (it needs 2 more copies)")
     args = ap.parse_args(argv)
     all_results = []
     for layers in args.layers:
         root = tempfile.mkdtemp(prefix="loratool-bench-", dir=args.workdir)
         try:
-            res = run_size(root, layers, args.repeats, args.device, args.cases)
+            res = run_size(root, layers, args.repeats, args.device, args.cases, args.bf16,
+                           not args.skip_check)
         finally:
             shutil.rmtree(root, ignore_errors=True)
         all_results.append(res)

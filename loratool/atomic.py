@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import os
 import shutil
+import sys
 import tempfile
 
 from .errors import OperationError
@@ -73,7 +76,7 @@ class AtomicFile:
                     os.fsync(self._f.fileno())
                 self._f.close()
                 os.chmod(self._tmp, 0o644)
-                os.replace(self._tmp, self.dest)
+                move_into_place(self._tmp, self.dest)
                 self._tmp = None
                 if self.fsync:
                     _fsync_dir(os.path.dirname(os.path.abspath(self.dest)))
@@ -190,6 +193,54 @@ class AtomicDir:
             if self.tmp is not None:
                 shutil.rmtree(self.tmp, ignore_errors=True)
         return False
+
+
+def move_into_place(tmp: str, dest: str) -> None:
+    """``os.replace(tmp, dest)`` without the flush of a rename over an existing file.
+
+    ext4 (``auto_da_alloc``) writes the new file's data out before a rename over an existing
+    file returns (5.5 s for a 2.8 GB merge): a cost ``--fsync`` asks for and a plain
+    ``--overwrite`` must not pay. An atomic exchange of the two names
+    (``renameat2(RENAME_EXCHANGE)``, Linux 3.15+, ext4/xfs/btrfs/tmpfs) does not flush; the
+    old file, now under the temporary's name, is then unlinked. At every instant the
+    destination is the old file or the new one, never missing: a kill after the exchange
+    leaves at most the old file under its ``.loratool-tmp-*.part`` name. Where the exchange
+    is not available (other systems, file systems that refuse it) this is ``os.replace``.
+    """
+    if os.path.isfile(dest) and not os.path.islink(dest) and _exchange(tmp, dest):
+        try:
+            os.unlink(tmp)  # the old file now
+        except OSError:  # the new file is in place; a leftover temporary is only litter
+            pass
+        return
+    os.replace(tmp, dest)
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc 2.28+, musl 1.2.2+
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap the names ``a`` and ``b`` atomically; False where that is not supported."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), b)
 
 
 def _fsync_dir(path: str) -> None:

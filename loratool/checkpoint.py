@@ -129,7 +129,7 @@ def load_pickle_state_dict(path: str) -> dict:
     return obj
 
 
-# --- streaming: sources, writer, provenance record -------------------------------------------
+# --- streaming: sources and writer ------------------------------------------------------------
 #
 # A merge reads each tensor of the base once, in file order, and writes the output in the same
 # order: the header first (names, dtypes and shapes are known up front), then the bytes. Tensors
@@ -370,91 +370,3 @@ def read_sidecar(path: str) -> dict[str, str]:
         raise CheckpointError(f"{side} is not a JSON object of string values (loratool "
                               "metadata of a .pt checkpoint)", code="LT402") from None
     return obj
-
-
-def write_sidecar(path: str, metadata: dict[str, str], *, overwrite: bool = True,
-                  fsync: bool = False) -> None:
-    from .atomic import AtomicFile
-    with AtomicFile(sidecar_path(path), overwrite=overwrite, fsync=fsync) as f:
-        f.write((json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-
-
-def checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The string metadata of a base checkpoint, read without tensor data or torch: the
-    safetensors ``__metadata__``; for a sharded directory the string values of the index's
-    ``metadata`` (else the first shard's); for .pt/.bin the sidecar file."""
-    from .stfile import read_header
-    path = os.fspath(path)
-    kind = checkpoint_kind(path)
-    if kind == KIND_PICKLE:
-        return read_sidecar(path)
-    if kind == KIND_SHARDED:
-        index = find_index(path)
-        raw = read_index_json(index).get("metadata") or {}
-        meta = {k: v for k, v in raw.items() if isinstance(v, str)} if isinstance(raw, dict) \
-            else {}
-        if meta:
-            return meta
-        shards = shard_order(index)
-        if not shards:
-            return {}
-        return dict(read_header(os.path.join(os.path.dirname(index), shards[0])).metadata)
-    return dict(read_header(path).metadata)
-
-
-def merge_records(metadata: dict[str, str], *, path: str = "") -> list[dict]:
-    """The list under ``loratool.merged`` (spec/merge.md), ``[]`` when absent."""
-    from .format import KEY_MERGED
-    text = metadata.get(KEY_MERGED)
-    if text is None:
-        return []
-    try:
-        records = json.loads(text)
-        ok = isinstance(records, list) and all(
-            isinstance(r, dict) and isinstance(r.get("adapters"), list) for r in records)
-    except (ValueError, RecursionError):
-        ok = False
-    if not ok:
-        raise CheckpointError(f"metadata {KEY_MERGED} is not a JSON list of merge records "
-                              "(spec/merge.md); it was edited or damaged", code="LT410",
-                              path=path or None)
-    return records
-
-
-def merged_checkpoint_report(path: str | os.PathLike) -> dict | None:
-    """``inspect``'s report for a base checkpoint written by ``loratool merge`` (one with a
-    ``loratool.merged`` record and no adapter format key), or None for anything else. Header
-    and sidecar reads only: no torch."""
-    from collections import Counter
-
-    from .errors import LoraToolError
-    from .format import KEY_FORMAT, KEY_MERGED
-    path = os.fspath(path)
-    try:
-        kind = checkpoint_kind(path)
-        if kind == KIND_PICKLE and not os.path.exists(sidecar_path(path)):
-            return None
-        meta = checkpoint_metadata(path)
-        if KEY_MERGED not in meta or KEY_FORMAT in meta:
-            return None
-        records = merge_records(meta, path=path)
-        tensors = None if kind == KIND_PICKLE else list_tensors(path)
-    except LoraToolError:
-        return None  # not a checkpoint we recognize: inspect reports it as an adapter would
-    from .stfile import DTYPE_SIZES
-    report = {"path": path, "source_format": "merged-checkpoint", "checkpoint": kind,
-              "tensors": None, "bytes": None, "dtypes": {}, "merged": records,
-              "other_metadata": {k: v for k, v in sorted(meta.items()) if k != KEY_MERGED}}
-    if tensors is not None:
-        report["tensors"] = len(tensors)
-        report["bytes"] = sum(
-            _prod(t.shape) * DTYPE_SIZES[t.dtype] for t in tensors.values())
-        report["dtypes"] = dict(sorted(Counter(t.dtype for t in tensors.values()).items()))
-    return report
-
-
-def _prod(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

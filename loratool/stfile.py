@@ -262,15 +262,6 @@ def iter_chunks(header: Header, info: TensorInfo, f: BinaryIO, chunk: int = 1 <<
         yield np.frombuffer(data, dtype=dt)
 
 
-def nonfinite_count(arr: np.ndarray, dtype: str) -> int:
-    """Number of NaN/Inf entries; BF16 is checked on its bit pattern (exponent all ones)."""
-    if dtype == "BF16":
-        return int(np.count_nonzero((arr.view(np.uint16) & 0x7F80) == 0x7F80))
-    if dtype in ("F16", "F32", "F64", "C64"):
-        return int(arr.size - np.count_nonzero(np.isfinite(arr)))
-    return 0
-
-
 # --- writing -------------------------------------------------------------------------------
 
 def build_header(entries: Iterable[tuple[str, str, tuple[int, ...]]],

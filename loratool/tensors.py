@@ -7,6 +7,7 @@ from typing import BinaryIO
 import torch
 
 from .errors import ContainerError
+from .numerics import round_to_odd_f32
 from .stfile import Header, TensorInfo, read_bytes
 
 TORCH_DTYPES = {
@@ -48,21 +49,6 @@ def to_bytes(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
-def round_to_odd_f32(x):
-    """float64 -> float32 rounded to odd: truncate, then set the last bit when inexact.
-
-    Rounding that to nearest-even bf16/fp16 (8 and 11 bits, both <= 24 - 2) equals rounding
-    ``x`` itself once (Boldo & Melquiond, "Emulation of FMA and correctly rounded sums").
-    """
-    y = x.to(torch.float32)
-    back = y.to(torch.float64)
-    inexact = back != x
-    bits = y.view(torch.int32)
-    bits.sub_((inexact & (back.abs() > x.abs())).to(torch.int32))  # step toward zero
-    bits.bitwise_or_(inexact.to(torch.int32))
-    return y
 
 
 def round_once(x, dtype):

@@ -14,7 +14,8 @@ import re
 from . import format as F
 from .model import AdapterInfo, ModuleInfo
 from .rules import Finding
-from .stfile import Header, TensorHasher, iter_chunks, nonfinite_count
+from .numerics import any_nonzero, nonfinite_count
+from .stfile import Header, TensorHasher, iter_chunks
 
 
 # loratool.alpha is spelled as a JSON number (what ``repr(float)`` writes); Python's float()
@@ -256,10 +257,7 @@ def check_data(header: Header, *, tensor_hash: str | None, chunk: int = 1 << 24
                 hasher.update(part)
                 bad += nonfinite_count(part, info.dtype)
                 if not nonzero:
-                    bits = part.view(_uint_of(part.dtype.itemsize))
-                    # +0.0 and -0.0 are both zero: ignore the sign bit.
-                    mask = (1 << (8 * part.dtype.itemsize - 1)) - 1
-                    nonzero = bool(((bits & mask) != 0).any())
+                    nonzero = any_nonzero(part)  # +0.0 and -0.0 are both zero
             split = F.split_tensor_name(name)
             module = split[0] if split else None
             if bad:
@@ -278,8 +276,3 @@ def check_data(header: Header, *, tensor_hash: str | None, chunk: int = 1 << 24
                                     f"hashes to {actual}: the file was altered or corrupted",
                            header.path))
     return out
-
-
-def _uint_of(itemsize: int):
-    import numpy as np
-    return {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[itemsize]

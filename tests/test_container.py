@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loratool.errors import ContainerError, LoraToolError
+from loratool.numerics import nonfinite_count
 from loratool.stfile import (MAX_JSON_DEPTH, MAX_NDIM, SafetensorsWriter, TensorHasher,
-                             _nests_deeper, nonfinite_count, read_header, read_numpy,
-                             tensor_hash)
+                             _nests_deeper, read_header, read_numpy, tensor_hash)
 
 ENTRY = {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}
 

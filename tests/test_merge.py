@@ -22,8 +22,10 @@ from loratool.model import Adapter, LoraModule
 from loratool.tensors import round_once
 from loratool.ops.merge import (adapter_identity, merge, parse_adapter_spec,
                                 unmerge)
+from loratool.ops.merge.job import Engines, run_with
 
 DTYPES = list(NAMES.values())
+FP32 = Engines(precision="fp32")  # the float32 torch engine (CUDA's), on the CPU
 EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 TINY = {torch.float32: 2.0**-149, torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24}
 
@@ -140,8 +142,8 @@ def test_near_cancellation_fp32_sum_is_wrong_ours_is_right(tmp_path, dtype):
     fp32_path = (base["w.weight"].float() + (B @ A)).to(dtype)
     assert fp32_path.item() == 1.0  # the test has teeth: the float32 sum gets it wrong
     # the float32 path (the GPU engine, forced onto the CPU) rounds twice and says 1.0
-    fast = merge(base_path, paths, device="cpu", output=str(tmp_path / "fast.safetensors"),
-                 _precision="fp32")
+    fast = run_with(FP32, "merge", base_path, paths, device="cpu",
+                    output=str(tmp_path / "fast.safetensors"))
     assert load_file(fast.output)["w.weight"].item() == 1.0
 
 
@@ -214,8 +216,8 @@ def test_fast_engine_within_fp32_rounding_of_exact(tmp_path):
         base = base_for(a1, dtype)
         base_path, paths = _write(tmp_path, base, [(a1, 0.9), (a2, 0.4)])
         exact = load_file(merge(base_path, paths, device="cpu", overwrite=True).output)
-        fast_report = merge(base_path, paths, device="cpu", overwrite=True,
-                            output=str(tmp_path / "fast.safetensors"), _precision="fp32")
+        fast_report = run_with(FP32, "merge", base_path, paths, device="cpu", overwrite=True,
+                               output=str(tmp_path / "fast.safetensors"))
         assert fast_report.precision == "fp32"
         fast = load_file(fast_report.output)
         ref = ref_merge(base, [(a1, 0.9), (a2, 0.4)], with_error=True)

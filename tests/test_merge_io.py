@@ -264,7 +264,7 @@ def test_cli_map_and_help(tmp_path):
 def test_inspect_plain_checkpoint_is_not_merged(tmp_path):
     bp = str(tmp_path / "plain.safetensors")
     save_file({"w": torch.zeros(2)}, bp)
-    from loratool.checkpoint import merged_checkpoint_report
+    from loratool.ops.merge.provenance import merged_checkpoint_report
     assert merged_checkpoint_report(bp) is None
     assert list_tensors(bp)["w"].shape == (2,)
 

@@ -16,7 +16,10 @@ from safetensors.torch import save_file
 
 from loratool.adapter import load_adapter, save_adapter
 from loratool.errors import CheckpointError, LoraToolError, OperationError
-from loratool.ops import _merge_numpy as M
+from loratool.numerics import FLOAT_NP, as_float, round_into
+from loratool.ops.merge import npadapter
+from loratool.ops.merge.job import Engines, run_with
+from loratool.ops.merge.options import cuda_may_exist
 from loratool.ops.merge import adapter_identity, merge, unmerge
 from loratool.tensors import round_once
 
@@ -43,7 +46,8 @@ def _both(tmp_path, base_path, paths, op=merge, **kw):
         out = str(tmp_path / f"out-{use_numpy}")
         if os.path.isfile(base_path):
             out += ".safetensors"
-        rep = op(base_path, paths, output=out, device="cpu", _numpy=use_numpy, **kw)
+        rep = run_with(Engines(numpy_loader=use_numpy), op.__name__, base_path, paths,
+                       output=out, device="cpu", **kw)
         reports.append(rep)
         if os.path.isdir(out):
             data.append({f: open(os.path.join(out, f), "rb").read()
@@ -110,19 +114,19 @@ def test_identity_equals_torch_identity(tmp_path):
                             mixed_adapter(6, dtype=torch.bfloat16))):
         p = str(tmp_path / f"a{i}.safetensors")
         save_adapter(ad, p)
-        assert M.load_numpy(p).identity == adapter_identity(load_adapter(p))
+        assert npadapter.load_numpy(p).identity == adapter_identity(load_adapter(p))
 
 
 def test_auto_chooses_numpy_only_when_it_can(tmp_path):
     ad = mixed_adapter(7)
     base = base_for(ad)
     base_path, paths = _files(tmp_path, base, [(ad, 1.0)])
-    assert M.header_allows_numpy(paths[0][0])
+    assert npadapter.header_allows_numpy(paths[0][0])
     dora = str(tmp_path / "dora.safetensors")
     save_adapter(mixed_adapter(7, dora=True), dora)
-    assert not M.header_allows_numpy(dora)
+    assert not npadapter.header_allows_numpy(dora)
     with pytest.raises(OperationError) as e:
-        merge(base_path, [dora], device="cpu", _numpy=True)
+        run_with(Engines(numpy_loader=True), "merge", base_path, [dora], device="cpu")
     assert e.value.code == "LT522"
     # DoRA goes through the torch loader (and torch for the DoRA tensors) and still works
     rep = merge(base_path, [dora], device="cpu", output=str(tmp_path / "d.safetensors"))
@@ -143,14 +147,14 @@ def test_rounding_equals_torch_round_once():
         ref = round_once(torch.from_numpy(x.copy()), dt)
         ref_bits = ref.view({torch.float32: torch.int32, torch.float16: torch.int16,
                              torch.bfloat16: torch.int16}[dt]).numpy()
-        dst = np.empty(x.shape, dtype=M._NP[name])
-        M.round_into(dst, x, name)
+        dst = np.empty(x.shape, dtype=FLOAT_NP[name])
+        round_into(dst, x, name)
         assert np.array_equal(dst.view(ref_bits.dtype), ref_bits), name
     nan = np.array([np.nan, -np.nan], dtype=np.float64)
     for name in ("F32", "F16", "BF16"):
-        dst = np.empty(2, dtype=M._NP[name])
-        M.round_into(dst, nan, name)
-        assert np.isnan(M.as_float(dst, name)).all()
+        dst = np.empty(2, dtype=FLOAT_NP[name])
+        round_into(dst, nan, name)
+        assert np.isnan(as_float(dst, name)).all()
 
 
 def test_numpy_path_errors(tmp_path):
@@ -159,7 +163,8 @@ def test_numpy_path_errors(tmp_path):
     base_path, paths = _files(tmp_path, base, [(ad, 1.0)])
     out = str(tmp_path / "o.safetensors")
     with pytest.raises(CheckpointError) as e:  # overflow of fp16: LT412, nothing written
-        merge(base_path, [(paths[0][0], 1e6)], output=out, device="cpu", _numpy=True)
+        run_with(Engines(numpy_loader=True), "merge", base_path, [(paths[0][0], 1e6)],
+                 output=out, device="cpu")
     assert e.value.code == "LT412" and not os.path.exists(out)
     # a tampered tensor byte: the tensor hash check of load_loratool, on the numpy loader
     raw = bytearray(open(paths[0][0], "rb").read())
@@ -167,7 +172,7 @@ def test_numpy_path_errors(tmp_path):
     bad = str(tmp_path / "bad.safetensors")
     open(bad, "wb").write(bytes(raw))
     with pytest.raises(LoraToolError) as e:
-        M.load_numpy(bad)
+        npadapter.load_numpy(bad)
     assert e.value.code == "LT110"
     with pytest.raises(LoraToolError) as e:
         merge(base_path, [bad], output=out, device="cpu")
@@ -190,11 +195,11 @@ leaked = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")
 assert not leaked, leaked[:5]
 print("ok")
 """
-    if M.cuda_may_exist():
+    if cuda_may_exist():
         code = code.replace('"auto"', '"cpu"')
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=REPO, timeout=120)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr
-    ref = merge(base_path, [(paths[0][0], 0.5)], output=str(tmp_path / "ref.safetensors"),
-                device="cpu", _numpy=False)
+    ref = run_with(Engines(numpy_loader=False), "merge", base_path, [(paths[0][0], 0.5)],
+                   output=str(tmp_path / "ref.safetensors"), device="cpu")
     assert open(out, "rb").read() == open(ref.output, "rb").read()

@@ -69,6 +69,7 @@ class TensorSource:
                 raise InteropError(f"tensor {name!r} has shape {list(t.shape)}; expected a "
                                    "scalar", code="LT305", path=self.path)
             return float(t.reshape(()).double())
+        from ..numerics import bf16_to_f32
         from ..stfile import read_numpy
         info = self.header.tensors[name]
         if info.numel != 1:
@@ -76,7 +77,7 @@ class TensorSource:
                                "scalar", code="LT305", path=self.path)
         arr = read_numpy(self.header, info)
         if info.dtype == "BF16":
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+            arr = bf16_to_f32(arr)
         if info.dtype not in ("F16", "BF16", "F32", "F64"):
             raise InteropError(f"tensor {name!r} has dtype {info.dtype}; expected a float "
                                "scalar", code="LT305", path=self.path)
@@ -103,17 +104,15 @@ class TensorSource:
             if not t.is_floating_point():
                 return 0, bool(t.any()), t.numel()
             return int((~t.isfinite()).sum()), bool(t.any()), t.numel()
-        from ..stfile import iter_chunks, nonfinite_count
+        from ..numerics import any_nonzero, nonfinite_count
+        from ..stfile import iter_chunks
         info = self.header.tensors[name]
         bad, nonzero = 0, False
         with open(self.path, "rb") as f:
             for part in iter_chunks(self.header, info, f):
                 bad += nonfinite_count(part, info.dtype)
                 if not nonzero:
-                    bits = part.view({1: np.uint8, 2: np.uint16, 4: np.uint32,
-                                      8: np.uint64}[part.dtype.itemsize])
-                    mask = (1 << (8 * part.dtype.itemsize - 1)) - 1
-                    nonzero = bool(((bits & mask) != 0).any())
+                    nonzero = any_nonzero(part)
         return bad, nonzero, info.numel
 
 

@@ -55,7 +55,8 @@ def read_tensors(path: str, *, check_values: bool = True) -> tuple[AdapterInfo, 
     rule, the tensor hash and (unless ``check_values`` is false) NaN/Inf are checked."""
     import numpy as np
 
-    from ..stfile import NUMPY_DTYPES, TensorHasher, nonfinite_count, read_bytes
+    from ..numerics import nonfinite_count
+    from ..stfile import NUMPY_DTYPES, TensorHasher, read_bytes
     header = read_header(path)
     info = read_info(path, header=header)
     hasher = TensorHasher()

@@ -48,7 +48,7 @@ def _targets(adapter, base_tensors: dict, base: str) -> dict[str, list[tuple]]:
     """base tensor name -> [(module, orientation)]; every module that cannot be analyzed
     against the base is listed in one LT411 error (DoRA modules are left out: no delta)."""
     from ..naming import resolve_modules
-    from .merge import _orientation, _shape_hint  # the same rule merge applies
+    from .merge.plan import _orientation, _shape_hint  # the same rule merge applies
     modules = {n: m for n, m in adapter.modules.items() if m.magnitude is None}
     mapping, unmatched = resolve_modules(modules, list(base_tensors))
     problems = [(m, "has no target: no base tensor `" + m + ".weight` (nor one ending in it)")

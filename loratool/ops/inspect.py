@@ -24,7 +24,7 @@ def inspect(path: str | os.PathLike, *, stats: bool = False, base: str | os.Path
     8
     """
     from ..adapter import read_adapter_info
-    from ..checkpoint import merged_checkpoint_report
+    from .merge.provenance import merged_checkpoint_report
     path = os.fspath(path)
     merged = merged_checkpoint_report(path)  # a base checkpoint written by `loratool merge`
     if merged is not None:

@@ -1,0 +1,323 @@
+"""The exact CPU engine: ``W + sum_i s_i * L_i @ R_i`` evaluated in float64 and rounded once
+to the stored dtype, in numpy, blocked by rows and shared out to one worker per core.
+
+Two block kernels give the same bits:
+
+* ``_fast_block`` (one low-rank update with finite factors, the usual merge): W stays in its
+  stored dtype (bf16 is widened to float32 per block); only the rank-r product is float64;
+  one ufunc call adds it to W in float64 and rounds into the output (numpy computes a mixed
+  float32 + float64 add in float64 and casts its result once). Overflow is detected by the
+  floating-point flags, not by a scan. bf16 outputs are rounded from the float32 result with
+  a fix-up of the rare values that landed exactly on a bf16 midpoint (the only ones where
+  rounding twice can differ from rounding once).
+* ``_reference_block`` (several updates, vectors, non-finite factors, and any block in which
+  the fast kernel raised a flag or produced NaN/Inf): the whole block in float64, rounded
+  through float32-to-odd, with the LT412 check. It is also the oracle for the fast kernel
+  in the tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...errors import CheckpointError
+from ...numerics import FLOAT_NP, any_nonfinite, as_float, bf16_to_f32, round_into
+from .npadapter import as_f64
+
+# Rows per block: the float64 product of a block stays in the L2 cache through
+# matmul -> add -> round (16 rows measured 1.6-2x faster than 128 for the matmul, same bits).
+BLOCK_ROWS = 16
+# The reference kernel's block: ~2^18 float64 values (2 MiB).
+REFERENCE_ELEMS = 1 << 18
+# |L| * |R| * rank below this cannot overflow float64, so the product needs no flag check.
+_SAFE_BOUND = 1e300
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=None)
+def _blas_local_threads():
+    """OpenBLAS's ``openblas_set_num_threads_local`` of numpy's BLAS (0.3.27+), or None.
+
+    The engine runs one worker per core; each worker's small matmuls must not start OpenBLAS's
+    own threads as well (they spin-wait and fight the workers for the cores: measured 2x
+    slower on 2 cores). The setting is per calling thread, so no global state changes.
+    """
+    import ctypes
+    numpy_dir = os.path.dirname(os.path.dirname(np.__file__))
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f
+                     if "openblas" in line.lower() and ".so" in line}
+    except OSError:
+        return None
+    for path in sorted(paths, key=lambda p: not p.startswith(numpy_dir)):
+        try:
+            fn = ctypes.CDLL(path).openblas_set_num_threads_local
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+        return fn
+    return None
+
+
+@contextmanager
+def _one_blas_thread():
+    fn = _blas_local_threads()
+    before = fn(1) if fn is not None else None
+    try:
+        yield
+    finally:
+        if fn is not None:
+            fn(before)
+
+
+@dataclass
+class _NpOp:
+    kind: str
+    scale: float
+    module: str
+    L: np.ndarray | None  # s L: the scale is folded in, one rounding per entry
+    R: np.ndarray | None
+    vec: np.ndarray | None
+
+
+@dataclass
+class _Tensor:
+    """One tensor's job, shared (read-only) by the workers."""
+
+    w2: np.ndarray
+    o2: np.ndarray
+    dtype: str
+    out_dtype: str
+    ops: list
+    name: str
+    fast: bool
+
+
+class _Scratch:
+    """Per-worker buffers, grown on demand and reused across tensors."""
+
+    def __init__(self):
+        self._bufs: dict[str, np.ndarray] = {}
+
+    def get(self, key: str, n: int, dtype) -> np.ndarray:
+        buf = self._bufs.get(key)
+        need = n * np.dtype(dtype).itemsize
+        if buf is None or buf.size < need:
+            buf = self._bufs[key] = np.empty(need, dtype=np.uint8)
+        return buf[:need].view(dtype)
+
+
+class NumpyExactEngine:
+    """CPU, float64, rounded once. ``run`` takes the raw bytes of a tensor (a numpy uint8
+    array) and returns the bytes of the result. Row blocks go to one Python worker thread
+    per core (numpy releases the GIL in its loops and in BLAS).
+
+    ``fast=False`` runs every block through the reference kernel (tests compare the two).
+    """
+
+    device = "cpu"
+    precision = "fp64"
+    pinned = False
+
+    def __init__(self, workers: int | None = None, *, fast: bool = True,
+                 block_rows: int = BLOCK_ROWS):
+        self.workers = workers or cores()
+        self.fast = fast
+        self.block_rows = block_rows
+        self._pool = None
+        self._scratch: dict[int, _Scratch] = {}
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def run(self, raw, dtype: str, shape, ops, out_dtype: str, name: str):
+        """(bytes of the merged tensor, release callback or None). ``raw`` is overwritten
+        when the dtype is kept (the result is written in place)."""
+        n = math.prod(shape)
+        if n == 0:
+            return memoryview(b""), None
+        if any(op.kind == "dora" for op in ops):
+            from .torch_engine import run_whole_f64
+            return run_whole_f64(raw, dtype, shape, ops, out_dtype, name), None
+        src = raw[: n * np.dtype(FLOAT_NP[dtype]).itemsize].view(FLOAT_NP[dtype]).reshape(shape)
+        out = src if out_dtype == dtype else np.empty(shape, dtype=FLOAT_NP[out_dtype])
+        w2 = src.reshape(shape[0] if len(shape) else 1, -1)
+        rows, cols = w2.shape
+        with np.errstate(over="ignore", invalid="ignore"):
+            ops = [_NpOp(op.kind, op.scale, op.module,
+                         None if op.L is None else as_f64(op.L) * op.scale, as_f64(op.R),
+                         as_f64(op.vec)) for op in ops]
+        job = _Tensor(w2, out.reshape(w2.shape), dtype, out_dtype, ops, name,
+                      self.fast and _fast_ok(ops))
+        step = self.block_rows if job.fast else max(1, REFERENCE_ELEMS // max(cols, 1))
+        blocks = -(-rows // step)
+        k = min(self.workers, blocks)
+        if k <= 1:
+            self._rows(0, 0, rows, step, job)
+        else:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+                self._pool = ThreadPoolExecutor(self.workers,
+                                                thread_name_prefix="loratool-merge")
+            per = -(-blocks // k) * step
+            futures = [self._pool.submit(self._rows, q, q * per, min(rows, (q + 1) * per),
+                                         step, job) for q in range(k)]
+            for f in futures:
+                f.result()  # re-raises a worker's error (LT412) here
+        return memoryview(out.reshape(-1).view(np.uint8)), None
+
+    def _rows(self, q: int, lo: int, hi: int, step: int, job: _Tensor) -> None:
+        scratch = self._scratch.setdefault(q, _Scratch())
+        with _one_blas_thread():
+            for i in range(lo, hi, step):
+                j = min(hi, i + step)
+                if not (job.fast and _fast_block(job, i, j, scratch)):
+                    _reference_block(job, i, j, scratch)
+
+
+def _fast_ok(ops) -> bool:
+    """One low-rank update whose float64 product cannot overflow (so no flag can come from
+    it, whatever BLAS does with the floating-point status)."""
+    if len(ops) != 1 or ops[0].kind != "lowrank":
+        return False
+    L, R = ops[0].L, ops[0].R
+    if L.size == 0 or R.size == 0:
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        bound = float(np.abs(L).max()) * float(np.abs(R).max()) * L.shape[1]
+    return math.isfinite(bound) and bound < _SAFE_BOUND
+
+
+def _fast_block(job: _Tensor, i: int, j: int, s: _Scratch) -> bool:
+    """Rows ``i:j`` by the fast kernel; False (output rows untouched or to be rewritten)
+    when the block needs the reference kernel: an overflow, a NaN/Inf, a bf16 fix-up."""
+    op = job.ops[0]
+    cols = job.w2.shape[1]
+    m = j - i
+    d = s.get("d", m * cols, np.float64).reshape(m, cols)
+    np.matmul(op.L[i:j], op.R, out=d)
+    w = job.w2[i:j]
+    if job.dtype == "BF16":
+        w = bf16_to_f32(w, out=s.get("w", m * cols, np.uint32).reshape(m, cols))
+    dst = job.o2[i:j]
+    out = job.out_dtype
+    # No scan for NaN/Inf: the product is finite (``_fast_ok``), so a NaN/Inf in the output
+    # comes from the base (kept, as the reference keeps it: the same float64 add and cast)
+    # or from a finite sum rounded to Inf, which raises the overflow flag (numpy checks the
+    # flags of the add and of its output cast). The block then goes to the reference kernel,
+    # which says LT412 precisely. invalid comes only from signalling NaNs in the base, which
+    # the add quiets exactly as the reference does.
+    try:
+        with np.errstate(over="raise", invalid="ignore", under="ignore", divide="ignore"):
+            if out == "BF16":
+                np.add(w, d, out=d)
+                y = s.get("y", m * cols, np.float32).reshape(m, cols)
+                np.copyto(y, d, casting="unsafe")
+            elif out == job.dtype:  # in place: W must survive a fall back to the reference
+                y = s.get("y", m * cols, FLOAT_NP[out]).reshape(m, cols)
+                np.add(w, d, out=y, casting="unsafe")
+            else:
+                np.add(w, d, out=dst, casting="unsafe")
+                return True
+    except FloatingPointError:
+        return False
+    if out != "BF16":
+        dst[...] = y
+        return True
+    return _bf16_from_f32(dst, y, d, s)
+
+
+def _bf16_from_f32(dst, y, x, s: _Scratch) -> bool:
+    """``dst`` (bf16 bits) = RN_bf16(x), from y = RN_f32(x) (float64 ``x``)."""
+    bits = y.view(np.uint32)
+    m = bits.size
+    r = s.get("r", m, np.uint32).reshape(bits.shape)
+    np.right_shift(bits, 16, out=r)
+    r &= 1
+    r += 0x7FFF
+    r += bits  # NaN bit patterns may wrap: they are caught below
+    r >>= 16
+    t = s.get("t", m, np.uint32).reshape(bits.shape)
+    np.bitwise_and(r, 0x7F80, out=t)
+    if (t == 0x7F80).any():  # NaN/Inf: canonical NaN and the LT412 check are the reference's
+        return False
+    np.bitwise_and(bits, 0xFFFF, out=t)
+    ties = np.flatnonzero(t == 0x8000)
+    if ties.size:
+        # y is a bf16 midpoint: rounding y to even is right only when y == x; otherwise the
+        # direction is x's (round to odd through float32 does exactly this).
+        xs = x.reshape(-1)[ties]
+        ys = y.reshape(-1)[ties].astype(np.float64)
+        moved = xs != ys
+        fix = ties[moved]
+        r.reshape(-1)[fix] = (bits.reshape(-1)[fix] >> 16) + (
+            np.abs(xs[moved]) > np.abs(ys[moved]))
+    np.copyto(dst, r, casting="unsafe")
+    return True
+
+
+def _reference_block(job: _Tensor, i: int, j: int, s: _Scratch) -> None:
+    """Rows ``i:j`` the straightforward way: float64 block, ``round_into``, LT412 check."""
+    cols = job.w2.shape[1]
+    ops = job.ops
+    m = j - i
+    blk = s.get("blk", m * cols, np.float64).reshape(m, cols)
+    lowrank = [op for op in ops if op.kind == "lowrank"]
+    vectors = [op for op in ops if op.kind != "lowrank"]
+    w = job.w2[i:j]
+    if job.dtype == "BF16":
+        w = bf16_to_f32(w)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if lowrank:
+            # blk = delta_1 + W (= W + delta_1: addition commutes), then + delta_2 ...
+            np.matmul(lowrank[0].L[i:j], lowrank[0].R, out=blk)
+            blk += w
+            for op in lowrank[1:]:
+                tmp = s.get("tmp", m * cols, np.float64).reshape(m, cols)
+                np.matmul(op.L[i:j], op.R, out=tmp)
+                blk += tmp
+        else:
+            blk[...] = w
+        for op in vectors:  # vector op on a 1-D tensor, viewed as [n, 1]
+            blk += op.vec[i:j].reshape(-1, 1) * op.scale
+    dst = job.o2[i:j]
+    round_into(dst, blk, job.out_dtype)
+    if any_nonfinite(dst, job.out_dtype):  # rare: look closer
+        _check_block(dst, blk, ops, i, j, job.name, job.out_dtype)
+
+
+def _check_block(dst, blk, ops, i, j, name, out_dtype) -> None:
+    """LT412 for a block whose output holds NaN/Inf that the base did not (the base is
+    inferred: a non-finite base entry makes the float64 sum non-finite, unless the
+    delta itself is)."""
+    delta = np.zeros_like(blk)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for op in ops:
+            if op.kind == "lowrank":
+                delta += op.L[i:j] @ op.R  # L holds s L
+            else:
+                delta += op.vec[i:j].reshape(-1, 1) * op.scale
+    produced = ~np.isfinite(as_float(dst, out_dtype)) & (np.isfinite(blk)
+                                                          | ~np.isfinite(delta))
+    bad = int(produced.sum())
+    if bad:
+        mods = sorted({op.module for op in ops})
+        raise CheckpointError(
+            f"merging into `{name}` produced {bad} NaN/Inf value(s) (modules "
+            f"{', '.join(mods[:5])}): the adapter has huge or non-finite values or the scale "
+            "is too large for the stored dtype; nothing was written", code="LT412")

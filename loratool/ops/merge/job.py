@@ -1,0 +1,227 @@
+"""One merge or unmerge, start to end: a ``MergeJob`` (the validated arguments) run by ``run``.
+
+``Engines`` is the internal switchboard of the engines (tests pick the float32 torch engine
+on the CPU, the torch or numpy adapter loader, the worker count); the public ``merge`` and
+``unmerge`` take none of it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+
+from ... import format as F
+from ...atomic import check_destination
+from ...checkpoint import (KIND_SHARDED, checkpoint_kind, list_tensors, open_source,
+                           sidecar_path)
+from ...errors import CheckpointError, OperationError
+from ...stfile import DTYPE_SIZES
+from .exact import NumpyExactEngine
+from .npadapter import header_allows_numpy
+from .options import (DTYPE_CHOICES, default_output, normalize_adapters, output_format_for,
+                      resolve_device)
+from .plan import Loaded, load_item, make_plan
+from .provenance import (adapter_identity, adapter_record, checkpoint_metadata, match_unmerge,
+                         merge_records, new_record)
+from .streaming import Counts, stream_file
+from .writers import write_pickle, write_sharded
+
+
+@dataclass(frozen=True)
+class Engines:
+    """Which engine and loader a job uses; ``None`` means "what the device asks for"."""
+
+    precision: str | None = None  # "fp64": the exact numpy engine; "fp32": torch's float32
+    numpy_loader: bool | None = None  # True: loratool files read by numpy (no torch)
+    workers: int | None = None  # exact engine threads (default: one per core)
+    fast: bool = True  # False: the exact engine's reference kernel for every block
+
+
+@dataclass
+class MergeJob:
+    """The arguments of ``merge``/``unmerge``, as given."""
+
+    op: str  # "merge" or "unmerge"
+    base: object
+    adapters: object
+    output: object = None
+    device: str = "auto"
+    dtype: str = "keep"
+    name_map: object = None
+    allow_missing: bool = False
+    overwrite: bool = False
+    fsync: bool = False
+    progress: object = None
+    output_format: str | None = None
+    force: bool = False
+    adapter_options: dict | None = None
+    engines: Engines = field(default_factory=Engines)
+
+
+@dataclass
+class MergeReport:
+    """What ``merge``/``unmerge`` did; ``to_dict()`` is the CLI's ``--json``."""
+
+    operation: str
+    base: str
+    output: str
+    output_format: str
+    device: str
+    precision: str
+    dtype: str
+    adapters: list[dict]
+    modules_merged: int
+    tensors_merged: int
+    tensors_converted: int
+    tensors_copied: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float  # the whole call: loading adapters (and torch), planning, streaming
+    stream_seconds: float  # reading, merging and writing the tensors
+    skipped: list[dict] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+
+
+def run(job: MergeJob) -> MergeReport:
+    """Do ``job``: check the arguments, load and plan, stream the output, report."""
+    from ...naming import parse_map
+    t0 = time.perf_counter()
+    op = job.op
+    base = os.fspath(job.base)
+    if not os.path.exists(base):
+        raise CheckpointError(f"base checkpoint {base} does not exist", code="LT401")
+    if job.dtype not in DTYPE_CHOICES:
+        raise OperationError(f"dtype {job.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}",
+                             code="LT522")
+    items = normalize_adapters(job.adapters)
+    name_map = job.name_map
+    if isinstance(name_map, (list, tuple)):
+        name_map = parse_map(name_map)
+    kind = checkpoint_kind(base)
+    output = os.fspath(job.output) if job.output is not None else None
+    fmt = output_format_for(kind, output, job.output_format)
+    dest = output if output is not None else default_output(
+        base, kind, fmt, "-merged" if op == "merge" else "-unmerged")
+    base_root = (base if os.path.isdir(base) else os.path.dirname(os.path.abspath(base))) \
+        if kind == KIND_SHARDED else base
+    inputs = [base, base_root] + [src for src, _ in items if isinstance(src, str)]
+    check_destination(dest, overwrite=job.overwrite, inputs=inputs)
+    if fmt == "pt":
+        check_destination(sidecar_path(dest), overwrite=True, inputs=inputs)
+    device = resolve_device(job.device)
+    engine, use_numpy = _engine(job.engines, device, items)
+    precision = engine.precision
+
+    source = None
+    with ExitStack() as stack:
+        # The base: names, dtypes and shapes (headers only for safetensors).
+        if kind == KIND_SHARDED:
+            base_tensors = {n: (t.dtype, t.shape) for n, t in list_tensors(base).items()}
+            metadata = checkpoint_metadata(base)
+        else:
+            source = stack.enter_context(open_source(base))
+            base_tensors = {t.name: (t.dtype, t.shape) for t in source.tensors}
+            metadata = dict(source.metadata)
+        records = merge_records(metadata, path=base)
+
+        loaded = []
+        for src, scale in items:
+            adapter, label, sfmt = load_item(src, base, name_map, job.adapter_options,
+                                             numpy=use_numpy)
+            identity = adapter.identity if use_numpy else adapter_identity(adapter)
+            loaded.append(Loaded(label, sfmt, adapter, scale, identity))
+        if op == "unmerge":
+            _refuse_dora_unmerge(loaded)
+        plan, skipped = make_plan(loaded, base_tensors, name_map,
+                                  sign=1.0 if op == "merge" else -1.0,
+                                  allow_missing=job.allow_missing, base_label=base)
+        notes = []
+        if op == "merge":
+            records = records + [new_record("merge", loaded, device, precision, job.dtype)]
+        else:
+            records, unmatched = match_unmerge(records, loaded, force=job.force, path=base)
+            if unmatched:
+                records.append(new_record("unmerge", unmatched, device, precision, job.dtype))
+                notes.append("forced: " + ", ".join(ld.source for ld in unmatched)
+                             + " did not match the merge record; recorded as an unmerge")
+        metadata = {k: v for k, v in metadata.items() if k != F.KEY_MERGED}
+        if records:
+            metadata[F.KEY_MERGED] = F.canonical_json(records)
+
+        total = sum(math.prod(s) * DTYPE_SIZES[d] for d, s in base_tensors.values())
+        progress = job.progress
+
+        def tick(n: int) -> None:
+            if progress is not None:
+                progress(n, total)
+
+        counts = Counts()
+        out_dtype = DTYPE_CHOICES[job.dtype]
+        kw = dict(overwrite=job.overwrite, fsync=job.fsync, tick=tick)
+        t_stream = time.perf_counter()
+        if isinstance(engine, NumpyExactEngine):
+            stack.callback(engine.close)  # its worker pool, however the streaming ends
+        if kind == KIND_SHARDED:
+            write_sharded(base, dest, plan, out_dtype, metadata, engine, counts, **kw)
+        elif fmt == "safetensors":
+            stream_file(source, dest, plan, out_dtype, metadata, engine, counts, **kw)
+        else:
+            write_pickle(source, dest, plan, out_dtype, metadata, engine, counts, **kw)
+        t_stream = time.perf_counter() - t_stream
+    return MergeReport(
+        operation=op, base=base, output=dest, output_format=fmt, device=device,
+        precision=precision, dtype=job.dtype,
+        adapters=[dict(adapter_record(ld), source=ld.source, skipped=ld.skipped)
+                  for ld in loaded],
+        modules_merged=sum(ld.merged for ld in loaded), tensors_merged=counts.merged,
+        tensors_converted=counts.converted, tensors_copied=counts.copied,
+        bytes_read=counts.read, bytes_written=counts.written,
+        seconds=round(time.perf_counter() - t0, 3), stream_seconds=round(t_stream, 3),
+        skipped=skipped, records=records, notes=notes)
+
+
+def _engine(engines: Engines, device: str, items):
+    """(engine, whether loratool adapters are read by numpy)."""
+    precision = engines.precision or ("fp64" if device == "cpu" else "fp32")
+    if precision == "fp64":
+        engine = NumpyExactEngine(engines.workers, fast=engines.fast)
+    else:
+        from .torch_engine import FastEngine
+        engine = FastEngine(device)
+    # Loading the adapters as numpy arrays (no torch) when the engine is the exact one and
+    # every adapter is a loratool file without DoRA; the engine, and so every output byte,
+    # is the same either way.
+    can = precision == "fp64" and all(
+        isinstance(src, str) and header_allows_numpy(src) for src, _ in items)
+    if engines.numpy_loader and not can:
+        raise OperationError("the numpy loader needs the exact CPU path and loratool-format "
+                             "adapter files without DoRA", code="LT522")
+    use_numpy = can if engines.numpy_loader is None else engines.numpy_loader
+    return engine, use_numpy
+
+
+def _refuse_dora_unmerge(loaded) -> None:
+    dora = [f"{ld.source}: {m}" for ld in loaded
+            for m, mod in ld.adapter.modules.items() if mod.magnitude is not None]
+    if dora:
+        raise CheckpointError(
+            "cannot unmerge DoRA modules (" + ", ".join(dora[:5]) + "): a DoRA merge "
+            "rescales each output row by magnitude / ||W0 + dW||, a norm of the "
+            "original weight W0 that the merged file no longer holds, so the merge "
+            "cannot be inverted from the files. Keep the base checkpoint instead.",
+            code="LT414")
+
+
+def run_with(engines: Engines, op: str, base, adapters, **options) -> MergeReport:
+    """``merge``/``unmerge`` (``op``) with the engines chosen: the internal API of tests and
+    benchmarks."""
+    return run(MergeJob(op, base, adapters, engines=engines, **options))

@@ -1,0 +1,172 @@
+"""The merge plan: which base tensor gets which low-rank update, from which adapter module.
+
+Pure bookkeeping on names, shapes and dtypes (the base is known by its header); the tensors
+in the plan are views of the adapters' own, converted only when their base tensor is merged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ...errors import CheckpointError
+
+MERGEABLE_DTYPES = ("F16", "BF16", "F32", "F64")
+_MAX_LISTED = 40
+
+
+@dataclass
+class Op:
+    """One update of one base tensor, in the 2-D view ``W.reshape(W.shape[0], -1)``."""
+
+    kind: str  # "lowrank" (W2 += s L @ R), "dora" (PEFT's DoRA merge), "vector" (bias += s v)
+    scale: float
+    adapter: int
+    module: str
+    L: object = None  # [rows, r]
+    R: object = None  # [r, cols]
+    magnitude: object = None  # [out] (DoRA)
+    axis: int = 1  # DoRA: the norm runs along this axis of the 2-D view (1: rows are outputs)
+    vec: object = None  # [n] (lora_bias)
+
+    def cast(self, dtype, device=None) -> Op:
+        """The same op with contiguous tensors of ``dtype`` (exact for float64)."""
+        def c(t):
+            return None if t is None else t.to(device=device, dtype=dtype).contiguous()
+        return replace(self, L=c(self.L), R=c(self.R), magnitude=c(self.magnitude),
+                       vec=c(self.vec))
+
+
+def _squeeze_tail(shape) -> tuple[int, ...]:
+    shape = list(shape)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape.pop()
+    return tuple(shape)
+
+
+def _orientation(info, base_shape) -> str | None:
+    """"rows" when the base's 2-D view is [out, in*k], "cols" when it is [in, out]; None when
+    the base tensor's shape does not fit the module."""
+    base_shape = tuple(base_shape)
+    cols = info.transposed
+    if base_shape == tuple(info.base_shape):
+        return "cols" if cols else "rows"
+    # A linear adapter on a 1x1 conv weight (or the reverse), as in Stable Diffusion's proj_in.
+    if not cols and len(base_shape) >= 2 and _squeeze_tail(base_shape) == _squeeze_tail(
+            info.base_shape):
+        return "rows"
+    return None
+
+
+def _shape_hint(info, base_shape) -> str:
+    want = list(info.base_shape)
+    got = list(base_shape)
+    text = (f"expects base shape {want} ({info.kind}, layout {info.layout}) but the base "
+            f"tensor is {got}")
+    if len(want) == 2 and got == want[::-1]:
+        text += ("; the base stores the transpose: the adapter's layout is wrong for this base "
+                 "(PEFT's fan_in_fan_out flag, GPT-2 Conv1D weights are [in, out])")
+    return text
+
+
+@dataclass
+class Loaded:
+    source: str
+    source_format: str
+    adapter: object
+    scale: float
+    identity: str
+    merged: int = 0
+    skipped: int = 0
+
+
+def load_item(item, base: str, name_map, adapter_options: dict | None = None, *,
+          numpy: bool = False):
+    from ...adapter import load_adapter
+    from ...interop import detect_format
+    if numpy:  # a loratool file without DoRA (checked by the caller): no torch
+        from .npadapter import load_numpy
+        return load_numpy(item), item, "loratool"
+    if hasattr(item, "modules"):
+        return item, "<in memory>", getattr(item, "source_format", "loratool")
+    fmt = detect_format(item)
+    # Foreign formats read names and layouts against the base (kohya names, PEFT's global
+    # fan_in_fan_out flag); loratool files state both.
+    options = {} if fmt == "loratool" else {"base": base, "name_map": name_map or {},
+                                            **(adapter_options or {})}
+    return load_adapter(item, **options), item, fmt
+
+
+def make_plan(loaded: list[Loaded], base_tensors: dict, name_map, *, sign: float,
+          allow_missing: bool, base_label: str):
+    """base tensor name -> [ops]; plus the list of skipped (adapter, module, reason)."""
+    from ...naming import resolve_modules
+    plan: dict[str, list[Op]] = {}
+    problems: list[tuple[str, str, str]] = []
+    keys = list(base_tensors)
+    for ai, ld in enumerate(loaded):
+        mapping, unmatched = resolve_modules(ld.adapter.modules, keys, name_map)
+        for module in unmatched:
+            problems.append((ai, module, f"has no target: no base tensor "
+                                                f"`{module}.weight` (nor one ending in it)"))
+        seen: dict[str, str] = {}
+        for module, target in mapping.items():
+            if target in seen:
+                raise CheckpointError(
+                    f"{ld.source}: modules `{seen[target]}` and `{module}` both resolve to "
+                    f"base tensor `{target}.weight`; pass --map MODULE=BASE_PATH to say which "
+                    "is which", code="LT416")
+            seen[target] = module
+            m = ld.adapter.modules[module]
+            info = m.info
+            wkey = target + ".weight"
+            dtype, shape = base_tensors[wkey]
+            orient = _orientation(info, shape)
+            why = None
+            if orient is None:
+                why = _shape_hint(info, shape)
+            elif dtype not in MERGEABLE_DTYPES:
+                why = (f"base tensor `{wkey}` is {dtype}; merging needs F16, BF16, F32 or F64 "
+                       "weights (dequantize the base first)")
+            bkey = target + ".bias"
+            if why is None and m.bias is not None:
+                if bkey not in base_tensors:
+                    why = (f"has lora_bias but the base has no `{bkey}` to add it to")
+                elif tuple(base_tensors[bkey][1]) != (info.out_features,):
+                    why = (f"lora_bias has shape [{info.out_features}] but base `{bkey}` is "
+                           f"{list(base_tensors[bkey][1])}")
+                elif base_tensors[bkey][0] not in MERGEABLE_DTYPES:
+                    why = f"base tensor `{bkey}` is {base_tensors[bkey][0]}, not a float type"
+            if why is not None:
+                problems.append((ai, module, why))
+                continue
+            # Views of the adapter's own tensors; converted to float64 only while their base
+            # tensor is merged, so memory does not grow with the adapter either.
+            B2, A2 = m.factors()
+            if orient == "rows":
+                L, R, axis = B2, A2, 1
+            else:
+                L, R, axis = A2.T, B2.T, 0
+            s = sign * ld.scale * m.scale
+            if m.magnitude is not None:
+                op = Op("dora", s, ai, module, L, R, m.magnitude, axis)
+            else:
+                op = Op("lowrank", s, ai, module, L, R)
+            plan.setdefault(wkey, []).append(op)
+            if m.bias is not None:
+                plan.setdefault(bkey, []).append(Op("vector", s, ai, module, vec=m.bias))
+            ld.merged += 1
+    if problems and not allow_missing:
+        lines = [f"  {loaded[ai].source}: module `{mod}` {why}"
+                 for ai, mod, why in problems[:_MAX_LISTED]]
+        if len(problems) > _MAX_LISTED:
+            lines.append(f"  ... and {len(problems) - _MAX_LISTED} more")
+        raise CheckpointError(
+            f"{len(problems)} adapter module(s) cannot be merged into {base_label}:\n"
+            + "\n".join(lines) + "\nFix the names with --map OLD=NEW (a trailing '.' maps a "
+            "prefix, e.g. --map base_model.model.=), or pass --allow-missing to skip these "
+            "modules (they are listed in the report).", code="LT411")
+    skipped = [{"adapter": loaded[ai].source, "module": mod, "reason": why}
+               for ai, mod, why in problems]
+    for ai, _, _ in problems:
+        loaded[ai].skipped += 1
+    return plan, skipped

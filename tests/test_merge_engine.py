@@ -1,0 +1,144 @@
+"""The exact CPU engine on multi-block tensors: the fast kernel, the reference kernel, one
+worker and two workers give the same bits, and those bits are the correctly rounded
+``W + s L R`` computed independently in float64 with torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from loratool.errors import CheckpointError
+from loratool.ops.merge.exact import BLOCK_ROWS, REFERENCE_ELEMS, NumpyExactEngine
+from loratool.ops.merge.plan import Op
+
+ROWS, COLS, RANK = 4 * REFERENCE_ELEMS // 512 + 37, 512, 16  # 2085 rows: 5 reference blocks
+NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+BITS = {"F32": np.uint32, "F16": np.uint16, "BF16": np.uint16}
+SCALE = 0.5  # dyadic: s L stays exact
+
+
+def _to_stored(x64: np.ndarray, dtype: str) -> np.ndarray:
+    """float64 values that ``dtype`` represents exactly -> the stored array (BF16 as bits)."""
+    t = torch.from_numpy(x64).to(TORCH[dtype])
+    assert np.array_equal(t.double().numpy(), x64, equal_nan=True), "not representable"
+    return t.view(torch.int16).numpy().view(np.uint16) if dtype == "BF16" else t.numpy()
+
+
+def _fixture(base_dtype: str, seed: int = 0):
+    """A base with random rows, rows of values at and near rounding ties of every output
+    dtype, NaN/Inf entries; dyadic factors, so that s L R is exact in float64 and every
+    correct evaluation gives the same float64 sum (the oracle is then independent of any
+    summation order)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((ROWS, COLS))
+    # ties: 1 + k 2^-7 (bf16 grid) and 1 + k 2^-10 (fp16 grid): delta = +-half ulp +- tiny
+    w[100:140] = 1.0 + rng.integers(0, 64, (40, COLS)) * 2.0**-7
+    w[500:520] = -(1.0 + rng.integers(0, 512, (20, COLS)) * 2.0**-10)
+    w = torch.from_numpy(w).to(TORCH[base_dtype]).double().numpy()  # representable
+    w[7, 3], w[900, 5], w[1500, 0], w[2000, 511] = np.nan, np.inf, -np.inf, np.nan
+    L = rng.integers(-8, 9, (ROWS, RANK)) * 2.0**-12
+    R = rng.integers(-8, 9, (RANK, COLS)) * 2.0**-12
+    # rows whose delta is exactly a half ulp of bf16 / fp16 / fp32 at 1, or a hair off it
+    for r0, half in ((100, 2.0**-8), (120, 2.0**-24), (500, 2.0**-11), (510, 2.0**-24)):
+        L[r0:r0 + 10] = 0.0
+        L[r0:r0 + 10, 0] = half / SCALE * rng.choice([-1.0, 1.0], 10)
+        L[r0 + 5:r0 + 10, 1] = 2.0**-40
+        R[0], R[1] = 1.0, 1.0
+    return w, L, R
+
+
+def _oracle(w: np.ndarray, L, R, scale: float, out: str) -> np.ndarray:
+    """Correctly rounded W + s L R, in torch, by choosing the nearest of the candidates
+    around torch's own (possibly twice-rounded) conversion; ties to the even one."""
+    x = torch.from_numpy(w) + (torch.from_numpy(L) * scale) @ torch.from_numpy(R)
+    if out == "F32":
+        return x.to(torch.float32).numpy().view(np.uint32)
+    dt = TORCH[out]
+    guess = x.to(dt).view(torch.int16).to(torch.int32)
+    cands = torch.stack([guess - 1, guess, guess + 1])  # same sign: steps in magnitude
+    vals = cands.to(torch.int16).view(dt).double()
+    err = torch.nan_to_num((vals - x).abs(), nan=torch.inf)
+    even = (cands & 1) == 0
+    best = err.min(dim=0).values
+    pick = torch.where((err == best) & (even | ((err == best).sum(0) == 1)),
+                       torch.arange(3).reshape(3, *([1] * x.dim())), 3).min(dim=0).values
+    chosen = torch.gather(cands, 0, pick.clamp(max=2).unsqueeze(0))[0]
+    chosen = torch.where(torch.isfinite(x), chosen, guess)
+    res = chosen.to(torch.int16).numpy().view(np.uint16)
+    nan = torch.isnan(x).numpy()
+    res[nan] = 0x7FC0 if out == "BF16" else 0x7E00
+    return res
+
+
+def _run(engine, w_stored, base: str, L, R, scale, out: str) -> np.ndarray:
+    raw = np.frombuffer(w_stored.tobytes(), dtype=np.uint8).copy()
+    op = Op("lowrank", scale, 0, "m", L, R)
+    data, _ = engine.run(raw, base, w_stored.shape, [op], out, "w")
+    return np.frombuffer(bytes(data), dtype=BITS[out]).reshape(w_stored.shape)
+
+
+@pytest.mark.parametrize("base", ["F32", "BF16", "F16"])
+def test_engines_bit_identical_and_correctly_rounded(base):
+    w, L, R = _fixture(base)
+    stored = _to_stored(w, base)
+    engines = {"fast-1": NumpyExactEngine(1), "fast-2": NumpyExactEngine(2),
+               "ref-1": NumpyExactEngine(1, fast=False), "ref-2": NumpyExactEngine(2, fast=False)}
+    try:
+        for out in ("F32", "BF16", "F16"):
+            want = _oracle(w, L, R, SCALE, out)
+            finite = ~np.isnan(w)
+            for label, engine in engines.items():
+                got = _run(engine, stored, base, L, R, SCALE, out)
+                # NaN payloads: the engines keep torch's/numpy's, the oracle canonical ones
+                assert np.array_equal(got[finite], want[finite]), (label, out)
+                assert np.array_equal(got, _run(engines["ref-1"], stored, base, L, R, SCALE,
+                                                out)), (label, out)
+    finally:
+        for engine in engines.values():
+            engine.close()
+
+
+@pytest.mark.parametrize("base,out", [("F32", "F32"), ("BF16", "BF16"), ("F16", "F16"),
+                                      ("F32", "BF16"), ("BF16", "F32"), ("F16", "F32")])
+def test_fast_kernel_equals_reference_on_random_factors(base, out):
+    """Non-dyadic factors (the product rounds in float64): the kernels still agree, block
+    size and worker count do not change a bit."""
+    rng = np.random.default_rng(3)
+    w = torch.from_numpy(rng.standard_normal((ROWS, COLS)) * 0.05).to(TORCH[base]).double()
+    stored = _to_stored(w.numpy(), base)
+    L, R = rng.standard_normal((ROWS, RANK)) * 0.01, rng.standard_normal((RANK, COLS)) * 0.01
+    fast, ref = NumpyExactEngine(2), NumpyExactEngine(1, fast=False)
+    odd = NumpyExactEngine(2, block_rows=7)
+    try:
+        want = _run(ref, stored, base, L, R, 1.3, out)
+        assert np.array_equal(_run(fast, stored, base, L, R, 1.3, out), want)
+        assert np.array_equal(_run(odd, stored, base, L, R, 1.3, out), want)
+    finally:
+        for e in (fast, ref, odd):
+            e.close()
+
+
+@pytest.mark.parametrize("base,out", [("F32", "F32"), ("F16", "F16"), ("BF16", "BF16"),
+                                      ("F32", "F16"), ("F32", "BF16")])
+def test_overflow_is_lt412_on_every_kernel(base, out):
+    """A finite base entry rounded to Inf: LT412 from the flags (fast) and the scan
+    (reference); an Inf already in the base is not an error."""
+    w = np.zeros((3 * BLOCK_ROWS + 1, 8))
+    w[-1, -1] = np.inf
+    stored = _to_stored(w, base)
+    L = np.zeros((w.shape[0], 1))
+    R = np.ones((1, 8))
+    big = {"F32": 1e39, "F16": 1e5, "BF16": 1e39}[out]
+    for fast in (True, False):
+        engine = NumpyExactEngine(2, fast=fast)
+        try:
+            assert _run(engine, stored, base, L, R, big, out).shape == w.shape  # all-zero L
+            L2 = L.copy()
+            L2[2 * BLOCK_ROWS + 3, 0] = 1.0
+            with pytest.raises(CheckpointError) as e:
+                _run(engine, stored, base, L2, R, big, out)
+            assert e.value.code == "LT412" and "8 NaN/Inf" in str(e.value)
+        finally:
+            engine.close()
