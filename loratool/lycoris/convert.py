@@ -78,8 +78,10 @@ def to_lora(rec: LycorisModule, shape: Sequence[int] | None = None, *,
     is factored by a dense SVD at its numerical rank and the error is reported. DoRA modules
     are refused (LT243): their update depends on the base weight.
 
-    >>> f = to_lora(parse_module("lora_unet_x", tensors))
-    >>> f.rank, f.up().shape, f.down().shape
+    Example::
+
+        f = to_lora(parse_module("lora_unet_x", tensors))
+        f.rank, f.up().shape, f.down().shape
     """
     if rec.dora is not None:
         raise fail(codes.NO_LORA_FORM, rec.name, "has dora_scale: DoRA renormalizes the whole "

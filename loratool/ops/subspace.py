@@ -124,9 +124,13 @@ def plot_subspace(report: dict, output: str | os.PathLike, *, overwrite: bool = 
     like Figure 3 of the LoRA paper; ``on="delta"`` adds a row of output-side panels. Needs the
     ``plot`` extra (matplotlib), else LT537.
 
+    >>> import os, tempfile
+    >>> from loratool import compare
     >>> r = compare("examples/adapter.safetensors", "examples/adapter_style.safetensors",
     ...             subspace=True)
-    >>> plot_subspace(r, "subspace.png", overwrite=True)
+    >>> out = plot_subspace(r, os.path.join(tempfile.mkdtemp(), "phi.png"))
+    >>> os.path.getsize(out) > 0
+    True
     """
     from ..atomic import AtomicFile, check_destination
     output = os.fspath(output)

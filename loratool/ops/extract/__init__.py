@@ -82,8 +82,10 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, *, rank: int | No
     base's config.json; ``"out_in"``/``"in_out"`` set every linear module's layout. Factors are
     stored in ``dtype`` (fp32 default), balanced, with alpha = rank (scale 1).
 
-    >>> adapter, report = extract("base.safetensors", "tuned.safetensors", rank=16)
-    >>> report["modules"][0]["error"]   # ||dW - B A||_F of the float64 factors, computed
+    Example::
+
+        adapter, report = extract("base.safetensors", "tuned.safetensors", rank=16)
+        report["modules"][0]["error"]   # ||dW - B A||_F of the float64 factors, computed
     """
     from .ranks import check_rule
     from .reader import Checkpoint
