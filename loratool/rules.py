@@ -66,6 +66,40 @@ COMMAND_CODES = {
 }
 
 
+# Codes of the GGUF support (spec/gguf.md, section 7): rules about GGUF files (adapters and
+# bases) and merges into GGUF bases. They are not rules of the loratool adapter format (no
+# conformance vectors), so they stand apart from RULES; ``loratool.gguf.codes`` names them.
+GGUF_CODES: dict[str, tuple[str, str]] = {
+    "LT320": (MUST, "GGUF support needs the optional `gguf` package "
+                    "(pip install 'loratool[gguf]')"),
+    "LT321": (MUST, "file is a regular little-endian GGUF file, version 2 or 3"),
+    "LT322": (MUST, "every length, count and offset of the header lies inside the "
+                    "file and under the reader's caps"),
+    "LT323": (MUST, "metadata values have a known type, arrays are not nested, strings "
+                    "are UTF-8, no key appears twice"),
+    "LT324": (MUST, "tensor infos have 1-4 positive dims, a known type, rows a "
+                    "multiple of the block size, aligned non-overlapping in-file data, "
+                    "distinct names"),
+    "LT325": (MUST, "a GGUF LoRA has general.type \"adapter\", adapter.type "
+                    "\"lora\" and a finite adapter.lora.alpha"),
+    "LT326": (MUST, "every <name>.lora_a has a <name>.lora_b of matching rank and no "
+                    "other suffix appears"),
+    "LT327": (MUST, "the architecture is known to gguf, head counts are known where q/k "
+                    "rows are permuted, and whether they are permuted is known"),
+    "LT328": (MUST, "every module has a GGUF tensor name for the architecture (and back)"),
+    "LT329": (MUST, "a GGUF LoRA holds only low-rank linear/embedding deltas (no "
+                    "DoRA magnitude, bias, full tensor or conv)"),
+    "LT330": (MUST, "the output type is one gguf can write for that tensor"),
+    "LT331": (MUST, "every adapted module exists in the base with the delta's "
+                    "shape"),
+    "LT332": (MUST, "a split GGUF set has all its parts, numbered consistently"),
+    "LT333": (MUST, "factors are finite and the merged result fits the output type"),
+    "LT334": (MUST, "each module's scale is a finite non-zero number"),
+    "LT335": (MUST, "unmerge from a GGUF file needs F32, F16 or BF16 tensors (a quantized merge "
+                    "is not invertible)"),
+}
+
+
 @dataclass(frozen=True)
 class Finding:
     """One broken rule in one file (and module, when it concerns one)."""
@@ -77,7 +111,7 @@ class Finding:
 
     @property
     def level(self) -> str:
-        return RULES.get(self.code, (MUST, ""))[0]
+        return RULES.get(self.code, GGUF_CODES.get(self.code, (MUST, "")))[0]
 
     @property
     def is_error(self) -> bool:

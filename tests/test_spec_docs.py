@@ -110,3 +110,13 @@ def test_every_command_exists_has_help_with_an_example_and_is_in_the_readme():
         assert "Example" in res.stdout, f"`loratool {name} --help` shows no example"
         assert f"loratool {name} " in res.stdout, f"`loratool {name} --help` example"
         assert f"### `loratool {name} " in readme, f"README has no section for {name}"
+
+
+def test_gguf_code_table_is_rules_gguf_codes():
+    # spec/gguf.md section 7 holds loratool.rules.GGUF_CODES row for row, in order
+    from loratool.rules import GGUF_CODES
+    with open(os.path.join(SPEC, "gguf.md"), encoding="utf-8") as f:
+        text = f.read().split("## 7. Rule codes")[1]
+    rows = re.findall(r"^\| (LT3\d\d) \| (MUST|SHOULD) \| (.*) \|$", text, flags=re.M)
+    assert rows == [(c, lvl, s) for c, (lvl, s) in GGUF_CODES.items()]
+    assert not set(GGUF_CODES) & set(RULES)

@@ -10,21 +10,29 @@ from ._options import source_options
 @click.command("convert")
 @click.argument("src", type=click.Path(exists=True, dir_okay=True))
 @click.option("-o", "--output", "dst", required=True, type=click.Path(),
-              help="Output path: a .safetensors file (loratool, kohya), a directory (peft) or "
-                   "a .pt file (loralib).")
+              help="Output path: a .safetensors file (loratool, kohya), a directory (peft), "
+                   "a .pt file (loralib) or a .gguf file (gguf).")
 @click.option("--to", "to", type=click.Choice(FORMATS),
               default="loratool", show_default=True, help="Target format.")
 @source_options
 @click.option("--base", type=click.Path(exists=True, dir_okay=True), default=None,
               help="Base checkpoint: recovers kohya module paths, weight layouts, loralib "
-                   "embeddings and Conv2d modules.")
+                   "embeddings and Conv2d modules. For GGUF (--to gguf, or a .gguf source): "
+                   "a GGUF base or the base's config.json (architecture, head counts).")
+@click.option("--gguf-type", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default=None,
+              help="With --to gguf: tensor type of the adapter (default f32).")
+@click.option("--permute-qk/--no-permute-qk", "permute_qk", default=None,
+              help="GGUF: whether llama.cpp permuted the q/k rows, for architectures loratool "
+                   "does not know (llama: yes, qwen2/gemma/phi3...: no).")
 @click.option("--map", "name_map", multiple=True, metavar="OLD=NEW",
               help="Rename a module (or a prefix ending in '.'; NEW may be empty) and match it "
                    "to that base path. Repeatable.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def convert_cmd(src, dst, to, base, name_map, overwrite, as_json, source):
-    """Convert an adapter between loratool, PEFT, kohya/sd-scripts and loralib formats.
+def convert_cmd(src, dst, to, base, gguf_type, permute_qk, name_map, overwrite, as_json,
+                source):
+    """Convert an adapter between loratool, PEFT, kohya/sd-scripts, loralib and GGUF
+    (llama.cpp) formats.
 
     The source format is detected. Conversion is lossless where the target can express the
     adapter; anything folded (a per-module alpha, rsLoRA scaling) is reported, and what the
@@ -39,11 +47,13 @@ def convert_cmd(src, dst, to, base, name_map, overwrite, as_json, source):
       loratool convert lora_sd.safetensors -o out.safetensors --base unet.safetensors
       loratool convert gpt2_lora.pt -o out.safetensors --alpha 32 --enable-lora 1,0,1 \\
           --fan-in-fan-out
+      loratool convert peft_adapter/ -o adapter.gguf --to gguf --base llama/config.json
+      loratool convert adapter.gguf -o peft_out/ --to peft --base model-q8_0.gguf
     """
     from ..naming import parse_map
     from ..ops.convert import convert
-    report = convert(src, dst, to=to, overwrite=overwrite, base=base,
-                     name_map=parse_map(name_map) or None, **source)
+    report = convert(src, dst, to=to, overwrite=overwrite, base=base, gguf_type=gguf_type,
+                     permute_qk=permute_qk, name_map=parse_map(name_map) or None, **source)
     data = report.to_dict()
     if as_json:
         console.print_json(data)

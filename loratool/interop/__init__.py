@@ -23,6 +23,7 @@ REGISTRY: dict[str, str] = {
     "peft": "peft",
     "kohya": "kohya",
     "loralib": "loralib",
+    "gguf": "gguf",
 }
 FORMATS: tuple[str, ...] = tuple(REGISTRY)
 

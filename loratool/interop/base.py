@@ -49,7 +49,9 @@ class ReaderOptions:
     layouts and kinds; ``name_map``: ``{OLD: NEW}`` renames (``--map``); ``allow_unknown``:
     drop (and list) tensors that are not LoRA factors; ``check_values``: refuse NaN/Inf when
     loading; ``overwrite``: writers may replace an existing output; ``source_format``: skip
-    detection.
+    detection; ``gguf_type``: tensor type of a GGUF writer (f32, f16, bf16, q8_0);
+    ``permute_qk``: whether llama.cpp permuted the q/k rows (only for architectures loratool
+    does not know).
     """
 
     alpha: float | None = None
@@ -61,6 +63,8 @@ class ReaderOptions:
     check_values: bool = True
     overwrite: bool = False
     source_format: str | None = None
+    gguf_type: str | None = None
+    permute_qk: bool | None = None
 
     @classmethod
     def of(cls, options: ReaderOptions | Mapping | None = None, **kwargs) -> ReaderOptions:
@@ -158,6 +162,17 @@ class Probe:
         from ..guards import is_pickle
         return not self.is_dir and is_pickle(self.path)
 
+    @property
+    def is_gguf(self) -> bool:
+        """The file starts with the GGUF magic (other formats then see no metadata/names)."""
+        if self.is_dir:
+            return False
+        try:
+            with open(self.path, "rb") as f:
+                return f.read(4) == b"GGUF"
+        except OSError:
+            return False
+
     def beside(self, name: str) -> bool:
         """Whether a file ``name`` exists in the directory of the path (or in it, for a dir)."""
         folder = self.path if self.is_dir else (os.path.dirname(self.path) or ".")
@@ -166,7 +181,7 @@ class Probe:
     @property
     def metadata(self) -> dict[str, str]:
         """safetensors ``__metadata__`` (empty for pickles and directories)."""
-        if self.is_pickle or self.is_dir:
+        if self.is_pickle or self.is_dir or self.is_gguf:
             return {}
         return self._read_header().metadata
 
@@ -174,7 +189,7 @@ class Probe:
     def names(self) -> list[str]:
         """Tensor names (a pickle is loaded with the weights-only unpickler, cached)."""
         if self._names is None:
-            if self.is_dir:  # a directory format (PEFT) looks at the files in it itself
+            if self.is_dir or self.is_gguf:  # PEFT looks in a directory itself; GGUF: gguf.py
                 self._names = []
             elif self.is_pickle:
                 self._names = list(load_pickle(self.path))

@@ -20,7 +20,8 @@ TARGETS = FORMATS
 # Options reported as ignored when neither the source's reader nor the target's writer uses
 # them (``Capabilities.reads``/``writes``).
 _FLAGS = {"alpha": "--alpha", "enable_lora": "--enable-lora", "fan_in_fan_out":
-          "--fan-in-fan-out", "base": "--base"}
+          "--fan-in-fan-out", "base": "--base", "gguf_type": "--gguf-type",
+          "permute_qk": "--permute-qk"}
 
 
 @dataclass
@@ -55,7 +56,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "lorato
     ``enable_lora`` (loralib MergedLinear mask, e.g. ``[True, False, True]`` or ``"1,0,1"``),
     ``fan_in_fan_out``, ``base`` (checkpoint for names, layouts, kinds), ``name_map``
     (``{OLD: NEW}`` renames, also used to find base tensors), ``allow_unknown``,
-    ``source_format`` (skip detection).
+    ``source_format`` (skip detection); for GGUF (``to="gguf"`` or a GGUF source) ``base``
+    is a GGUF base or the base's ``config.json`` (architecture, head counts), ``gguf_type``
+    the written tensor type (f32, f16, bf16, q8_0) and ``permute_qk`` overrides whether the
+    q/k rows are permuted (architectures loratool does not know).
 
     >>> import tempfile
     >>> out = tempfile.mkdtemp()
@@ -78,7 +82,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "lorato
     options = ReaderOptions.of(**options).replace(overwrite=overwrite)
     fmt = options.source_format or detect_format(src)
     source, target = get_format(fmt), get_format(to)
-    result = source.load_report(src, options)
+    # --to gguf: --base is the GGUF base or config.json of the target, not a checkpoint the
+    # source's reader could resolve names against
+    read_opts = options.replace(base=None) if to == "gguf" and fmt != "gguf" else options
+    result = source.load_report(src, read_opts)
     adapter, rename_notes = rename_modules(result.adapter, options.name_map)
     notes = list(result.notes) + rename_notes
     used = source.CAPABILITIES.reads | target.CAPABILITIES.writes

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from ..errors import LoraToolError
 from ..rules import Finding
 
-ADAPTER_SUFFIXES = (".safetensors",)
+ADAPTER_SUFFIXES = (".safetensors", ".gguf")
 
 
 @dataclass
