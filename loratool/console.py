@@ -319,6 +319,34 @@ def render_merge(d: dict) -> None:
 
 
 @contextmanager
+def render_gguf_merge(d: dict) -> None:
+    """A merge into a GGUF base: what was written, and how much of each delta survived."""
+    from rich.table import Table
+    c = out()
+    verb = "Merged" if d["operation"] == "merge" else "Unmerged"
+    names = ", ".join(f"{os.path.basename(a['source'])}:{a['scale']:g}" for a in d["adapters"])
+    c.print(f"{verb} {names} -> {d['output']} (GGUF, types: {d['output_type']})",
+            markup=False, highlight=False, soft_wrap=True)
+    c.print(f"  tensors     {d['tensors_merged']} merged, {d['tensors_copied']} copied; "
+            f"{d['seconds']:.2f} s", markup=False, highlight=False)
+    c.print(f"  delta       retained {fmt(d['retained'], 4)}, kept {fmt(d['kept'], 4)}, "
+            f"rel. error {fmt(d['rel_error'], 3)} (overall)", markup=False, highlight=False)
+    t = Table(box=None, header_style="bold")
+    for col in ("tensor", "type", "||delta||", "retained", "kept", "rel_error"):
+        t.add_column(col, justify="left" if col in ("tensor", "type") else "right")
+    for r in d["tensors"]:
+        types = r["base_type"] if r["base_type"] == r["out_type"] else \
+            f"{r['base_type']}->{r['out_type']}"
+        t.add_row(r["name"], types, fmt(r["delta_norm"], 4), fmt(r["retained"], 4),
+                  fmt(r["kept"], 4), fmt(r["rel_error"], 3))
+    c.print(t)
+    for s in d.get("skipped", []):
+        c.print(f"  skipped     {s['module']} ({s['adapter']}): {s['reason']}", markup=False,
+                highlight=False)
+    for note in d.get("notes", []):
+        c.print(f"  note: {note}", markup=False, highlight=False)
+
+
 def progress(total_bytes: int, description: str, *, quiet: bool = False):
     """A bytes progress bar (with bytes/s) on a terminal; silent when piped or ``quiet``."""
     if quiet or not sys.stderr.isatty():

@@ -6,6 +6,7 @@ import click
 
 from .. import console
 from ..ops.merge import DEVICE_CHOICES, DTYPE_CHOICES, OUTPUT_FORMATS
+from ..ops.merge.gguf_base import GGUF_TYPES
 from ._options import path_numbers, source_options
 
 _scaled = path_numbers("scale", "LT520")
@@ -20,7 +21,12 @@ _COMMON = [
                       "I/O. auto: cuda when available."),
     click.option("--dtype", type=click.Choice(list(DTYPE_CHOICES)),
                  default="keep", show_default=True,
-                 help="Storage dtype of the output's floating-point tensors."),
+                 help="Storage dtype of the output's floating-point tensors. GGUF base: "
+                      "keep requantizes each merged tensor to its own type (refused, naming "
+                      "the writable types, where gguf cannot write it)."),
+    click.option("--gguf-type", type=click.Choice(GGUF_TYPES), default=None,
+                 help="GGUF base only: write every merged tensor in this type (e.g. q8_0 for "
+                      "a Q4_K base that cannot be requantized)."),
     click.option("--map", "maps", multiple=True, metavar="OLD=NEW",
                  help="Map an adapter module path to a base path (repeatable); a trailing '.' "
                       "maps a prefix, e.g. --map base_model.model.="),
@@ -45,8 +51,8 @@ def _common(f):
     return source_options(f)
 
 
-def _run(fn, base, adapters, output, device, dtype, maps, allow_missing, output_format,
-         overwrite, fsync, quiet, as_json, source, **extra):
+def _run(fn, base, adapters, output, device, dtype, gguf_type, maps, allow_missing,
+         output_format, overwrite, fsync, quiet, as_json, source, **extra):
     items = adapters
     with ExitStack() as stack:
         bar = []
@@ -61,12 +67,14 @@ def _run(fn, base, adapters, output, device, dtype, maps, allow_missing, output_
         report = fn(base, items, output=output, device=device, dtype=dtype,
                     name_map=list(maps), allow_missing=allow_missing, overwrite=overwrite,
                     fsync=fsync, progress=progress, output_format=output_format,
-                    adapter_options=source, **extra)
+                    adapter_options=source, gguf_type=gguf_type, **extra)
     data = report.to_dict()
     if as_json:
         console.print_json(data)
-        return
-    console.render_merge(data)
+    elif data.get("output_format") == "gguf":
+        console.render_gguf_merge(data)
+    else:
+        console.render_merge(data)
 
 
 @click.command("merge")
@@ -84,11 +92,20 @@ def merge_cmd(base, adapters, **kw):
     stays a few tensors whatever the checkpoint's size. The output records what was
     merged (metadata loratool.merged) so that `loratool unmerge` can check it.
 
+    A GGUF BASE (llama.cpp, quantized or not; a split set given by any part) is
+    dequantized, merged in float64 and written back in its types (--dtype keep) or in
+    --gguf-type. The report says how much of each delta survived: retained =
+    ||eff|| / ||delta|| and kept = <eff, delta> / ||delta||^2, eff being what the written
+    file really changed. Read kept: rounding noise makes retained large even when little of
+    the delta survived (at ||delta||/||W|| = 1e-2 about 98% survives Q8_0, 3% Q4_0).
+
     \b
     Examples:
       loratool merge model.safetensors examples/adapter.safetensors
       loratool merge llama-dir/ style.safetensors:0.7 detail.safetensors:0.3 -o out-dir
       loratool merge sd15.ckpt lora.safetensors --output-format safetensors --dtype fp16
+      loratool merge llama-q8_0.gguf peft_adapter/ -o merged-q8_0.gguf --json
+      loratool merge llama-Q4_K_M.gguf adapter.gguf --gguf-type q8_0
     """
     from ..ops.merge import merge
     _run(merge, base, adapters, **kw)
@@ -107,7 +124,8 @@ def unmerge_cmd(merged, adapters, force, **kw):
 
     Each ADAPTER[:SCALE] must match an entry of MERGED's loratool.merged record (same
     adapter content, same scale); otherwise nothing is written unless --force. DoRA merges
-    cannot be inverted and are refused.
+    cannot be inverted and are refused. A GGUF file is unmerged only where every adapted
+    tensor is F32, F16 or BF16 (LT335 otherwise: requantizing is not invertible).
 
     \b
     Examples:

@@ -105,8 +105,8 @@ def read_info(path: str, options: ReaderOptions | None = None) -> AdapterInfo:
     details = {"architecture": info.architecture, "adapter.lora.alpha": info.alpha,
                "scale": ("alpha / r" if info.alpha else
                          "1 (alpha 0: each module's scale is baked into lora_b)"),
-               "gguf_names": ", ".join(f"{names[g]}={g}" for g in info.modules
-                                       if names[g] != g)[:200] or "none mapped"}
+               "names": (f"{sum(names[g] != g for g in names)} of {len(names)} mapped from "
+                         "GGUF tensor names to HF modules")}
     if info.skipped:
         details["skipped"] = ", ".join(info.skipped) + " (norm deltas: llama.cpp ignores them)"
     meta = {k: str(v) for k, v in info.metadata.items()

@@ -35,13 +35,17 @@ __all__ = ["DEVICE_CHOICES", "DTYPE_CHOICES", "MERGEABLE_DTYPES", "OUTPUT_FORMAT
 def merge(base, adapters, *, output=None, device: str = "auto", dtype: str = "keep",
           name_map=None, allow_missing: bool = False, overwrite: bool = False,
           fsync: bool = False, progress=None, output_format: str | None = None,
-          adapter_options: dict | None = None) -> MergeReport:
+          adapter_options: dict | None = None, gguf_type: str | None = None) -> MergeReport:
     """Merge adapters into a base checkpoint and write a new checkpoint (never the input).
 
     ``adapters`` is a list of ``(path_or_Adapter, scale)`` pairs (a bare path or Adapter means
     scale 1.0). ``base`` is a ``.safetensors`` file, a sharded Hugging Face directory or a
     ``.pt``/``.bin`` state dict. ``adapter_options`` supplies what foreign adapter files do
     not store (``alpha``, ``enable_lora``, ``fan_in_fan_out``, ``allow_unknown``).
+    A GGUF ``base`` (llama.cpp; a split set given by any part) is merged by
+    ``loratool.gguf.merge_gguf`` and returns a ``GGUFMergeReport`` with the retained delta;
+    ``dtype="keep"`` requantizes each tensor to its own type, ``gguf_type`` ("q8_0", "f16",
+    ...) writes every merged tensor in that type.
     ``progress(advance_bytes, total_bytes)`` is called as each tensor has been written (from
     the writer thread).
 
@@ -54,15 +58,18 @@ def merge(base, adapters, *, output=None, device: str = "auto", dtype: str = "ke
     return run(MergeJob("merge", base, adapters, output=output, device=device, dtype=dtype,
                         name_map=name_map, allow_missing=allow_missing, overwrite=overwrite,
                         fsync=fsync, progress=progress, output_format=output_format,
-                        adapter_options=adapter_options))
+                        adapter_options=adapter_options, gguf_type=gguf_type))
 
 
 def unmerge(merged, adapters, *, output=None, device: str = "auto", dtype: str = "keep",
             name_map=None, allow_missing: bool = False, overwrite: bool = False,
             fsync: bool = False, progress=None, output_format: str | None = None,
-            force: bool = False, adapter_options: dict | None = None) -> MergeReport:
+            force: bool = False, adapter_options: dict | None = None,
+            gguf_type: str | None = None) -> MergeReport:
     """Subtract adapters merged earlier (the inverse of ``merge``); checks each adapter and
-    scale against the checkpoint's ``loratool.merged`` record unless ``force``.
+    scale against the checkpoint's ``loratool.merged`` record unless ``force``. A GGUF
+    ``merged`` file is unmerged when every adapted tensor is F32/F16/BF16 (else LT335:
+    requantizing is not invertible); it has no record to check.
 
     >>> import os, tempfile
     >>> merged = os.path.join(tempfile.mkdtemp(), "merged.safetensors")
@@ -75,4 +82,4 @@ def unmerge(merged, adapters, *, output=None, device: str = "auto", dtype: str =
                         dtype=dtype, name_map=name_map, allow_missing=allow_missing,
                         overwrite=overwrite, fsync=fsync, progress=progress,
                         output_format=output_format, force=force,
-                        adapter_options=adapter_options))
+                        adapter_options=adapter_options, gguf_type=gguf_type))

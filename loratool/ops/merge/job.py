@@ -58,6 +58,7 @@ class MergeJob:
     output_format: str | None = None
     force: bool = False
     adapter_options: dict | None = None
+    gguf_type: str | None = None  # GGUF bases only: GGML type of every merged tensor
     engines: Engines = field(default_factory=Engines)
 
 
@@ -99,6 +100,12 @@ def run(job: MergeJob) -> MergeReport:
     base = os.fspath(job.base)
     if not os.path.exists(base):
         raise CheckpointError(f"base checkpoint {base} does not exist", code="LT401")
+    from .gguf_base import is_gguf_base, run_gguf
+    if is_gguf_base(base):
+        return run_gguf(job)
+    if job.gguf_type is not None:
+        raise OperationError("gguf_type (--gguf-type) applies to GGUF bases only",
+                             code="LT522")
     if job.dtype not in DTYPE_CHOICES:
         raise OperationError(f"dtype {job.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}",
                              code="LT522")
