@@ -286,3 +286,34 @@ def test_gguf_type_needs_a_gguf_base(tmp_path):
              os.path.join(REPO, "examples", "adapter.safetensors"), "-o",
              tmp_path / "o.safetensors", "--gguf-type", "q8_0")
     assert r.exit_code == 1 and "[LT522]" in r.stderr and "GGUF" in r.stderr
+
+
+def test_merge_allow_missing_lists_what_it_skipped(llama, tmp_path):
+    from loratool import load_adapter, merge
+    base = _write_base(tmp_path / "base.gguf", Q.F32)
+    adapter = load_adapter(llama["peft"])
+    m = adapter.modules["model.layers.0.mlp.down_proj"]
+    adapter.modules["model.layers.0.mlp.up_proj"] = m.with_tensors(
+        name="model.layers.0.mlp.up_proj", A=torch.ones(4, HIDDEN), B=torch.ones(INTER, 4))
+    with pytest.raises(LoraToolError) as e:
+        merge(base, [adapter], output=tmp_path / "o.gguf")
+    assert e.value.code == "LT331" and "blk.0.ffn_up.weight" in e.value.message
+    assert not os.path.exists(tmp_path / "o.gguf")
+    rep = merge(base, [adapter], output=tmp_path / "o.gguf", allow_missing=True)
+    assert rep.skipped == [{"adapter": "<in memory>", "module": "model.layers.0.mlp.up_proj",
+                            "reason": "blk.0.ffn_up.weight not in the base"}]
+    assert rep.tensors_merged == len(llama["factors"])
+
+
+def test_non_permuting_gguf_adapter_reads_without_base(tmp_path):
+    from loratool import load_adapter
+    from loratool.gguf import ArchInfo, write_gguf_adapter
+    rng = np.random.default_rng(3)
+    A, B = rng.standard_normal((2, 16)), rng.standard_normal((16, 2))
+    write_gguf_adapter(tmp_path / "q.gguf", [LoraFactors(
+        "model.layers.0.self_attn.q_proj", A, B, 0.3)], ArchInfo("qwen2"))
+    m = load_adapter(tmp_path / "q.gguf").modules["model.layers.0.self_attn.q_proj"]
+    np.testing.assert_array_equal(m.A.numpy(), A.astype(np.float32))
+    # no float32 alpha gives 0.3 exactly: alpha 0, 0.3 * B rounded once to float32, scale 1
+    np.testing.assert_array_equal(m.B.numpy(), (0.3 * B).astype(np.float32))
+    assert m.scale == 1.0
