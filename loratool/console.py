@@ -318,7 +318,6 @@ def render_merge(d: dict) -> None:
             note(f"  {s['adapter']}: {s['module']} {s['reason']}")
 
 
-@contextmanager
 def render_gguf_merge(d: dict) -> None:
     """A merge into a GGUF base: what was written, and how much of each delta survived."""
     from rich.table import Table
@@ -347,6 +346,7 @@ def render_gguf_merge(d: dict) -> None:
         c.print(f"  note: {note}", markup=False, highlight=False)
 
 
+@contextmanager
 def progress(total_bytes: int, description: str, *, quiet: bool = False):
     """A bytes progress bar (with bytes/s) on a terminal; silent when piped or ``quiet``."""
     if quiet or not sys.stderr.isatty():
