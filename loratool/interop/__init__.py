@@ -23,6 +23,7 @@ REGISTRY: dict[str, str] = {
     "peft": "peft",
     "kohya": "kohya",
     "loralib": "loralib",
+    "lycoris": "lycoris",
 }
 FORMATS: tuple[str, ...] = tuple(REGISTRY)
 
