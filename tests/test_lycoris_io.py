@@ -26,6 +26,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from loratool import lycoris as ly
+from loratool.adapter import read_adapter_info
 from loratool.cli import main
 from loratool.errors import LoraToolError
 from loratool.interop import detect_format
@@ -91,9 +92,14 @@ def build(tmp_path, cls, kw, dtype=torch.float64, tag="a"):
     for i, (layer, name) in enumerate(LAYERS.items()):
         orig = getattr(net.unet, layer)
         W, b = orig.weight.detach().clone(), orig.bias.detach().clone()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            mod = cls(name, orig, multiplier=1.0, **kw)
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # LyCORIS creates its parameters in the default dtype
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mod = cls(name, orig, multiplier=1.0, **kw)
+        finally:
+            torch.set_default_dtype(old)
         _randomize(mod, 3 + i)
         mod.apply_to()
         with torch.no_grad():
@@ -133,7 +139,13 @@ def test_inspect_validate_merge_unmerge(case, tmp_path):
     assert {r["lycoris"]["family"] for r in rows.values()} == {family}
     assert rows["unet.fc"]["lycoris"]["plain_lora_rank"] == rank_fc
     assert rows["unet.conv"]["lycoris"]["plain_lora_rank"] == rank_conv
-    assert rows["unet.conv"]["kind"] == "conv" and rows["unet.conv"]["kernel"] == [3, 3]
+    conv = rows["unet.conv"]
+    if conv["lycoris"]["shape_known"]:
+        assert conv["kind"] == "conv" and conv["kernel"] == [3, 3]
+    else:  # flattened conv factors: (out, in * k * k) until the base gives the kernel
+        assert (conv["kind"], conv["out"], conv["in"]) == ("linear", 24, 32 * 9)
+    info = read_adapter_info(path, base=base).modules["unet.conv"]
+    assert (info.kind, info.kernel, info.rank) == ("conv", (3, 3), rank_conv)
     assert validate(path).ok
     out = tmp_path / "merged.safetensors"
     rep = merge(base, [path], output=str(out), device="cpu")

@@ -21,7 +21,7 @@ from .records import (SUPPORTED, Dora, DoraAxis, Family, Full, LoCon, LoHa, LoKr
 _LAZY = {  # name -> submodule; these import torch
     **dict.fromkeys(("LoraFactors", "face_split", "khatri_rao", "lora_rank", "to_lora",
                      "truncate"), "convert"),
-    **dict.fromkeys(("DORA_EPS", "bias_delta", "delta", "merged_weight"), "delta"),
+    **dict.fromkeys(("DORA_EPS", "bias_delta", "delta", "merged_weight"), "deltas"),
 }
 
 
