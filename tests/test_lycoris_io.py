@@ -287,3 +287,46 @@ def test_cli_inspect_and_convert(tmp_path):
                                   "--to", "kohya", "--base", base, "--fro", "0.9"])
     assert r.exit_code == 0, r.output
     assert "Frobenius retained" in r.output
+
+
+def test_float32_engine_merges_dora_and_loha(tmp_path):
+    # the CUDA engine's code (float32, whole tensors) run on the CPU
+    from loratool.ops.merge.job import Engines, run_with
+    for cls, kw, tol in ((LokrModule, dict(lora_dim=2, alpha=1.0, weight_decompose=True),
+                          TOL_DORA), (LohaModule, dict(lora_dim=3, alpha=2.0), 1e-6)):
+        path, base, ref = build(tmp_path, cls, kw, dtype=torch.float32, tag=cls.__name__)
+        out = tmp_path / f"m_{cls.__name__}.safetensors"
+        run_with(Engines(precision="fp32"), "merge", base, [path], output=str(out),
+                 device="cpu")
+        merged = load_file(out)
+        for layer, (W, b, x, y) in ref.items():
+            assert _rel(_op(layer, x, merged[f"unet.{layer}.weight"], b), y) <= tol
+
+
+def test_generic_wrapper_names_merge_like_kohya_names(tmp_path):
+    path, base, _ = build(tmp_path, LohaModule, dict(lora_dim=3, alpha=2.0))
+    renamed = tmp_path / "generic.safetensors"
+    save_file({k.replace("lora_unet_", "lycoris_unet_"): v for k, v in load_file(path).items()},
+              renamed)
+    assert detect_format(str(renamed)) == "lycoris"
+    info = read_adapter_info(str(renamed), base=base)
+    assert set(info.modules) == {"unet.fc", "unet.conv"}
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    merge(base, [path], output=str(a), device="cpu")
+    merge(base, [str(renamed)], output=str(b), device="cpu")
+    ta, tb = load_file(a), load_file(b)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_inspect_stats_compose_and_resize_read_lycoris(tmp_path):
+    from loratool.ops.compose import compose
+    path, base, _ = build(tmp_path, LokrModule, dict(lora_dim=2, alpha=1.0))
+    rows = {r["name"]: r for r in inspect(path, stats=True)["modules"]}
+    rec = ly.parse_module("lora_unet_fc", ly.split_state_dict(load_file(path))["lora_unet_fc"])
+    assert rows["unet.fc"]["stats"]["norm"] == pytest.approx(
+        float(torch.linalg.vector_norm(ly.delta(rec))), rel=1e-12)
+    adapter, _ = compose([(path, 0.25), (path, 0.75)])
+    assert _rel(adapter.modules["unet.fc"].delta(), ly.delta(rec)) <= TOL64
+    from loratool.ops.resize import resize
+    small, _ = resize(path, rank=2)
+    assert small.modules["unet.fc"].rank == 2
