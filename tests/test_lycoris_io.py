@@ -330,3 +330,16 @@ def test_inspect_stats_compose_and_resize_read_lycoris(tmp_path):
     from loratool.ops.resize import resize
     small, _ = resize(path, rank=2)
     assert small.modules["unet.fc"].rank == 2
+
+
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[5], DORA[1]],
+                         ids=["loha-tucker", "lokr", "full", "loha-dora-in"])
+def test_lycoris_to_lycoris_is_bit_exact(case, tmp_path):
+    path, base, _ = build(tmp_path, case[1], case[2])
+    for options in ({}, {"base": base}):
+        out = tmp_path / f"rt{len(options)}.safetensors"
+        rep = convert(path, str(out), to="lycoris", **options)
+        assert rep.notes[-1] == "2 LyCORIS module(s) written with their original tensors"
+        a, b = load_file(path), load_file(out)
+        assert a.keys() == b.keys()
+        assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)

@@ -11,8 +11,8 @@ Reading gives each module's exact plain-LoRA form (``lycoris.modules``); the hea
 import no torch. IA3, GLoRA, OFT, BOFT and norm modules are refused naming the family and the
 module [LT231]; a file with no module is refused [LT230].
 
-Writing (``--to lycoris``) writes plain modules as kohya LoCon (``lora_down``/``lora_up``/
-``alpha``), which every LyCORIS reader reads; the other kinds are not written natively yet.
+Writing (``--to lycoris``) writes each module read from LyCORIS with its original tensors
+(bit-exact round trip) and plain modules as kohya LoCon (``lora_down``/``lora_up``/``alpha``).
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ from ..errors import InteropError, LoraToolError
 from ..format import KIND_CONV, KIND_LINEAR, LAYOUT_OUT_IN, MODULE_NAME_RE, SCALING_STANDARD
 from ..model import Adapter, AdapterInfo
 from ..rules import Finding
-from ..variants import Lora
+from ..variants import FullDiff, Lora, LycorisDora
 from . import _common as C
 from .base import NAMES, Capabilities, LoadResult, Probe, ReaderOptions
 
 NAME = "lycoris"
 CAPABILITIES = Capabilities(kinds=frozenset({KIND_LINEAR, KIND_CONV}),
-                            variants=frozenset({Lora.name}), per_module_alpha=True,
+                            variants=frozenset({Lora.name, LycorisDora.name, FullDiff.name}),
+                            per_module_alpha=True,
                             reads=frozenset({"base", "name_map"}))
 
 PREFIXES = ("lora_", "lycoris_")
@@ -267,7 +268,47 @@ def validate(path: str, options: ReaderOptions, *, data: bool = True) -> list[Fi
 
 
 def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
-    """Plain modules as kohya LoCon, which LyCORIS reads as such."""
-    from . import kohya
-    notes = kohya.save(adapter, os.fspath(path), options)
-    return notes + ["written as kohya LoCon (lora_down/lora_up/alpha), LyCORIS's plain form"]
+    """A LyCORIS file: modules read from LyCORIS keep their tensors verbatim (name suffix,
+    dtype, shape and bytes), plain modules are written as kohya LoCon."""
+    from ..stfile import SafetensorsWriter
+    from ..tensors import st_dtype, to_bytes
+    from .kohya import ALPHA, DOWN, UP, _alpha_tensor, kohya_name
+    tensors, seen, verbatim = {}, {}, 0
+    for name, m in adapter.modules.items():
+        rec = getattr(m, "record", None)
+        key = kohya_name(name)
+        if rec is not None and rec.name.startswith("lycoris_") and \
+                rec.name[len("lycoris_"):] == name.replace(".", "_"):
+            key = rec.name
+        if key in seen:
+            raise InteropError(f"modules {seen[key]!r} and {name!r} both become LyCORIS name "
+                               f"{key!r}; rename one with --map", code="LT307", module=name)
+        seen[key] = name
+        if rec is not None:
+            tensors.update({f"{key}.{p}": t.contiguous() for p, t in rec.tensors.items()})
+            verbatim += 1
+            continue
+        if m.kind not in CAPABILITIES.kinds or m.magnitude is not None or m.bias is not None:
+            what = ", ".join([m.kind] + ["DoRA"] * (m.magnitude is not None)
+                             + ["lora_bias"] * (m.bias is not None))
+            raise InteropError(f"module {name!r} ({what}) has no LyCORIS form loratool "
+                               "writes; convert to PEFT or loratool",
+                               code="LT306", module=name)
+        tensors[key + DOWN] = m.A.contiguous()
+        tensors[key + UP] = m.B.contiguous()
+        tensors[key + ALPHA] = _alpha_tensor(m.scale * m.rank, m.A)
+    tensors = dict(sorted(tensors.items()))
+    meta = {k: v for k, v in adapter.extra_metadata.items() if not k.startswith("loratool.")}
+    entries = [(n, st_dtype(t), tuple(t.shape)) for n, t in tensors.items()]
+    with SafetensorsWriter(os.fspath(path), entries, meta or None,
+                           overwrite=options.overwrite) as w:
+        for n, t in tensors.items():
+            w.write(n, to_bytes(t))
+        w.commit()
+    notes = []
+    if verbatim:
+        notes.append(f"{verbatim} LyCORIS module(s) written with their original tensors")
+    if len(adapter.modules) > verbatim:
+        notes.append(f"{len(adapter.modules) - verbatim} plain module(s) written as kohya LoCon "
+                     "(lora_down/lora_up/alpha)")
+    return notes
