@@ -52,6 +52,26 @@ RULES: dict[str, tuple[str, str]] = {
     "LT211": (SHOULD, "all tensors of a module share one dtype"),
     "LT212": (SHOULD, "the rank does not exceed min(out, in)"),
     "LT213": (MUST, "module names are dot-separated segments of [A-Za-z0-9_-]"),
+    # LyCORIS modules (spec/lycoris.md; loratool.lycoris.codes names them)
+    "LT230": (MUST, "a LyCORIS module's parameter names identify exactly one family"),
+    "LT231": (MUST, "the LyCORIS family is one loratool reads (LoCon, LoHa, LoKr, full); IA3, "
+                    "GLoRA, OFT, BOFT and norms are refused by name"),
+    "LT232": (MUST, "a LyCORIS module has every tensor its family needs, in one form"),
+    "LT233": (MUST, "each LyCORIS tensor has the number of dimensions of its role"),
+    "LT234": (MUST, "paired LyCORIS factors agree on the rank"),
+    "LT235": (MUST, "a Tucker core (lora_mid, hada_t*, lokr_t2) is (r, r, *kernel) for its "
+                    "factors"),
+    "LT236": (MUST, "the two Hadamard terms of a LoHa module have the same shape"),
+    "LT237": (MUST, "a LoKr module's kron(w1, w2) has the base weight's shape"),
+    "LT238": (MUST, "a LyCORIS alpha is one finite number"),
+    "LT239": (MUST, "dora_scale has shape (out, 1, ...) or (1, in, ...)"),
+    "LT240": (MUST, "diff has the weight's shape and diff_b the shape (out,)"),
+    "LT241": (MUST, "a LyCORIS module's delta fits the base weight's shape"),
+    "LT242": (MUST, "a conv module stored with flattened factors is given the base weight's "
+                    "shape"),
+    "LT243": (MUST, "only modules with a low-rank form convert to plain LoRA (not DoRA; full "
+                    "diff only as a requested SVD)"),
+    "LT244": (MUST, "every rank and dimension of a LyCORIS module is at least 1"),
 }
 
 # Codes any command may raise that are not rules about a file (spec/README.md, "Codes of

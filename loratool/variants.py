@@ -40,6 +40,26 @@ class Dora(ModuleVariant):
     described = "a DoRA magnitude"
 
 
+class LycorisDora(ModuleVariant):
+    """LyCORIS DoRA (spec/lycoris.md section 4): ``dora_scale`` with its own axis and epsilon;
+    merged through ``lycoris.merged_weight``, with no plain-LoRA form."""
+
+    name = "lycoris_dora"
+    roles = ("dora_scale",)
+    additive = False
+    described = "a LyCORIS DoRA scale (dora_scale)"
+
+
+class FullDiff(ModuleVariant):
+    """A LyCORIS full weight difference (``diff``): additive, but of full rank; plain-LoRA
+    writers refuse it (a dense SVD is asked for explicitly)."""
+
+    name = "full_diff"
+    roles = ("diff",)
+    described = "a LyCORIS full weight difference (diff)"
+
+
+# Variants the loratool format stores (format 1.x); the LyCORIS ones are read, not stored.
 VARIANTS: dict[str, type[ModuleVariant]] = {v.name: v for v in (Lora, Dora)}
 
 

@@ -173,18 +173,24 @@ def test_file_without_alpha_means_alpha_is_rank(tmp_path):
     assert all(float(b[f"{n}.alpha"]) == MODULES[n][3] for n in MODULES)
 
 
-def test_lycoris_tensors_are_unknown(tmp_path):
+def test_lycoris_tensors_are_unknown_to_the_kohya_reader(tmp_path):
     extra = {"lora_unet_x_proj.hada_w1_a": torch.zeros(2, 4),
              "lora_unet_x_proj.hada_w1_b": torch.zeros(4, 2),
              "lora_unet_x_proj.alpha": torch.tensor(1.0)}
     src = _kohya_file(str(tmp_path / "k.safetensors"), extra=extra)
+    # detected as LyCORIS (tests/test_lycoris_io.py), whose reader names the broken LoHa
     with pytest.raises(LoraToolError) as e:
         load_adapter(src)
+    assert e.value.code == "LT232" and e.value.module == "lora_unet_x_proj"
+    # read as kohya, the LoHa tensors are unknown
+    with pytest.raises(LoraToolError) as e:
+        load_adapter(src, source_format="kohya")
     assert e.value.code == "LT303" and "LoHa" in e.value.message
-    report = convert(src, str(tmp_path / "o.safetensors"), allow_unknown=True)
+    report = convert(src, str(tmp_path / "o.safetensors"), allow_unknown=True,
+                     source_format="kohya")
     assert report.unknown_tensors == sorted(extra)
     assert read_adapter_info(str(tmp_path / "o.safetensors")).modules.keys() == \
-        read_adapter_info(src, allow_unknown=True).modules.keys()
+        read_adapter_info(src, allow_unknown=True, source_format="kohya").modules.keys()
 
 
 def test_writer_refuses_what_kohya_cannot_hold(tmp_path):

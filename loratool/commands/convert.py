@@ -27,12 +27,21 @@ from ._options import source_options
 @click.option("--map", "name_map", multiple=True, metavar="OLD=NEW",
               help="Rename a module (or a prefix ending in '.'; NEW may be empty) and match it "
                    "to that base path. Repeatable.")
+@click.option("--rank", type=click.IntRange(min=1), default=None,
+              help="LyCORIS sources: truncate each module's exact plain-LoRA form to this "
+                   "rank (the retained Frobenius fraction is reported).")
+@click.option("--fro", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="LyCORIS sources: keep the smallest rank that retains this fraction of "
+                   "each module's Frobenius norm.")
+@click.option("--dense-svd", is_flag=True,
+              help="LyCORIS sources: factor full `diff` modules by a dense SVD (error "
+                   "reported) instead of refusing them for plain-LoRA targets.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def convert_cmd(src, dst, to, base, gguf_type, permute_qk, name_map, overwrite, as_json,
-                source):
-    """Convert an adapter between loratool, PEFT, kohya/sd-scripts, loralib and GGUF
-    (llama.cpp) formats.
+def convert_cmd(src, dst, to, base, gguf_type, permute_qk, name_map, rank, fro, dense_svd,
+                overwrite, as_json, source):
+    """Convert an adapter between loratool, PEFT, kohya/sd-scripts, loralib, LyCORIS and
+    GGUF (llama.cpp) formats.
 
     The source format is detected. Conversion is lossless where the target can express the
     adapter; anything folded (a per-module alpha, rsLoRA scaling) is reported, and what the
@@ -45,6 +54,8 @@ def convert_cmd(src, dst, to, base, gguf_type, permute_qk, name_map, overwrite, 
       loratool convert peft_adapter/ -o adapter.safetensors
       loratool convert adapter.safetensors -o peft_out/ --to peft
       loratool convert lora_sd.safetensors -o out.safetensors --base unet.safetensors
+      loratool convert loha.safetensors -o peft_out/ --to peft --base unet.safetensors
+      loratool convert lokr.safetensors -o lora.safetensors --to kohya --rank 64
       loratool convert gpt2_lora.pt -o out.safetensors --alpha 32 --enable-lora 1,0,1 \\
           --fan-in-fan-out
       loratool convert peft_adapter/ -o adapter.gguf --to gguf --base llama/config.json
@@ -53,7 +64,8 @@ def convert_cmd(src, dst, to, base, gguf_type, permute_qk, name_map, overwrite, 
     from ..naming import parse_map
     from ..ops.convert import convert
     report = convert(src, dst, to=to, overwrite=overwrite, base=base, gguf_type=gguf_type,
-                     permute_qk=permute_qk, name_map=parse_map(name_map) or None, **source)
+                     permute_qk=permute_qk, name_map=parse_map(name_map) or None,
+                     rank=rank, fro=fro, dense_svd=dense_svd, **source)
     data = report.to_dict()
     if as_json:
         console.print_json(data)

@@ -24,6 +24,7 @@ REGISTRY: dict[str, str] = {
     "kohya": "kohya",
     "loralib": "loralib",
     "gguf": "gguf",
+    "lycoris": "lycoris",
 }
 FORMATS: tuple[str, ...] = tuple(REGISTRY)
 

@@ -22,7 +22,7 @@ import torch
 
 from . import codes
 from .codes import fail
-from .delta import f64, lokr_sides, locon_factors, loha_terms, resolve_shape
+from .deltas import f64, lokr_sides, locon_factors, loha_terms, resolve_shape
 from .records import Full, LoCon, LoHa, LoKr, LycorisModule
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import codes
 from .codes import fail
 from .records import Dora, DoraAxis, Family, Full, LoCon, LoHa, LoKr, LycorisModule
+
+if TYPE_CHECKING:  # parsing reads shapes only, so header stubs work without torch
+    import torch
 
 KOHYA_PREFIXES = ("lora_unet", "lora_te", "lora_te1", "lora_te2", "lora_te3", "lycoris")
 
@@ -73,7 +75,7 @@ def detect_family(params: Iterable[str] | Mapping[str, torch.Tensor]) -> Family:
                 if families else "no parameter that names a family")
         raise ValueError(what)
     family = families.pop()
-    if family is Family.OFT and isinstance(blocks, torch.Tensor) and blocks.dim() == 4:
+    if family is Family.OFT and blocks is not None and len(blocks.shape) == 4:
         return Family.BOFT
     return family
 
@@ -97,9 +99,9 @@ def parse_module(name: str, tensors: Mapping[str, torch.Tensor], *,
                    f"not read: {_WHY_NOT[family]}")
     t = dict(tensors)
     for p, v in t.items():
-        if p != "on_input" and not (isinstance(v, torch.Tensor) and v.is_floating_point()):
+        if p != "on_input" and not (hasattr(v, "is_floating_point") and v.is_floating_point()):
             raise fail("LT203", name, f"{p} is not a floating-point tensor")
-        if p != "alpha" and isinstance(v, torch.Tensor) and v.dim() and 0 in v.shape:
+        if p != "alpha" and hasattr(v, "shape") and len(v.shape) and 0 in v.shape:
             raise fail(codes.ZERO_DIMENSION, name, f"{p} has shape {tuple(v.shape)}, with a "
                        "dimension of size 0")
     alpha = _alpha(name, t.get("alpha"))
@@ -124,8 +126,7 @@ def check_shape(rec: LycorisModule, shape: tuple[int, ...]) -> None:
     if isinstance(rec, LoKr) and not rec.shape_known and len(shape) > 2:
         # kron with a flattened conv w2 is the conv kron only if w2's width is d * prod(k)
         a, c = rec.w1_shape
-        if shape[1] % c or rec.w2_b.reshape(rec.w2_b.shape[0], -1).shape[1] % math.prod(
-                shape[2:]):
+        if shape[1] % c or math.prod(rec.w2_b.shape[1:]) % math.prod(shape[2:]):
             raise fail(codes.LOKR_BAD_SHAPE, rec.name, f"w1 has {c} columns and w2 "
                        f"{rec.columns // c}: that is no kron of a conv weight {shape}")
     if rec.dora is not None:

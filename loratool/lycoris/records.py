@@ -14,9 +14,10 @@ import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
+if TYPE_CHECKING:  # records also hold header-only shape stubs (interop.lycoris): no torch
+    import torch
 
 
 class Family(str, enum.Enum):

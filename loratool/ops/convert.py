@@ -19,6 +19,13 @@ TARGETS = FORMATS
 
 # Options reported as ignored when neither the source's reader nor the target's writer uses
 # them (``Capabilities.reads``/``writes``).
+# Why a LyCORIS variant has no plain-LoRA form (spec/lycoris.md sections 4 and 5).
+_WHY = {"lycoris_dora": "LyCORIS DoRA renormalizes W + dW by a norm of the base weight, which "
+                        "no plain LoRA expresses: merge it into the base with `loratool merge`.",
+        "full_diff": "A full diff has no closed-form low-rank factors: pass --dense-svd to "
+                     "factor it (with --rank/--fro to truncate; the error is reported), or "
+                     "merge it into the base."}
+
 _FLAGS = {"alpha": "--alpha", "enable_lora": "--enable-lora", "fan_in_fan_out":
           "--fan-in-fan-out", "base": "--base", "gguf_type": "--gguf-type",
           "permute_qk": "--permute-qk"}
@@ -49,7 +56,8 @@ def _inside(child: str, parent: str) -> bool:
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "loratool",
-            overwrite: bool = False, **options) -> ConvertReport:
+            overwrite: bool = False, rank: int | None = None, fro: float | None = None,
+            dense_svd: bool = False, **options) -> ConvertReport:
     """Convert the adapter ``src`` (any format, detected) to format ``to`` at ``dst``.
 
     Options: ``alpha`` (loralib and config-less PEFT sources; the loralib target's lora_alpha),
@@ -60,6 +68,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "lorato
     is a GGUF base or the base's ``config.json`` (architecture, head counts), ``gguf_type``
     the written tensor type (f32, f16, bf16, q8_0) and ``permute_qk`` overrides whether the
     q/k rows are permuted (architectures loratool does not know).
+    LyCORIS sources (spec/lycoris.md section 5) convert to their exact plain-LoRA form;
+    ``rank``/``fro`` truncate them (the retained Frobenius fraction is reported) and
+    ``dense_svd`` factors full ``diff`` modules by an SVD.
 
     >>> import tempfile
     >>> out = tempfile.mkdtemp()
@@ -95,5 +106,16 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "lorato
     if ignored:
         notes.append(f"ignored {', '.join(ignored)}: a {fmt} source"
                      f"{'' if to == fmt else f' and a {to} target'} do not use it")
+    if rank is not None or fro is not None or dense_svd:
+        from .lycoris_convert import reduce_lycoris
+        notes += reduce_lycoris(adapter, rank=rank, fro=fro, dense_svd=dense_svd)
+    refused = [(n, m.variant) for n, m in adapter.modules.items()
+               if m.variant.name not in target.CAPABILITIES.variants]
+    if refused:
+        name, variant = refused[0]
+        raise InteropError(f"module {name!r} has {variant.described}; the {to} format cannot "
+                           f"store it ({len(refused)} module(s) in all). " + _WHY.get(
+                               variant.name, ""), code="LT243" if variant.name in _WHY
+                           else "LT306", module=name)
     notes += target.save(adapter, dst, options)
     return ConvertReport(src, dst, fmt, to, len(adapter.modules), notes, list(result.unknown))

@@ -48,12 +48,15 @@ def inspect(path: str | os.PathLike, *, stats: bool = False, base: str | os.Path
 
 
 def _module_row(m: ModuleInfo) -> dict:
-    return {
+    row = {
         "name": m.name, "kind": m.kind, "layout": m.layout, "in": m.in_features,
         "out": m.out_features, "kernel": list(m.kernel), "rank": m.rank, "alpha": m.alpha,
         "scaling": m.scaling, "scale": m.scale, "dtype": m.dtype, "dora": m.magnitude,
         "bias": m.bias, "parameters": m.parameters,
     }
+    if getattr(m, "lycoris", None):  # family, its ranks, the plain-LoRA rank (lycoris.md)
+        row["lycoris"] = m.lycoris
+    return row
 
 
 def _report(info: AdapterInfo) -> dict:

@@ -151,7 +151,7 @@ class NumpyExactEngine:
         n = math.prod(shape)
         if n == 0:
             return memoryview(b""), None
-        if any(op.kind == "dora" for op in ops):
+        if any(op.kind in ("dora", "fn") for op in ops):
             from .torch_engine import run_whole_f64
             return run_whole_f64(raw, dtype, shape, ops, out_dtype, name), None
         src = raw[: n * np.dtype(FLOAT_NP[dtype]).itemsize].view(FLOAT_NP[dtype]).reshape(shape)

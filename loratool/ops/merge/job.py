@@ -218,7 +218,8 @@ def _engine(engines: Engines, device: str, items):
 
 def _refuse_dora_unmerge(loaded) -> None:
     dora = [f"{ld.source}: {m}" for ld in loaded
-            for m, mod in ld.adapter.modules.items() if mod.magnitude is not None]
+            for m, mod in ld.adapter.modules.items() if mod.magnitude is not None
+            or (getattr(mod, "record", None) is not None and not mod.variant.additive)]
     if dora:
         raise CheckpointError(
             "cannot unmerge DoRA modules (" + ", ".join(dora[:5]) + "): a DoRA merge "

@@ -18,7 +18,8 @@ _MAX_LISTED = 40
 class Op:
     """One update of one base tensor, in the 2-D view ``W.reshape(W.shape[0], -1)``."""
 
-    kind: str  # "lowrank" (W2 += s L @ R), "dora" (PEFT's DoRA merge), "vector" (bias += s v)
+    kind: str  # "lowrank" (W2 += s L @ R), "dora" (PEFT's DoRA merge), "vector" (bias += s v),
+    #            "fn" (W2 = fn(W2) in float64: LyCORIS DoRA, lycoris.modules.merge_fn)
     scale: float
     adapter: int
     module: str
@@ -27,6 +28,7 @@ class Op:
     magnitude: object = None  # [out] (DoRA)
     axis: int = 1  # DoRA: the norm runs along this axis of the 2-D view (1: rows are outputs)
     vec: object = None  # [n] (lora_bias)
+    fn: object = None  # "fn": the whole 2-D weight in, the merged one out
 
     def cast(self, dtype, device=None) -> Op:
         """The same op with contiguous tensors of ``dtype`` (exact for float64)."""
@@ -147,7 +149,10 @@ def make_plan(loaded: list[Loaded], base_tensors: dict, name_map, *, sign: float
             else:
                 L, R, axis = A2.T, B2.T, 0
             s = sign * ld.scale * m.scale
-            if m.magnitude is not None:
+            if getattr(m, "record", None) is not None and not m.variant.additive:
+                from ...lycoris.modules import merge_fn
+                op = Op("fn", s, ai, module, fn=merge_fn(m.record, shape, sign * ld.scale))
+            elif m.magnitude is not None:
                 op = Op("dora", s, ai, module, L, R, m.magnitude, axis)
             else:
                 op = Op("lowrank", s, ai, module, L, R)

@@ -120,7 +120,9 @@ def adapter_record(ld) -> dict:
     return {"identity": ld.identity, "scale": ld.scale,
             "source": os.path.basename(ld.source) if ld.source != "<in memory>" else ld.source,
             "source_format": ld.source_format, "modules": ld.merged,
-            "dora": any(m.magnitude is not None for m in mods),
+            "dora": any(m.magnitude is not None or (  # PEFT's or LyCORIS's DoRA
+                getattr(m, "record", None) is not None and not m.variant.additive)
+                for m in mods),
             "lora_bias": any(m.bias is not None for m in mods)}
 
 

@@ -41,6 +41,8 @@ def apply_whole(w, ops) -> None:
             w2.add_(op.vec, alpha=op.scale)
         elif op.kind == "lowrank":
             w2.addmm_(op.L, op.R, alpha=op.scale)
+        elif op.kind == "fn":
+            w2.copy_(op.fn(w2))
         else:  # DoRA, as PEFT merges it: m / ||W0 + dW|| (per output) * (W + dW)
             delta = torch.mm(op.L, op.R).mul_(op.scale)
             norm = torch.linalg.vector_norm(w0 + delta, dim=op.axis, keepdim=True)

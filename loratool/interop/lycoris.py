@@ -1,0 +1,314 @@
+"""LyCORIS files (LoCon with Tucker, LoHa, LoKr, full/diff, LyCORIS DoRA): spec/lycoris.md.
+
+Names are kohya's (``lora_unet_...``, ``lora_te*_...``) or the generic wrapper's
+(``lycoris_...``), ``<module>.<param>``; the family is detected from the parameter names
+(``loratool.lycoris.parse``). A file of plain kohya LoRA modules only is the kohya format's;
+this format claims a file as soon as one module has a LyCORIS-only parameter, and then reads
+its plain modules as LoCon.
+
+Reading gives each module's exact plain-LoRA form (``lycoris.modules``); the header-only paths
+(``read_info``, ``validate`` without data) check every shape from the safetensors header and
+import no torch. IA3, GLoRA, OFT, BOFT and norm modules are refused naming the family and the
+module [LT231]; a file with no module is refused [LT230].
+
+Writing (``--to lycoris``) writes each module read from LyCORIS with its original tensors
+(bit-exact round trip) and plain modules as kohya LoCon (``lora_down``/``lora_up``/``alpha``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import InteropError, LoraToolError
+from ..format import KIND_CONV, KIND_LINEAR, LAYOUT_OUT_IN, MODULE_NAME_RE, SCALING_STANDARD
+from ..model import Adapter, AdapterInfo
+from ..rules import Finding
+from ..variants import FullDiff, Lora, LycorisDora
+from . import _common as C
+from .base import NAMES, Capabilities, LoadResult, Probe, ReaderOptions
+
+NAME = "lycoris"
+CAPABILITIES = Capabilities(kinds=frozenset({KIND_LINEAR, KIND_CONV}),
+                            variants=frozenset({Lora.name, LycorisDora.name, FullDiff.name}),
+                            per_module_alpha=True,
+                            reads=frozenset({"base", "name_map"}))
+
+PREFIXES = ("lora_", "lycoris_")
+# parameters only LyCORIS writes (a plain kohya file has lora_down/lora_up/alpha only)
+_LYCORIS_PARAMS = {"lora_mid.weight", "diff", "diff_b", "dora_scale", "oft_blocks", "rescale",
+                   "on_input", "w_norm", "b_norm", "weight",
+                   *(f"{p}.weight" for p in ("a1", "a2", "b1", "b2", "bm"))}
+
+
+def _is_lycoris_name(name: str) -> bool:
+    module, _, param = name.partition(".")
+    if not module.startswith(PREFIXES):
+        return False
+    return (module.startswith("lycoris_") or param in _LYCORIS_PARAMS
+            or param.startswith(("hada_", "lokr_")))
+
+
+def detect(probe: Probe) -> int:
+    # Above kohya (NAMES + 1): kohya reads plain LoRA only and claims hada_/lokr_ names just
+    # to refuse them.
+    if probe.is_dir:
+        return 0
+    return NAMES + 2 if any(_is_lycoris_name(n) for n in probe.names) else 0
+
+
+class _Plan:
+    """Names, shapes and records of every module, from the header (no tensor data but the
+    alphas)."""
+
+    def __init__(self, path: str, options: ReaderOptions, *, collect: bool = False):
+        from ..lycoris import LycorisError, parse_module, split_state_dict
+        from ..lycoris.modules import HeaderTensor
+        self.path = path
+        self.source = C.TensorSource(path)
+        self.notes: list[str] = []
+        self.details: dict = {}
+        self.errors: list[LoraToolError] = []
+        stubs = {n: HeaderTensor(d, s, (lambda n=n: self.source.scalar(n)))
+                 for n, (d, s) in self.source.entries.items()}
+        groups = split_state_dict(stubs)
+        if not groups:
+            raise InteropError(f"{path} holds no LyCORIS module", code="LT230", path=path)
+        self.names = self._names(sorted(groups), options)
+        shapes = C.base_shapes(options) or {}
+        self.records = {}
+        for lora in sorted(groups):
+            shape = shapes.get(self.base_keys.get(lora, ""))
+            try:
+                self.records[lora] = parse_module(lora, groups[lora], shape=shape)
+            except LycorisError as e:
+                e.path = path
+                if not collect:
+                    raise
+                self.errors.append(e)
+        from ..lycoris.modules import structural_rank
+        self.ranks = {lora: structural_rank(rec) for lora, rec in self.records.items()}
+        fams: dict[str, int] = {}
+        for rec in self.records.values():
+            key = rec.family.value + ("+dora" if rec.dora is not None else "")
+            fams[key] = fams.get(key, 0) + 1
+        self.details["lycoris_families"] = ", ".join(f"{k}: {v}" for k, v in sorted(fams.items()))
+        for key in ("ss_network_module", "ss_network_args"):
+            if self.source.metadata.get(key):
+                self.details[key] = self.source.metadata[key]
+
+    def _names(self, loras, options) -> dict[str, str]:
+        """LyCORIS name -> module path, as the kohya reader does: ``lora_unet_x_y`` ->
+        ``unet.x_y`` and ``lycoris_x_y`` -> ``x_y``, dotted from the base when given."""
+        name_map = options.name_map or {}
+        shapes = C.base_shapes(options)
+        index: dict[str, set[str]] = {}
+        for key in shapes or ():
+            if key.endswith(".weight"):
+                path = key[: -len(".weight")]
+                index.setdefault(path.replace(".", "_"), set()).add(path)
+        out, self.base_keys = {}, {}
+        unmatched, ambiguous = [], []
+        for lora in loras:
+            if not lora.startswith(PREFIXES) or lora in PREFIXES:
+                raise InteropError(f"LyCORIS module name {lora[:80]!r} does not start with "
+                                   "lora_ or lycoris_", code="LT307", path=self.path,
+                                   module=lora[:80])
+            if lora.startswith("lycoris_"):
+                rest = lora[len("lycoris_"):]
+                fallback, hits = rest, set(index.get(rest, ()))
+                part = None
+            else:
+                full = lora[len("lora_"):]
+                part, sep, rest = full.partition("_")
+                fallback = f"{part}.{rest}" if sep and rest else full
+                hits = index.get(full, set()) | {f"{part}.{p}" for p in index.get(rest, ())}
+            name = name_map.get(lora) or name_map.get(fallback)
+            if name is None and shapes is not None:
+                if len(hits) == 1:
+                    name = next(iter(hits))
+                elif hits:
+                    ambiguous.append(f"{lora} -> {', '.join(sorted(hits))}")
+                else:
+                    unmatched.append(lora)
+            name = name or fallback
+            if len(name) > C.MAX_MODULE_NAME or not MODULE_NAME_RE.match(name):
+                raise InteropError(f"LyCORIS module {lora[:80]!r} gives the module name "
+                                   f"{name[:80]!r}, which is not dot-separated segments of "
+                                   "letters, digits, '_' and '-'", code="LT307", path=self.path,
+                                   module=lora[:80])
+            if shapes is not None:
+                for cand in (name, name.partition(".")[2]):
+                    if cand + ".weight" in shapes:
+                        self.base_keys[lora] = cand + ".weight"
+                        break
+            out[lora] = name
+        if ambiguous:
+            raise InteropError(f"{len(ambiguous)} LyCORIS module(s) match several base tensors "
+                               "once underscores are read as dots; pass --map NAME=MODULE.PATH "
+                               "for each: " + "; ".join(ambiguous[:10]), code="LT307",
+                               path=self.path)
+        if shapes is not None:
+            self.details["names"] = "dotted from the base checkpoint"
+            if unmatched:
+                shown = ", ".join(unmatched[:8]) + (" ..." if len(unmatched) > 8 else "")
+                self.notes.append(f"{len(unmatched)} LyCORIS module(s) match no base tensor and "
+                                  f"keep underscored names: {shown}")
+        else:
+            self.details["names"] = "underscored (pass --base to recover dotted paths)"
+        if len(set(out.values())) != len(out):
+            raise InteropError("two LyCORIS modules map to the same module name; pass --map",
+                               code="LT307", path=self.path)
+        return out
+
+    def info(self, lora: str):
+        from ..lycoris.modules import (LycorisModuleInfo, describe, lora_shapes,
+                                       rank_is_exact, variant_for)
+        rec = self.records[lora]
+        rank = self.ranks[lora]
+        a_shape, b_shape = lora_shapes(rec, rank)
+        facts = describe(rec, rank, rank_is_exact(rec))
+        facts["parameters"] = sum(_numel(self.source.entries[f"{lora}.{p}"][1])
+                                  for p in rec.tensors if p != "alpha")
+        dtypes = sorted({self.source.entries[f"{lora}.{p}"][0] for p in rec.tensors
+                         if p != "alpha"})
+        return LycorisModuleInfo(
+            self.names[lora], KIND_CONV if len(rec.shape) > 2 else KIND_LINEAR,
+            LAYOUT_OUT_IN, a_shape, b_shape, rec.scale * rank, SCALING_STANDARD,
+            dtypes[0] if len(dtypes) == 1 else "mixed", False, _has_bias(rec),
+            lycoris=facts, variant_name=variant_for(rec).name)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _has_bias(rec) -> bool:
+    return rec.tensors.get("diff_b") is not None
+
+
+def read_info(path: str, options: ReaderOptions) -> AdapterInfo:
+    plan = _Plan(path, options)
+    modules = {plan.names[lora]: plan.info(lora) for lora in sorted(plan.records)}
+    alphas = [m.alpha for m in modules.values()]
+    return AdapterInfo(path=path, format_version=None, modules=dict(sorted(modules.items())),
+                       alpha=float(C.most_common(alphas) or 1.0),
+                       extra_metadata=dict(plan.source.metadata), source_format=NAME,
+                       tensor_bytes=plan.source.tensor_bytes, details=dict(plan.details))
+
+
+def load_report(path: str, options: ReaderOptions) -> LoadResult:
+    """Every module in its plain-LoRA form (float64 factors, exact), the record kept."""
+    from ..lycoris import parse_module, to_lora
+    from ..lycoris.modules import LycorisLoraModule
+    from ..lycoris.records import Full
+    plan = _Plan(path, options)
+    modules, ranks = {}, []
+    for lora, head in sorted(plan.records.items()):
+        tensors = {}
+        for p in head.tensors:
+            t = plan.source.get(f"{lora}.{p}")
+            if options.check_values and p != "alpha":
+                C.check_finite(t, f"{lora}.{p}", path, lora, options)
+            tensors[p] = t
+        shape = head.shape if head.shape_known else None
+        rec = parse_module(lora, tensors, shape=shape)
+        name = plan.names[lora]
+        if isinstance(rec, Full):
+            A, B, bias = _identity_factors(rec)
+            alpha = float(A.shape[0])
+        else:
+            from dataclasses import replace
+            f = to_lora(replace(rec, dora=None) if rec.dora is not None else rec)
+            A, B, alpha, bias = f.down(), f.up(), f.alpha, None
+            ranks.append(f"{name}: {rec.family.value} -> rank {f.rank}")
+        kind = KIND_CONV if len(rec.shape) > 2 else KIND_LINEAR
+        modules[name] = LycorisLoraModule(name, kind, LAYOUT_OUT_IN, A, B, alpha,
+                                          SCALING_STANDARD, bias=bias, record=rec)
+    notes = list(plan.notes)
+    if ranks:
+        shown = "; ".join(ranks[:12]) + (f"; ... ({len(ranks)} in all)" if len(ranks) > 12
+                                         else "")
+        notes.append(f"LyCORIS modules read in their exact plain-LoRA form (float64 factors): "
+                     f"{shown}")
+    adapter = Adapter(modules=modules, alpha=float(C.most_common(
+        m.alpha for m in modules.values()) or 1.0), extra_metadata=dict(plan.source.metadata),
+        source_format=NAME)
+    return LoadResult(adapter, notes, [])
+
+
+def _identity_factors(rec):
+    """A full diff as ``I @ diff`` on its smaller side: exact in the diff's own dtype."""
+    import torch
+    out, cols = rec.out_features, rec.columns
+    d2 = rec.diff.reshape(out, cols)
+    k = tuple(rec.shape[2:])
+    if out <= cols:
+        A = d2.reshape(out, *rec.shape[1:])
+        B = torch.eye(out, dtype=rec.diff.dtype).reshape(out, out, *[1] * len(k))
+    else:
+        A = torch.eye(cols, dtype=rec.diff.dtype).reshape(cols, *rec.shape[1:])
+        B = d2.reshape(out, cols, *[1] * len(k))
+    return A, B, rec.diff_b
+
+
+def load(path: str, options: ReaderOptions) -> Adapter:
+    return load_report(path, options).adapter
+
+
+def validate(path: str, options: ReaderOptions, *, data: bool = True) -> list[Finding]:
+    """Every LT23x problem of every module (header only); with ``data``, NaN/Inf."""
+    plan = _Plan(path, options, collect=True)
+    findings = [Finding(e.code, e.message, path, e.module) for e in plan.errors]
+    if data:
+        findings += plan.source.scan([n for n in plan.source.entries])
+    return findings
+
+
+def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
+    """A LyCORIS file: modules read from LyCORIS keep their tensors verbatim (name suffix,
+    dtype, shape and bytes), plain modules are written as kohya LoCon."""
+    from ..stfile import SafetensorsWriter
+    from ..tensors import st_dtype, to_bytes
+    from .kohya import ALPHA, DOWN, UP, _alpha_tensor, kohya_name
+    tensors, seen, verbatim = {}, {}, 0
+    for name, m in adapter.modules.items():
+        rec = getattr(m, "record", None)
+        key = kohya_name(name)
+        if rec is not None and rec.name.startswith("lycoris_") and \
+                rec.name[len("lycoris_"):] == name.replace(".", "_"):
+            key = rec.name
+        if key in seen:
+            raise InteropError(f"modules {seen[key]!r} and {name!r} both become LyCORIS name "
+                               f"{key!r}; rename one with --map", code="LT307", module=name)
+        seen[key] = name
+        if rec is not None:
+            tensors.update({f"{key}.{p}": t.contiguous() for p, t in rec.tensors.items()})
+            verbatim += 1
+            continue
+        if m.kind not in CAPABILITIES.kinds or m.magnitude is not None or m.bias is not None:
+            what = ", ".join([m.kind] + ["DoRA"] * (m.magnitude is not None)
+                             + ["lora_bias"] * (m.bias is not None))
+            raise InteropError(f"module {name!r} ({what}) has no LyCORIS form loratool "
+                               "writes; convert to PEFT or loratool",
+                               code="LT306", module=name)
+        tensors[key + DOWN] = m.A.contiguous()
+        tensors[key + UP] = m.B.contiguous()
+        tensors[key + ALPHA] = _alpha_tensor(m.scale * m.rank, m.A)
+    tensors = dict(sorted(tensors.items()))
+    meta = {k: v for k, v in adapter.extra_metadata.items() if not k.startswith("loratool.")}
+    entries = [(n, st_dtype(t), tuple(t.shape)) for n, t in tensors.items()]
+    with SafetensorsWriter(os.fspath(path), entries, meta or None,
+                           overwrite=options.overwrite) as w:
+        for n, t in tensors.items():
+            w.write(n, to_bytes(t))
+        w.commit()
+    notes = []
+    if verbatim:
+        notes.append(f"{verbatim} LyCORIS module(s) written with their original tensors")
+    if len(adapter.modules) > verbatim:
+        notes.append(f"{len(adapter.modules) - verbatim} plain module(s) written as kohya LoCon "
+                     "(lora_down/lora_up/alpha)")
+    return notes
