@@ -27,6 +27,9 @@ _COMMON = [
     click.option("--allow-missing", is_flag=True,
                  help="Skip adapter modules with no (or a misshapen) base tensor instead of "
                       "failing; they are listed."),
+    click.option("--allow-no-change", is_flag=True,
+                 help="Write the output even when no tensor changes (otherwise LT431: every "
+                      "module skipped or every tensor dropped)."),
     click.option("--output-format", type=click.Choice(OUTPUT_FORMATS),
                  help="Output container for a single-file base. Default: the -o suffix, else "
                       "the input's format."),
@@ -45,8 +48,8 @@ def _common(f):
     return source_options(f)
 
 
-def _run(fn, base, adapters, output, device, dtype, maps, allow_missing, output_format,
-         overwrite, fsync, quiet, as_json, source, **extra):
+def _run(fn, base, adapters, output, device, dtype, maps, allow_missing, allow_no_change,
+         output_format, overwrite, fsync, quiet, as_json, source, **extra):
     items = adapters
     with ExitStack() as stack:
         bar = []
@@ -61,10 +64,11 @@ def _run(fn, base, adapters, output, device, dtype, maps, allow_missing, output_
         report = fn(base, items, output=output, device=device, dtype=dtype,
                     name_map=list(maps), allow_missing=allow_missing, overwrite=overwrite,
                     fsync=fsync, progress=progress, output_format=output_format,
-                    adapter_options=source, **extra)
+                    adapter_options=source, allow_no_change=allow_no_change, **extra)
     data = report.to_dict()
     if as_json:
         console.print_json(data)
+        console.render_dropped(data["dropped"])  # stderr: never dropped without a word
         return
     console.render_merge(data)
 

@@ -35,13 +35,17 @@ __all__ = ["DEVICE_CHOICES", "DTYPE_CHOICES", "MERGEABLE_DTYPES", "OUTPUT_FORMAT
 def merge(base, adapters, *, output=None, device: str = "auto", dtype: str = "keep",
           name_map=None, allow_missing: bool = False, overwrite: bool = False,
           fsync: bool = False, progress=None, output_format: str | None = None,
-          adapter_options: dict | None = None) -> MergeReport:
+          adapter_options: dict | None = None, allow_no_change: bool = False) -> MergeReport:
     """Merge adapters into a base checkpoint and write a new checkpoint (never the input).
 
     ``adapters`` is a list of ``(path_or_Adapter, scale)`` pairs (a bare path or Adapter means
     scale 1.0). ``base`` is a ``.safetensors`` file, a sharded Hugging Face directory or a
     ``.pt``/``.bin`` state dict. ``adapter_options`` supplies what foreign adapter files do
-    not store (``alpha``, ``enable_lora``, ``fan_in_fan_out``, ``allow_unknown``).
+    not store (``alpha``, ``enable_lora``, ``fan_in_fan_out``, ``allow_unknown``); tensors
+    ``allow_unknown`` drops are listed in the report's ``dropped``. A merge that would change
+    no tensor raises LT431 unless ``allow_no_change``. Replacement entries (PEFT
+    ``modules_to_save``, trained biases, saved embeddings, trainable tokens) overwrite their
+    base tensors before any low-rank update is added.
     ``progress(advance_bytes, total_bytes)`` is called as each tensor has been written (from
     the writer thread).
 
@@ -54,15 +58,17 @@ def merge(base, adapters, *, output=None, device: str = "auto", dtype: str = "ke
     return run(MergeJob("merge", base, adapters, output=output, device=device, dtype=dtype,
                         name_map=name_map, allow_missing=allow_missing, overwrite=overwrite,
                         fsync=fsync, progress=progress, output_format=output_format,
-                        adapter_options=adapter_options))
+                        adapter_options=adapter_options, allow_no_change=allow_no_change))
 
 
 def unmerge(merged, adapters, *, output=None, device: str = "auto", dtype: str = "keep",
             name_map=None, allow_missing: bool = False, overwrite: bool = False,
             fsync: bool = False, progress=None, output_format: str | None = None,
-            force: bool = False, adapter_options: dict | None = None) -> MergeReport:
+            force: bool = False, adapter_options: dict | None = None,
+            allow_no_change: bool = False) -> MergeReport:
     """Subtract adapters merged earlier (the inverse of ``merge``); checks each adapter and
-    scale against the checkpoint's ``loratool.merged`` record unless ``force``.
+    scale against the checkpoint's ``loratool.merged`` record unless ``force``. DoRA modules
+    (LT414) and replacement entries (LT430) cannot be inverted and are refused.
 
     >>> import os, tempfile
     >>> merged = os.path.join(tempfile.mkdtemp(), "merged.safetensors")
@@ -75,4 +81,4 @@ def unmerge(merged, adapters, *, output=None, device: str = "auto", dtype: str =
                         dtype=dtype, name_map=name_map, allow_missing=allow_missing,
                         overwrite=overwrite, fsync=fsync, progress=progress,
                         output_format=output_format, force=force,
-                        adapter_options=adapter_options))
+                        adapter_options=adapter_options, allow_no_change=allow_no_change))

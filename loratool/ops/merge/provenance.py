@@ -121,7 +121,8 @@ def adapter_record(ld) -> dict:
             "source": os.path.basename(ld.source) if ld.source != "<in memory>" else ld.source,
             "source_format": ld.source_format, "modules": ld.merged,
             "dora": any(m.magnitude is not None for m in mods),
-            "lora_bias": any(m.bias is not None for m in mods)}
+            "lora_bias": any(m.bias is not None for m in mods),
+            **({"replacements": ld.replaced} if ld.replaced else {})}
 
 
 def new_record(op: str, loaded, device: str, precision: str, dtype: str) -> dict:
