@@ -164,7 +164,7 @@ def make_plan(loaded: list[Loaded], base_tensors: dict, name_map, *, sign: float
             plan.setdefault(wkey, []).append(op)
             if m.bias is not None:
                 plan.setdefault(bkey, []).append(Op("vector", s, ai, module, vec=m.bias))
-            ld.replaced += 1
+            ld.merged += 1
         _plan_replacements(ai, ld, plan, base_tensors, name_map, problems, owners)
     if problems and not allow_missing:
         lines = [f"  {loaded[ai].source}: module `{mod}` {why}"
