@@ -32,7 +32,7 @@ def target_of(name: str) -> str | None:
     no tensor PEFT saves whole."""
     if name.endswith(TOKENS_SUFFIX) or "lora_" in name or not name.endswith(_PARAMS):
         return None
-    for part in (".modules_to_save.default.", ".base_layer."):
+    for part in (".modules_to_save.default.", ".modules_to_save.", ".base_layer."):
         name = name.replace(part, ".")
     return name if MODULE_NAME_RE.match(name) else None
 
@@ -58,10 +58,18 @@ def token_indices(cfg: dict, owner: str, n_rows: int, path: str) -> list[int]:
 
 
 def split_unknown(names, entries, cfg: dict, path: str, prefix: str):
-    """(full: {target: tensor name}, rows: {target: (tensor name, indices)}, rest) of the
-    tensors the LoRA reader did not place."""
-    full, rows, rest = {}, {}, []
-    for name in names:
+    """(full: {target: tensor name}, rows: {target: (tensor name, indices)}, ignored:
+    [(tensor name, why)], rest) of the tensors the LoRA reader did not place.
+
+    ``bias="all"`` with ``modules_to_save`` makes PEFT save the module's biases three times:
+    ``<m>.bias`` (the trained copy, which PEFT loads), ``<m>.modules_to_save.bias`` (the same
+    tensor, under a name PEFT's loader does not map) and ``<m>.original_module.bias`` (the
+    frozen original, which ``merge_and_unload()`` discards). The first is the replacement;
+    the other two are ignored, as PEFT ignores them, and listed in the notes.
+    """
+    full, rows, ignored, rest = {}, {}, [], []
+    aliases = {}
+    for name in sorted(names):
         short = name[len(prefix):] if name.startswith(prefix) else name
         if short.endswith(TOKENS_SUFFIX):
             owner = short[: -len(TOKENS_SUFFIX)]
@@ -69,19 +77,30 @@ def split_unknown(names, entries, cfg: dict, path: str, prefix: str):
             if MODULE_NAME_RE.match(owner) and len(shape) == 2:
                 rows[owner + ".weight"] = (name, token_indices(cfg, owner, shape[0], path))
                 continue
+        if ".original_module." in short and target_of(short) is not None:
+            ignored.append((name, "the frozen original of a modules_to_save module, which "
+                                  "PEFT's merge discards"))
+            continue
         target = target_of(short)
         if target is None:
             rest.append(name)
+        elif ".modules_to_save." in short and ".modules_to_save.default." not in short:
+            aliases[target] = name
         elif target in full:
             raise InteropError(f"tensors {full[target]!r} and {name!r} both replace "
                                f"{target!r}", code="LT305", path=path, module=target)
+        else:
+            full[target] = name
+    for target, name in aliases.items():
+        if target in full:
+            ignored.append((name, f"a second copy of {full[target]}, which PEFT does not load"))
         else:
             full[target] = name
     both = sorted(set(full) & set(rows))
     if both:
         raise InteropError(f"{both[0]!r} is saved whole and has trainable tokens", code="LT305",
                            path=path, module=both[0])
-    return full, rows, rest
+    return full, rows, ignored, rest
 
 
 def _owner(target: str) -> tuple[str, str]:

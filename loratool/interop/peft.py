@@ -113,8 +113,10 @@ class _Plan:
         self.modules: dict[str, _Record] = {}
         self.unknown: list[str] = []
         self._group()
-        self.full, self.rows, self.unknown = X.split_unknown(
+        self.full, self.rows, ignored, self.unknown = X.split_unknown(
             self.unknown, self.source.entries, self.config, self.path, PREFIX)
+        for name, why in ignored:
+            self.notes.append(f"ignored {name}: {why}")
         self._facts(options)
 
     def _config(self, options, strict) -> dict:
