@@ -283,3 +283,22 @@ def test_save_adapter_writes_1_0_without_replacements_and_1_1_with(tmp_path):
     p2 = str(tmp_path / "without.safetensors")
     save_adapter(adapter, p2)
     assert read_adapter_info(p2).format_version == "1.0"
+
+
+def test_two_adapters_replacing_one_tensor_are_refused(case):
+    with pytest.raises(LoraToolError) as e:
+        merge(case["base"], [case["adapter"], case["adapter"]],
+              output=os.path.join(case["tmp"], "twice.safetensors"))
+    assert e.value.code == "LT433"
+
+
+@pytest.mark.parametrize("vector, code", [("replace_index_duplicate", "LT215"),
+                                          ("replace_index_negative", "LT215"),
+                                          ("replace_in_version_1_0", "LT216"),
+                                          ("replace_index_count", "LT214")])
+def test_loading_refuses_bad_replacement_vectors(vector, code):
+    path = os.path.join(os.path.dirname(__file__), "..", "spec", "vectors", "invalid",
+                        vector + ".safetensors")
+    with pytest.raises(LoraToolError) as e:
+        load_adapter(path)
+    assert e.value.code == code
