@@ -113,6 +113,17 @@ def render_inspect(report: dict) -> None:
         table.add_row(*row)
     if report["modules"]:
         c.print(table)
+    reps = report.get("replacements") or []
+    if reps:
+        c.print(f"  replaced tensors ({len(reps)}): written over the base's when merged",
+                highlight=False, markup=False)
+        rt = Table(show_edge=False, pad_edge=False)
+        for col in ("base tensor", "replaces", "shape", "dtype"):
+            rt.add_column(col, no_wrap=col == "base tensor", overflow="fold")
+        for r in reps:
+            what = "whole tensor" if r["kind"] == "full" else f"{r['rows']} row(s)"
+            rt.add_row(Text(r["target"]), what, "x".join(map(str, r["shape"])), r["dtype"])
+        c.print(rt)
 
 
 def render_merged_checkpoint(report: dict) -> None:
@@ -312,6 +323,10 @@ def render_merge(d: dict) -> None:
         c.print(line, markup=False, highlight=False, soft_wrap=True)
     for text in d.get("notes", []):
         note(f"note: {text}")
+    if d.get("replacements_merged"):
+        note(f"note: {d['replacements_merged']} base tensor(s) replaced (PEFT modules_to_save, "
+             "biases, embeddings or trainable tokens)")
+    render_dropped(d.get("dropped", []))
     if d["skipped"]:
         note(f"warning: {len(d['skipped'])} module(s) skipped (--allow-missing):")
         for s in d["skipped"]:
@@ -344,6 +359,14 @@ def render_gguf_merge(d: dict) -> None:
                 highlight=False)
     for note in d.get("notes", []):
         c.print(f"  note: {note}", markup=False, highlight=False)
+
+
+def render_dropped(dropped: list[dict]) -> None:
+    """Tensors an operation did not apply (``--allow-unknown``), one per line on stderr."""
+    if dropped:
+        note(f"warning: {len(dropped)} tensor(s) dropped, not applied (--allow-unknown):")
+        for d in dropped:
+            note(f"  {d['adapter']}: {d['tensor']}")
 
 
 @contextmanager

@@ -9,8 +9,11 @@ import re
 from .errors import MetadataError
 
 FORMAT_NAME = "loratool.adapter"
-FORMAT_VERSION = (1, 0)
-FORMAT_VERSION_STR = f"{FORMAT_VERSION[0]}.{FORMAT_VERSION[1]}"
+FORMAT_VERSION = (1, 1)  # the newest version this library reads and writes
+# Writers write the lowest version that expresses the file: 1.0 unless it has replacement
+# entries (1.1), so that files a 1.0 reader can read keep saying so (spec section 9).
+FORMAT_VERSION_STR = "1.0"
+FORMAT_VERSION_REPLACEMENTS = "1.1"
 
 # Metadata keys (all values are strings, as safetensors requires).
 NAMESPACE = "loratool."
@@ -50,6 +53,14 @@ ROLE_B = "lora_B"
 ROLE_MAGNITUDE = "lora_magnitude"  # DoRA magnitude vector, shape [out]
 ROLE_BIAS = "lora_bias"  # added (times scale) to "<module>.bias", shape [out]
 ROLES = (ROLE_A, ROLE_B, ROLE_MAGNITUDE, ROLE_BIAS)
+# Replacement entries (format 1.1): "<base tensor>.<role>", not modules. ``replace`` holds a
+# whole tensor (PEFT modules_to_save, saved embeddings, trained biases); ``replace_rows`` and
+# ``replace_index`` hold rows and their indices (PEFT trainable_token_indices).
+ROLE_REPLACE = "replace"
+ROLE_REPLACE_ROWS = "replace_rows"
+ROLE_REPLACE_INDEX = "replace_index"
+REPLACEMENT_ROLES = (ROLE_REPLACE, ROLE_REPLACE_ROWS, ROLE_REPLACE_INDEX)
+ALL_ROLES = ROLES + REPLACEMENT_ROLES
 
 ADAPTER_DTYPES = ("F16", "BF16", "F32", "F64")
 
@@ -81,9 +92,10 @@ def check_version_supported(version: tuple[int, int]) -> None:
 
 
 def split_tensor_name(name: str) -> tuple[str, str] | None:
-    """``"x.q_proj.lora_A"`` -> ``("x.q_proj", "lora_A")``; None if the suffix is no role."""
+    """``"x.q_proj.lora_A"`` -> ``("x.q_proj", "lora_A")``; None if the suffix is no role.
+    For a replacement entry (``"score.weight.replace"``) the first part is the base tensor."""
     module, dot, role = name.rpartition(".")
-    if not dot or role not in ROLES:
+    if not dot or role not in ALL_ROLES:
         return None
     return module, role
 

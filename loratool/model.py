@@ -161,6 +161,43 @@ def to_base_layout(delta2d, info: ModuleInfo):
     return delta2d.T if info.transposed else delta2d
 
 
+@dataclass(frozen=True)
+class ReplacementInfo:
+    """Header-level facts of one replacement entry (format 1.1): a base tensor replaced whole
+    (``rows is None``) or in the rows given by an index."""
+
+    target: str  # the base tensor, e.g. "score.weight"
+    shape: tuple[int, ...]  # of the stored values: the whole tensor, or [rows, ...]
+    dtype: str
+    rows: int | None = None
+
+    @property
+    def kind(self) -> str:
+        return "full" if self.rows is None else "rows"
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "kind": self.kind, "shape": list(self.shape),
+                "dtype": self.dtype, **({} if self.rows is None else {"rows": self.rows})}
+
+
+@dataclass
+class Replacement:
+    """A base tensor replaced by stored values, as PEFT's ``modules_to_save``, saved embedding
+    layers and trained biases (whole tensor) or ``trainable_token_indices`` (rows) are merged:
+    the values are written, not added. ``index`` (int64 [k]) names the rows ``value`` [k, ...]
+    replaces; None means ``value`` is the whole tensor."""
+
+    target: str
+    value: torch.Tensor
+    index: torch.Tensor | None = None
+
+    @property
+    def info(self) -> ReplacementInfo:
+        from .tensors import st_dtype
+        return ReplacementInfo(self.target, tuple(self.value.shape), st_dtype(self.value),
+                               None if self.index is None else int(self.index.numel()))
+
+
 @dataclass(kw_only=True)
 class _AdapterFacts:
     alpha: float
@@ -181,6 +218,7 @@ class AdapterInfo(_AdapterFacts):
     tensor_hash: str | None = None
     tensor_bytes: int = 0
     details: dict = field(default_factory=dict)  # source-format facts for inspect
+    replacements: dict[str, ReplacementInfo] = field(default_factory=dict)
 
     @property
     def scaling(self) -> str:
@@ -192,9 +230,11 @@ class Adapter(_AdapterFacts):
     """An adapter with its tensors; modules are kept sorted by name."""
 
     modules: dict[str, LoraModule]
+    replacements: dict[str, Replacement] = field(default_factory=dict)  # by base tensor
 
     def __post_init__(self):
         self.modules = dict(sorted(self.modules.items()))
+        self.replacements = dict(sorted(self.replacements.items()))
 
     @property
     def scaling(self) -> str:

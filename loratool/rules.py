@@ -52,6 +52,11 @@ RULES: dict[str, tuple[str, str]] = {
     "LT211": (SHOULD, "all tensors of a module share one dtype"),
     "LT212": (SHOULD, "the rank does not exceed min(out, in)"),
     "LT213": (MUST, "module names are dot-separated segments of [A-Za-z0-9_-]"),
+    # replacement entries (format 1.1)
+    "LT214": (MUST, "a replacement entry is replace alone, or replace_rows with an I64 "
+                    "replace_index of one index per row, and names no module"),
+    "LT215": (MUST, "replace_index holds distinct non-negative row indices"),
+    "LT216": (MUST, "replacement entries appear only in files of format version 1.1 or later"),
     # LyCORIS modules (spec/lycoris.md; loratool.lycoris.codes names them)
     "LT230": (MUST, "a LyCORIS module's parameter names identify exactly one family"),
     "LT231": (MUST, "the LyCORIS family is one loratool reads (LoCon, LoHa, LoKr, full); IA3, "

@@ -12,7 +12,7 @@ import math
 import re
 
 from . import format as F
-from .model import AdapterInfo, ModuleInfo
+from .model import AdapterInfo, ModuleInfo, ReplacementInfo
 from .rules import Finding
 from .numerics import any_nonzero, nonfinite_count
 from .stfile import Header, TensorHasher, iter_chunks
@@ -105,13 +105,26 @@ def check_header(header: Header) -> tuple[list[Finding], AdapterInfo | None]:
 
     # Tensors, grouped by module.
     groups: dict[str, dict[str, object]] = {}
+    replaced: dict[str, dict[str, object]] = {}  # base tensor -> replacement roles (1.1)
+    version = F.parse_version(version_text)
     for name, info in header.tensors.items():
         split = F.split_tensor_name(name)
         if split is None:
             add("LT201", f"tensor {name!r} is not <module>.<role> with role one of "
-                         f"{', '.join(F.ROLES)}")
+                         f"{', '.join(F.ALL_ROLES)}")
             continue
         module, role = split
+        if role in F.REPLACEMENT_ROLES:
+            if version < (1, 1):
+                add("LT216", f"tensor {name!r} is a replacement entry, which needs "
+                             f"{F.KEY_VERSION} 1.1 or later (the file says {version_text})",
+                    module)
+            if not F.MODULE_NAME_RE.match(module) and module not in bad_names:
+                bad_names.add(module)
+                add("LT213", f"tensor {name!r}: base tensor name {module!r} is not "
+                             "dot-separated segments of letters, digits, '_' and '-'", module)
+            replaced.setdefault(module, {})[role] = info
+            continue
         if not F.MODULE_NAME_RE.match(module) and module not in bad_names:
             bad_names.add(module)
             add("LT213", f"tensor {name!r}: module name {module!r} is not dot-separated "
@@ -136,6 +149,14 @@ def check_header(header: Header) -> tuple[list[Finding], AdapterInfo | None]:
         if info is not None:
             infos[module] = info
 
+    replacements = {}
+    for target in sorted(replaced):
+        rinfo = _check_replacement(target, replaced[target], set(groups), add)
+        if rinfo is not None:
+            replacements[target] = rinfo
+    if not groups and not replaced and not any(f.is_error for f in out):
+        add("LT108", "the file has no module and no replacement entry: it changes nothing")
+
     if any(f.is_error for f in out):
         return out, None
     extra = {k: v for k, v in meta.items() if not k.startswith(F.NAMESPACE)}
@@ -144,7 +165,48 @@ def check_header(header: Header) -> tuple[list[Finding], AdapterInfo | None]:
         base_model=meta.get(F.KEY_BASE_MODEL), base_model_hash=meta.get(F.KEY_BASE_HASH),
         provenance=meta.get(F.KEY_PROVENANCE), extra_metadata=extra,
         tensor_hash=meta.get(F.KEY_TENSOR_HASH),
-        tensor_bytes=sum(t.nbytes for t in header.tensors.values()))
+        tensor_bytes=sum(t.nbytes for t in header.tensors.values()),
+        replacements=replacements)
+
+
+def _check_replacement(target, roles, modules, add) -> ReplacementInfo | None:
+    """LT214 (the entry's tensors fit together) and LT203 (float values) of one replacement."""
+    def err(code, message):
+        add(code, f"replacement of {target!r}: {message}", target)
+
+    full, rows, index = (roles.get(r) for r in F.REPLACEMENT_ROLES)
+    if target in modules:
+        err("LT214", f"{target!r} is also a module name; a replacement names a base tensor "
+                     "(e.g. `score.weight`), a module its `.weight`'s owner")
+        return None
+    if full is not None and (rows is not None or index is not None):
+        err("LT214", f"has both {F.ROLE_REPLACE} and {F.ROLE_REPLACE_ROWS}/"
+                     f"{F.ROLE_REPLACE_INDEX}; a tensor is replaced whole or by rows")
+        return None
+    values = full if full is not None else rows
+    if full is None and (rows is None or index is None):
+        missing = F.ROLE_REPLACE_ROWS if rows is None else F.ROLE_REPLACE_INDEX
+        err("LT214", f"has no {missing}; {F.ROLE_REPLACE_ROWS} and {F.ROLE_REPLACE_INDEX} "
+                     "come together")
+        return None
+    bad = False
+    if values.dtype not in F.ADAPTER_DTYPES:
+        err("LT203", f"values have dtype {values.dtype}; they must be one of "
+                     f"{', '.join(F.ADAPTER_DTYPES)}")
+        bad = True
+    if index is not None:
+        if index.dtype != "I64" or len(index.shape) != 1:
+            err("LT214", f"{F.ROLE_REPLACE_INDEX} is {index.dtype} {list(index.shape)}; "
+                         "expected I64 [rows]")
+            return None
+        if len(rows.shape) < 1 or rows.shape[0] != index.shape[0]:
+            err("LT214", f"{F.ROLE_REPLACE_ROWS} {list(rows.shape)} does not have one row "
+                         f"per index ({index.shape[0]})")
+            return None
+    if bad:
+        return None
+    return ReplacementInfo(target, tuple(values.shape), values.dtype,
+                           None if index is None else index.shape[0])
 
 
 def _short(value, limit: int = 60) -> str:
@@ -242,6 +304,18 @@ def _check_module(module, roles, rec, default_alpha, scaling, add) -> ModuleInfo
                       A.dtype, F.ROLE_MAGNITUDE in roles, F.ROLE_BIAS in roles)
 
 
+def _index_problem(header, info, f) -> str | None:
+    """Why a replace_index tensor's values are not distinct non-negative rows (or None)."""
+    import numpy as np
+    parts = list(iter_chunks(header, info, f, 1 << 24))
+    idx = np.concatenate(parts) if parts else np.zeros(0, dtype="<i8")
+    if (idx < 0).any():
+        return f"{F.ROLE_REPLACE_INDEX} holds a negative row ({int(idx.min())})"
+    if np.unique(idx).size != idx.size:
+        return f"{F.ROLE_REPLACE_INDEX} names a row twice"
+    return None
+
+
 def check_data(header: Header, *, tensor_hash: str | None, chunk: int = 1 << 24
                ) -> list[Finding]:
     """Data rules: NaN/Inf (LT209), all-zero B (LT210), integrity hash (LT110/LT111)."""
@@ -260,6 +334,11 @@ def check_data(header: Header, *, tensor_hash: str | None, chunk: int = 1 << 24
                     nonzero = any_nonzero(part)  # +0.0 and -0.0 are both zero
             split = F.split_tensor_name(name)
             module = split[0] if split else None
+            if split and split[1] == F.ROLE_REPLACE_INDEX and info.dtype == "I64":
+                why = _index_problem(header, info, f)
+                if why:
+                    out.append(Finding("LT215", f"replacement of {module!r}: {why}",
+                                       header.path, module))
             if bad:
                 out.append(Finding("LT209", f"tensor {name!r} holds {bad} NaN/Inf value(s) of "
                                             f"{info.numel}", header.path, module))

@@ -168,16 +168,18 @@ def test_writer_patterns_survive_suffix_capture():
     assert (resolve("a.q"), resolve("q"), resolve("b.k")) == (4, 8, 4)
 
 
-def test_saved_embedding_layer_is_unknown_unless_allowed(models, tmp_path):
-    _, pm, src = _make(models, "llama-embedding", tmp_path)  # PEFT saves the base embedding
-    with pytest.raises(LoraToolError) as e:
-        load_adapter(src)
-    assert e.value.code == "LT303" and "embed_tokens.base_layer.weight" in e.value.message
-    report = convert(src, str(tmp_path / "a.safetensors"), allow_unknown=True)
-    assert report.unknown_tensors == ["base_model.model.model.embed_tokens.base_layer.weight"]
-    assert any("dropped 1 tensor" in n for n in report.notes)
+def test_saved_embedding_layer_is_a_replacement(models, tmp_path):
+    """PEFT saves the base embedding beside its LoRA factors: read as a replacement of
+    ``model.embed_tokens.weight`` (format 1.1), kept by convert, never dropped."""
+    _, pm, src = _make(models, "llama-embedding", tmp_path)
+    adapter = load_adapter(src)
+    saved = pm.state_dict()["base_model.model.model.embed_tokens.base_layer.weight"]
+    assert torch.equal(adapter.replacements["model.embed_tokens.weight"].value, saved)
+    report = convert(src, str(tmp_path / "a.safetensors"))
+    assert report.unknown_tensors == [] and report.replacements == ["model.embed_tokens.weight"]
     info = read_adapter_info(src)
-    assert "embed_tokens.base_layer.weight" in info.details["unknown_tensors"]
+    assert "unknown_tensors" not in info.details
+    assert list(info.replacements) == ["model.embed_tokens.weight"]
 
 
 def test_adapter_model_bin_reads_like_safetensors(models, tmp_path):

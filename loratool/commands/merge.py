@@ -33,6 +33,9 @@ _COMMON = [
     click.option("--allow-missing", is_flag=True,
                  help="Skip adapter modules with no (or a misshapen) base tensor instead of "
                       "failing; they are listed."),
+    click.option("--allow-no-change", is_flag=True,
+                 help="Write the output even when no tensor changes (otherwise LT431: every "
+                      "module skipped or every tensor dropped)."),
     click.option("--output-format", type=click.Choice(OUTPUT_FORMATS),
                  help="Output container for a single-file base. Default: the -o suffix, else "
                       "the input's format."),
@@ -52,6 +55,7 @@ def _common(f):
 
 
 def _run(fn, base, adapters, output, device, dtype, gguf_type, maps, allow_missing,
+         allow_no_change,
          output_format, overwrite, fsync, quiet, as_json, source, **extra):
     items = adapters
     with ExitStack() as stack:
@@ -67,11 +71,14 @@ def _run(fn, base, adapters, output, device, dtype, gguf_type, maps, allow_missi
         report = fn(base, items, output=output, device=device, dtype=dtype,
                     name_map=list(maps), allow_missing=allow_missing, overwrite=overwrite,
                     fsync=fsync, progress=progress, output_format=output_format,
-                    adapter_options=source, gguf_type=gguf_type, **extra)
+                    adapter_options=source, gguf_type=gguf_type,
+                    allow_no_change=allow_no_change, **extra)
     data = report.to_dict()
     if as_json:
         console.print_json(data)
-    elif data.get("output_format") == "gguf":
+        console.render_dropped(data.get("dropped", []))  # stderr: never dropped without a word
+        return
+    if data.get("output_format") == "gguf":
         console.render_gguf_merge(data)
     else:
         console.render_merge(data)

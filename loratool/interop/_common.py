@@ -8,6 +8,8 @@ for: no torch import) or of a weights-only ``.pt``/``.bin`` state dict. Readers 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import math
 import os
 from collections import Counter
@@ -151,6 +153,8 @@ def check_unknown(unknown: list[str], options: ReaderOptions, *, path: str, fmt:
 def scan_plan(plan):
     """``check_data`` of a format whose plan lists each module's tensors (NaN/Inf, zero B)."""
     names = [k for r in plan.modules.values() for k in r.tensors.values()]
+    names += list(getattr(plan, "full", {}).values())
+    names += [name for name, _ in getattr(plan, "rows", {}).values()]
     b_names = [r.tensors["B"] for r in plan.modules.values()]
     return plan.source.scan(sorted(names), b_names)
 
@@ -279,7 +283,30 @@ def rename_modules(adapter, name_map: dict[str, str] | None):
         changed += new != name
         renamed[new] = m.with_tensors(name=new)
     adapter.modules = dict(sorted(renamed.items()))
+    reps = {}
+    for target, r in adapter.replacements.items():
+        new = map_name(target, name_map)
+        new = target if new is None else new
+        if not MODULE_NAME_RE.match(new) or new in reps:
+            raise InteropError(f"--map renames replaced tensor {target!r} to {new!r}, which is "
+                               "not a valid, distinct tensor name", code="LT307", module=target)
+        changed += new != target
+        reps[new] = replace(r, target=new)
+    adapter.replacements = dict(sorted(reps.items()))
     return adapter, ([f"renamed {changed} module(s) by --map"] if changed else [])
+
+
+def refuse_replacements(adapter, fmt: str) -> None:
+    """A format without replacement entries refuses an adapter that has them (LT306), naming
+    them: dropping them would change what the adapter does."""
+    reps = list(adapter.replacements)
+    if reps:
+        shown = ", ".join(reps[:12]) + (f", ... ({len(reps) - 12} more)" if len(reps) > 12
+                                        else "")
+        raise InteropError(
+            f"the {fmt} format cannot hold replaced tensors (PEFT modules_to_save, trained "
+            f"biases, saved embeddings, trainable tokens); this adapter replaces {len(reps)}: "
+            f"{shown}. Convert to loratool or peft instead", code="LT306")
 
 
 def require_regular_file(path: str, what: str, code: str = "LT301") -> None:

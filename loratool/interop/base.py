@@ -233,6 +233,7 @@ class Capabilities:
     bias: bool = False
     rslora: bool = False
     per_module_alpha: bool = True
+    replacements: bool = False  # whole-tensor and row replacements (format 1.1)
     reads: frozenset[str] = frozenset()   # ReaderOptions fields its reader uses
     writes: frozenset[str] = frozenset()  # ReaderOptions fields its writer uses
 

@@ -261,6 +261,7 @@ def _alpha_tensor(alpha: float, like):
 
 def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
     """Write a kohya/sd-scripts ``.safetensors`` file; metadata other than ``loratool.*`` kept."""
+    C.refuse_replacements(adapter, "kohya")
     from ..stfile import SafetensorsWriter
     from ..tensors import st_dtype, to_bytes
     path = os.fspath(path)

@@ -311,6 +311,7 @@ def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
     With ``alpha`` every module's scale is folded into lora_B for that lora_alpha; without it
     all modules must already share one lora_alpha, which the notes report.
     """
+    C.refuse_replacements(adapter, "loralib")
     import torch
 
     from ..atomic import AtomicFile

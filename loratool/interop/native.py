@@ -1,4 +1,4 @@
-"""The loratool adapter format 1.0 (spec/adapter-format.md) as a format plug-in.
+"""The loratool adapter format 1.x (spec/adapter-format.md) as a format plug-in.
 
 One safetensors file whose ``__metadata__`` says ``loratool.format``; every MUST rule is
 checked on read (``validation.check_header``), the tensor hash and (unless
@@ -13,7 +13,7 @@ import math
 from .. import format as F
 from ..errors import LoraToolError, MetadataError, TensorError
 from ..format import KIND_CONV, KIND_EMBEDDING, KIND_LINEAR
-from ..model import Adapter, AdapterInfo, LoraModule
+from ..model import Adapter, AdapterInfo, LoraModule, Replacement
 from ..rules import Finding
 from ..stfile import Header, SafetensorsWriter, read_header
 from ..validation import check_header
@@ -22,7 +22,8 @@ from .base import DECLARED, FALLBACK, Capabilities, LoadResult, Probe, ReaderOpt
 
 NAME = "loratool"
 CAPABILITIES = Capabilities(kinds=frozenset({KIND_LINEAR, KIND_CONV, KIND_EMBEDDING}),
-                            variants=frozenset(VARIANTS), bias=True, rslora=True, per_module_alpha=True)
+                            variants=frozenset(VARIANTS), bias=True, rslora=True, per_module_alpha=True,
+                            replacements=True)
 
 
 def detect(probe: Probe) -> int:
@@ -91,9 +92,26 @@ def load(path: str, options: ReaderOptions | None = None) -> Adapter:
         get = lambda role: tensors.get(F.tensor_name(name, role))  # noqa: E731
         modules[name] = LoraModule(name, m.kind, m.layout, get(F.ROLE_A), get(F.ROLE_B),
                                    m.alpha, m.scaling, get(F.ROLE_MAGNITUDE), get(F.ROLE_BIAS))
-    return Adapter(modules=modules, alpha=info.alpha, base_model=info.base_model,
+    replacements = {}
+    for target, r in info.replacements.items():
+        get = lambda role: tensors.get(F.tensor_name(target, role))  # noqa: E731
+        if r.rows is None:
+            replacements[target] = Replacement(target, get(F.ROLE_REPLACE))
+        else:
+            _check_index(get(F.ROLE_REPLACE_INDEX), target, path)
+            replacements[target] = Replacement(target, get(F.ROLE_REPLACE_ROWS),
+                                               get(F.ROLE_REPLACE_INDEX))
+    return Adapter(modules=modules, replacements=replacements, alpha=info.alpha, base_model=info.base_model,
                    base_model_hash=info.base_model_hash, provenance=info.provenance,
                    extra_metadata=dict(info.extra_metadata), source_format=NAME)
+
+
+def _check_index(index, target: str, path: str) -> None:
+    """LT215 on load: replaced rows are distinct and non-negative."""
+    if index.numel() and (int(index.min()) < 0 or index.unique().numel() != index.numel()):
+        raise TensorError(f"replacement of {target!r}: {F.ROLE_REPLACE_INDEX} must hold "
+                          "distinct non-negative row indices", code="LT215", path=path,
+                          module=target)
 
 
 def load_report(path: str, options: ReaderOptions) -> LoadResult:
@@ -120,6 +138,12 @@ def canonical_tensors(adapter: Adapter) -> dict[str, object]:
                         (F.ROLE_BIAS, m.bias)):
             if t is not None:
                 out[F.tensor_name(name, role)] = t
+    for target, r in adapter.replacements.items():
+        if r.index is None:
+            out[F.tensor_name(target, F.ROLE_REPLACE)] = r.value
+        else:
+            out[F.tensor_name(target, F.ROLE_REPLACE_ROWS)] = r.value
+            out[F.tensor_name(target, F.ROLE_REPLACE_INDEX)] = r.index
     return dict(sorted(out.items()))
 
 
@@ -144,7 +168,8 @@ def adapter_metadata(adapter: Adapter, tensor_hash: str) -> dict[str, str]:
     meta = {k: v for k, v in meta.items() if not k.startswith(F.NAMESPACE)}
     meta.update({
         F.KEY_FORMAT: F.FORMAT_NAME,
-        F.KEY_VERSION: F.FORMAT_VERSION_STR,
+        F.KEY_VERSION: (F.FORMAT_VERSION_REPLACEMENTS if adapter.replacements
+                         else F.FORMAT_VERSION_STR),
         F.KEY_SCALING: scaling,
         F.KEY_ALPHA: F.format_number(default_alpha),
         F.KEY_TARGETS: F.canonical_json(sorted(modules)),
@@ -160,7 +185,8 @@ def adapter_metadata(adapter: Adapter, tensor_hash: str) -> dict[str, str]:
 
 
 def write(adapter: Adapter, path: str, *, overwrite: bool = False, fsync: bool = False) -> str:
-    """Write ``adapter`` in loratool format 1.0, atomically; returns the tensor hash."""
+    """Write ``adapter`` in loratool format 1.0 (1.1 when it has replacement entries),
+    atomically; returns the tensor hash."""
     from ..stfile import tensor_hash
     from ..tensors import st_dtype, to_bytes
     if not math.isfinite(float(adapter.alpha)) or float(adapter.alpha) == 0:

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from ..errors import InteropError
 from ..format import (KIND_CONV, KIND_EMBEDDING, KIND_LINEAR, LAYOUT_IN_OUT, LAYOUT_OUT_IN,
                       SCALING_RSLORA, SCALING_STANDARD)
-from ..model import Adapter, AdapterInfo, LoraModule
+from ..model import Adapter, AdapterInfo, LoraModule, Replacement, ReplacementInfo
 from . import _common as C
+from . import _peft_extras as X
 from ._peft_config import CONFIG_NAME, check_config, get_pattern_key  # noqa: F401
 from ..variants import Dora, Lora
 from .base import (DECLARED, NAMES, Capabilities, LoadResult, ModuleRecord, Probe,
@@ -31,7 +32,7 @@ NAME = "peft"
 CAPABILITIES = Capabilities(
     kinds=frozenset({KIND_LINEAR, KIND_CONV, KIND_EMBEDDING}),
     variants=frozenset({Lora.name, Dora.name}), bias=True,
-    rslora=True, per_module_alpha=True,
+    rslora=True, per_module_alpha=True, replacements=True,
     reads=frozenset({"alpha", "fan_in_fan_out", "base", "name_map"}))
 
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -112,6 +113,10 @@ class _Plan:
         self.modules: dict[str, _Record] = {}
         self.unknown: list[str] = []
         self._group()
+        self.full, self.rows, ignored, self.unknown = X.split_unknown(
+            self.unknown, self.source.entries, self.config, self.path, PREFIX)
+        for name, why in ignored:
+            self.notes.append(f"ignored {name}: {why}")
         self._facts(options)
 
     def _config(self, options, strict) -> dict:
@@ -255,6 +260,11 @@ class _Plan:
                 self.details[key] = f"{len(cfg[key])} pattern(s)"
         if cfg.get("task_type"):
             self.details["task_type"] = cfg["task_type"]
+        for key in ("modules_to_save", "trainable_token_indices"):
+            if cfg.get(key):
+                self.details[key] = json.dumps(cfg[key])[:120]
+        if cfg.get("bias") not in (None, "none"):
+            self.details["bias"] = cfg["bias"]
         if self.weights.endswith(".bin"):
             self.details["weights"] = os.path.basename(self.weights) + " (weights-only pickle)"
 
@@ -268,8 +278,31 @@ class _Plan:
     def check_unknown(self, options) -> list[str]:
         return C.check_unknown(
             self.unknown, options, path=self.path, fmt="PEFT",
-            hint="(modules_to_save, saved embedding layers and trainable biases are full "
-                 "weights, not LoRA factors.)")
+            hint="(modules_to_save, saved embedding layers, trained biases and trainable "
+                 "tokens are read as replacements; these are none of them.)")
+
+    def replacement_infos(self) -> dict[str, ReplacementInfo]:
+        out = {}
+        for target, name in self.full.items():
+            dtype, shape = self.source.entries[name]
+            out[target] = ReplacementInfo(target, tuple(shape), dtype)
+        for target, (name, idx) in self.rows.items():
+            dtype, shape = self.source.entries[name]
+            out[target] = ReplacementInfo(target, tuple(shape), dtype, len(idx))
+        return dict(sorted(out.items()))
+
+    def replacements(self, options) -> dict[str, Replacement]:
+        import torch
+        out = {}
+        for target, name in self.full.items():
+            t = self.source.get(name)
+            C.check_finite(t, name, self.path, target, options)
+            out[target] = Replacement(target, t)
+        for target, (name, idx) in self.rows.items():
+            t = self.source.get(name)
+            C.check_finite(t, name, self.path, target, options)
+            out[target] = Replacement(target, t, torch.tensor(idx, dtype=torch.int64))
+        return out
 
 
 def read_info(path: str, options: ReaderOptions) -> AdapterInfo:
@@ -282,7 +315,8 @@ def read_info(path: str, options: ReaderOptions) -> AdapterInfo:
                        alpha=plan.default_alpha, base_model=plan.config.get(
                            "base_model_name_or_path"),
                        extra_metadata=plan.extra_metadata, source_format="peft",
-                       tensor_bytes=plan.source.tensor_bytes, details=details)
+                       tensor_bytes=plan.source.tensor_bytes, details=details,
+                       replacements=plan.replacement_infos())
 
 
 def load_report(path: str, options: ReaderOptions) -> LoadResult:
@@ -296,7 +330,8 @@ def load_report(path: str, options: ReaderOptions) -> LoadResult:
             mag = mag.reshape(-1)
         modules[name] = LoraModule(name, r.kind, r.layout, tensors["A"], tensors["B"],
                                    r.alpha, r.scaling, mag, tensors.get("bias"))
-    adapter = Adapter(modules=modules, alpha=plan.default_alpha,
+    adapter = Adapter(modules=modules, replacements=plan.replacements(options),
+                      alpha=plan.default_alpha,
                       base_model=plan.config.get("base_model_name_or_path"),
                       extra_metadata=plan.extra_metadata, source_format="peft")
     return LoadResult(adapter, notes, sorted(plan.unknown) if options.allow_unknown else [])
@@ -351,7 +386,7 @@ def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
         raise InteropError(f"a PEFT adapter is a directory; give -o a directory path, not "
                            f"{os.path.basename(path)}", code="LT306", path=path)
     mods = list(adapter.modules.values())
-    if not mods:
+    if not mods and not adapter.replacements:
         raise InteropError("the adapter has no modules", code="LT306")
     notes: list[str] = []
     dora = {m.variant is Dora for m in mods}
@@ -377,9 +412,9 @@ def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
             alphas[m.name] = m.scale * m.rank
         else:
             alphas[m.name] = float(m.alpha)
-    r = C.most_common(m.rank for m in mods)
+    r = C.most_common((m.rank for m in mods), 8)
     alpha = float(adapter.alpha) if float(adapter.alpha) in alphas.values() else C.most_common(
-        alphas.values())
+        alphas.values(), float(adapter.alpha))
     rank_pattern = _patterns({m.name: m.rank for m in mods}, r)
     alpha_pattern = _patterns({n: _number(a) for n, a in alphas.items()}, _number(alpha))
     linear_layouts = {m.layout for m in mods if m.kind == KIND_LINEAR}
@@ -401,9 +436,8 @@ def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
         "use_dora": use_dora,
         "lora_bias": has_bias,
         "fan_in_fan_out": fan_in_fan_out,
-        "bias": "none",
         "lora_dropout": 0.0,
-        "modules_to_save": None,
+        **X.config_fields(adapter),
         "init_lora_weights": True,
         "inference_mode": True,
     }
@@ -426,6 +460,7 @@ def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
             tensors[key + ".lora_magnitude_vector"] = mag
     if has_bias and any(m.bias is None for m in mods):
         notes.append("lora_bias is global in PEFT: modules without a bias got a zero lora_B.bias")
+    tensors.update(X.tensors(adapter, PREFIX))
     tensors = dict(sorted(tensors.items()))
     meta = {k: v for k, v in adapter.extra_metadata.items() if not k.startswith("loratool.")}
     meta["format"] = "pt"

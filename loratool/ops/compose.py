@@ -91,6 +91,7 @@ def compose(inputs: Iterable, *, rank: int | None = None, fro: float | None = No
     labels = [label for _, _, label in items]
     for adapter, _, label in items:
         refuse_dora(adapter, label, "composed")
+        _refuse_replacements(adapter, label)
         for m in adapter.modules.values():
             refuse_nonfinite(m, label)
     names = sorted(set().union(*(a.modules for a, _, _ in items)))
@@ -286,3 +287,15 @@ def compare(a: Adapter | str | os.PathLike, b: Adapter | str | os.PathLike, *,
         from .subspace import add_subspace
         report["subspace"] = add_subspace(rows, A_ad, B_ad, on)
     return report
+
+
+def _refuse_replacements(adapter, label: str) -> None:
+    """A replacement overwrites a base tensor: scaling or summing it has no meaning (LT538)."""
+    reps = list(getattr(adapter, "replacements", None) or {})
+    if reps:
+        more = f" and {len(reps) - 1} more" if len(reps) > 1 else ""
+        raise OperationError(
+            f"{label} replaces base tensor {reps[0]!r}{more} (PEFT modules_to_save, biases, "
+            "embeddings or trainable tokens): a replacement is not a delta and cannot be "
+            "scaled or summed; merge such adapters one at a time with `loratool merge`",
+            code="LT538", module=reps[0])

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ..errors import InteropError, OperationError
 from ..interop import FORMATS, detect_format, get_format
-from ..interop._common import rename_modules
+from ..interop._common import refuse_replacements, rename_modules
 from ..interop.base import ReaderOptions
 
 TARGETS = FORMATS
@@ -41,13 +41,15 @@ class ConvertReport:
     target_format: str
     modules: int
     notes: list[str] = field(default_factory=list)
-    unknown_tensors: list[str] = field(default_factory=list)
+    unknown_tensors: list[str] = field(default_factory=list)  # dropped (allow_unknown)
+    replacements: list[str] = field(default_factory=list)  # replaced base tensors, kept
 
     def to_dict(self) -> dict:
         return {"source": self.source, "destination": self.destination,
                 "source_format": self.source_format, "target_format": self.target_format,
                 "modules": self.modules, "notes": list(self.notes),
-                "unknown_tensors": list(self.unknown_tensors)}
+                "unknown_tensors": list(self.unknown_tensors),
+                "replacements": list(self.replacements)}
 
 
 def _inside(child: str, parent: str) -> bool:
@@ -117,5 +119,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "lorato
                            f"store it ({len(refused)} module(s) in all). " + _WHY.get(
                                variant.name, ""), code="LT243" if variant.name in _WHY
                            else "LT306", module=name)
+    if not target.CAPABILITIES.replacements:
+        refuse_replacements(adapter, to)
     notes += target.save(adapter, dst, options)
-    return ConvertReport(src, dst, fmt, to, len(adapter.modules), notes, list(result.unknown))
+    return ConvertReport(src, dst, fmt, to, len(adapter.modules), notes, list(result.unknown),
+                         list(adapter.replacements))

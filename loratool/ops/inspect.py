@@ -62,7 +62,7 @@ def _module_row(m: ModuleInfo) -> dict:
 def _report(info: AdapterInfo) -> dict:
     modules = list(info.modules.values())
     dtypes = Counter(m.dtype for m in modules)
-    return {
+    report = {
         "path": info.path,
         "source_format": info.source_format,
         "format_version": info.format_version,
@@ -84,6 +84,10 @@ def _report(info: AdapterInfo) -> dict:
         "details": info.details,
         "other_metadata": dict(sorted(info.extra_metadata.items())),
     }
+    if info.replacements:  # format 1.1; absent otherwise, so 1.0 reports stay as they were
+        report["totals"]["replacements"] = len(info.replacements)
+        report["replacements"] = [r.to_dict() for r in info.replacements.values()]
+    return report
 
 
 def _add_stats(report: dict, path: str, options: dict) -> None:

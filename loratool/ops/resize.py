@@ -167,7 +167,8 @@ def resize(adapter: Adapter | str | os.PathLike, *, rank: int | None = None,
     out = Adapter(modules=modules, alpha=source.alpha, base_model=source.base_model,
                   base_model_hash=source.base_model_hash,
                   provenance=_provenance(source.provenance, rule, max_rank, min_rank),
-                  extra_metadata=dict(source.extra_metadata))
+                  extra_metadata=dict(source.extra_metadata),
+                  replacements=dict(source.replacements))  # not low rank: kept as they are
     given = {k: v for k, v in rule.items() if v is not None}
     given.update({k: v for k, v in (("max_rank", max_rank), ("min_rank", min_rank))
                   if v is not None})

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate the conformance vectors of loratool adapter format 1.0 (spec/adapter-format.md).
+"""Generate the conformance vectors of loratool adapter format 1.1 (spec/adapter-format.md).
 
     python spec/vectors/generate.py [OUTDIR]      # default: the folder of this script
 
@@ -30,7 +30,8 @@ import sys
 
 FORMAT = "loratool.adapter"
 VERSION = "1.0"
-DTYPE_SIZES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I32": 4}
+VERSION_REPLACEMENTS = "1.1"  # the version a file with replacement entries declares
+DTYPE_SIZES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I32": 4, "I64": 8}
 ROLES = ("lora_A", "lora_B", "lora_magnitude", "lora_bias")
 
 Q = "model.layers.0.self_attn.q_proj"
@@ -59,6 +60,10 @@ def encode(values: list[float], dtype: str) -> bytes:
     if dtype == "I32":
         return struct.pack(f"<{n}i", *(int(v * 8) for v in values))
     raise ValueError(dtype)
+
+
+def encode_i64(values: list[int]) -> bytes:
+    return struct.pack(f"<{len(values)}q", *values)
 
 
 class T:
@@ -143,6 +148,29 @@ class M:
         return out
 
 
+class R:
+    """One replacement entry (format 1.1): base tensor ``target`` replaced whole, or the rows
+    ``index`` of it."""
+
+    def __init__(self, target, shape, *, index=None, dtype="F32", seed=0):
+        self.target, self.shape, self.index = target, list(shape), index
+        self.dtype, self.seed = dtype, seed
+
+    def tensors(self) -> list[T]:
+        if self.index is None:
+            return [T(f"{self.target}.replace", self.dtype, self.shape, seed=self.seed)]
+        return [T(f"{self.target}.replace_rows", self.dtype, self.shape, seed=self.seed),
+                T(f"{self.target}.replace_index", "I64", [len(self.index)],
+                  encode_i64(self.index))]
+
+    def inspect(self) -> dict:
+        row = {"target": self.target, "kind": "full" if self.index is None else "rows",
+               "shape": self.shape, "dtype": self.dtype}
+        if self.index is not None:
+            row["rows"] = len(self.index)
+        return row
+
+
 def linear(name=Q, out=4, inp=6, r=2, **kw) -> M:
     return M(name, "linear", "out_in", [r, inp], [out, r], **kw)
 
@@ -152,8 +180,11 @@ class Adapter:
 
     def __init__(self, modules, *, alpha=8.0, scaling="standard", version=VERSION,
                  base_model=None, base_model_hash=None, provenance=None, extra=None,
-                 extra_loratool=None, record_extra=None):
+                 extra_loratool=None, record_extra=None, replacements=()):
         self.modules = sorted(modules, key=lambda m: m.name)
+        self.replacements = sorted(replacements, key=lambda r: r.target)
+        if self.replacements and version == VERSION:
+            version = VERSION_REPLACEMENTS
         self.alpha, self.scaling, self.version = alpha, scaling, version
         self.base_model, self.base_model_hash, self.provenance = (
             base_model, base_model_hash, provenance)
@@ -162,7 +193,8 @@ class Adapter:
         self.record_extra = record_extra or {}  # unknown module-record fields (newer minor)
 
     def tensors(self) -> list[T]:
-        return [t for m in self.modules for t in m.tensors()]
+        return ([t for m in self.modules for t in m.tensors()]
+                + [t for r in self.replacements for t in r.tensors()])
 
     def metadata(self, tensors=None) -> dict[str, str]:
         table = {}
@@ -215,7 +247,7 @@ class Adapter:
                 found[row[key]] = found.get(row[key], 0) + 1
             return dict(sorted(found.items()))
 
-        return {
+        report = {
             "source_format": "loratool",
             "format_version": self.version,
             "base_model": self.base_model,
@@ -236,6 +268,10 @@ class Adapter:
             "details": {},
             "other_metadata": dict(sorted(self.extra.items())),
         }
+        if self.replacements:
+            report["totals"]["replacements"] = len(self.replacements)
+            report["replacements"] = [r.inspect() for r in self.replacements]
+        return report
 
 
 def base() -> Adapter:
@@ -333,6 +369,19 @@ def valid_vectors():
            Adapter([linear(Q, seed=41)], version="1.7",
                    extra_loratool={"loratool.future_option": "{\"mode\":\"fast\"}"},
                    record_extra={"dropout": 0.05}), False)
+    # Format 1.1: replacement entries.
+    yield ("replace_full", "1.1: a LoRA module plus whole-tensor replacements (a PEFT "
+                           "modules_to_save head and a trained bias)",
+           Adapter([linear(Q, seed=43)],
+                   replacements=[R("score.weight", [3, 4], seed=45),
+                                 R(f"{Q}.bias", [4], seed=47)]), True)
+    yield ("replace_rows", "1.1: rows 1 and 7 of an embedding replaced (PEFT "
+                           "trainable_token_indices), beside a LoRA module",
+           Adapter([linear(Q, seed=49)],
+                   replacements=[R("model.embed_tokens.weight", [2, 4], index=[7, 1],
+                                   dtype="BF16", seed=51)]), True)
+    yield ("replace_only", "1.1: no LoRA module, one replacement (empty module table)",
+           Adapter([], replacements=[R("classifier.weight", [2, 4], seed=53)]), True)
 
 
 def warn_vectors():
@@ -528,6 +577,36 @@ def invalid_vectors():
     inf_h[0:2] = struct.pack("<H", 0x7C00)  # +Inf
     yield ("inf_f16", "LT209", "lora_A (F16) holds +Inf",
            mutated(h, tensors=_with_tensor(h, f"{Q}.lora_A", dtype="F16", data=bytes(inf_h))))
+    # LT214 - LT216: replacement entries (1.1).
+    rep = Adapter([linear(Q, seed=1)], replacements=[
+        R("model.embed_tokens.weight", [2, 4], index=[3, 5], seed=2)])
+    rows = "model.embed_tokens.weight.replace_rows"
+    idx = "model.embed_tokens.weight.replace_index"
+    yield ("replace_rows_without_index", "LT214", "replace_rows without its replace_index",
+           mutated(rep, tensors=[t for t in rep.tensors() if t.name != idx]))
+    yield ("replace_index_not_i64", "LT214", "replace_index is I32",
+           mutated(rep, tensors=_with_tensor(rep, idx, dtype="I32",
+                                             data=struct.pack("<2i", 3, 5))))
+    yield ("replace_index_count", "LT214", "2 replaced rows but 3 indices",
+           mutated(rep, tensors=_with_tensor(rep, idx, shape=[3],
+                                             data=encode_i64([3, 5, 6]))))
+    both = rep.tensors() + [T("model.embed_tokens.weight.replace", "F32", [10, 4], seed=3)]
+    yield ("replace_whole_and_rows", "LT214", "one tensor replaced whole and by rows",
+           mutated(rep, tensors=both))
+    yield ("replace_names_module", "LT214", "a replacement named like a module "
+                                            "(<module>.replace)",
+           mutated(rep, tensors=rep.tensors() + [T(f"{Q}.replace", "F32", [4, 6], seed=4)]))
+    yield ("replace_int_values", "LT203", "replacement values are I32",
+           mutated(rep, tensors=_with_tensor(rep, rows, dtype="I32")))
+    yield ("replace_index_duplicate", "LT215", "replace_index names row 3 twice",
+           mutated(rep, tensors=_with_tensor(rep, idx, data=encode_i64([3, 3]))))
+    yield ("replace_index_negative", "LT215", "replace_index holds -1",
+           mutated(rep, tensors=_with_tensor(rep, idx, data=encode_i64([3, -1]))))
+    yield ("replace_in_version_1_0", "LT216", "a replacement entry in a file that says 1.0",
+           mutated(rep, meta={"loratool.format_version": "1.0"}))
+    yield ("nothing_to_apply", "LT108", "no module and no replacement entry",
+           mutated(Adapter([]), tensors=[]))
+
     yield ("module_name_invalid", "LT213", "module name with brackets: model.layers[0].q_proj",
            Adapter([linear("model.layers[0].q_proj")]).file())
     yield ("module_name_trailing_newline", "LT213", "module name \"q_proj\\n\"",

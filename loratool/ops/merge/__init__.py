@@ -35,7 +35,8 @@ __all__ = ["DEVICE_CHOICES", "DTYPE_CHOICES", "MERGEABLE_DTYPES", "OUTPUT_FORMAT
 def merge(base, adapters, *, output=None, device: str = "auto", dtype: str = "keep",
           name_map=None, allow_missing: bool = False, overwrite: bool = False,
           fsync: bool = False, progress=None, output_format: str | None = None,
-          adapter_options: dict | None = None, gguf_type: str | None = None) -> MergeReport:
+          adapter_options: dict | None = None, gguf_type: str | None = None,
+          allow_no_change: bool = False) -> MergeReport:
     """Merge adapters into a base checkpoint and write a new checkpoint (never the input).
 
     ``adapters`` is a list of ``(path_or_Adapter, scale)`` pairs (a bare path or Adapter means
@@ -46,6 +47,10 @@ def merge(base, adapters, *, output=None, device: str = "auto", dtype: str = "ke
     ``loratool.gguf.merge_gguf`` and returns a ``GGUFMergeReport`` with the retained delta;
     ``dtype="keep"`` requantizes each tensor to its own type, ``gguf_type`` ("q8_0", "f16",
     ...) writes every merged tensor in that type.
+    Tensors ``allow_unknown`` drops are listed in the report's ``dropped``. A merge that would change
+    no tensor raises LT431 unless ``allow_no_change``. Replacement entries (PEFT
+    ``modules_to_save``, trained biases, saved embeddings, trainable tokens) overwrite their
+    base tensors before any low-rank update is added.
     ``progress(advance_bytes, total_bytes)`` is called as each tensor has been written (from
     the writer thread).
 
@@ -58,18 +63,20 @@ def merge(base, adapters, *, output=None, device: str = "auto", dtype: str = "ke
     return run(MergeJob("merge", base, adapters, output=output, device=device, dtype=dtype,
                         name_map=name_map, allow_missing=allow_missing, overwrite=overwrite,
                         fsync=fsync, progress=progress, output_format=output_format,
-                        adapter_options=adapter_options, gguf_type=gguf_type))
+                        adapter_options=adapter_options, gguf_type=gguf_type,
+                        allow_no_change=allow_no_change))
 
 
 def unmerge(merged, adapters, *, output=None, device: str = "auto", dtype: str = "keep",
             name_map=None, allow_missing: bool = False, overwrite: bool = False,
             fsync: bool = False, progress=None, output_format: str | None = None,
             force: bool = False, adapter_options: dict | None = None,
-            gguf_type: str | None = None) -> MergeReport:
+            gguf_type: str | None = None, allow_no_change: bool = False) -> MergeReport:
     """Subtract adapters merged earlier (the inverse of ``merge``); checks each adapter and
     scale against the checkpoint's ``loratool.merged`` record unless ``force``. A GGUF
     ``merged`` file is unmerged when every adapted tensor is F32/F16/BF16 (else LT335:
     requantizing is not invertible); it has no record to check.
+    DoRA modules (LT414) and replacement entries (LT430) cannot be inverted and are refused.
 
     >>> import os, tempfile
     >>> merged = os.path.join(tempfile.mkdtemp(), "merged.safetensors")
@@ -82,4 +89,5 @@ def unmerge(merged, adapters, *, output=None, device: str = "auto", dtype: str =
                         dtype=dtype, name_map=name_map, allow_missing=allow_missing,
                         overwrite=overwrite, fsync=fsync, progress=progress,
                         output_format=output_format, force=force,
-                        adapter_options=adapter_options, gguf_type=gguf_type))
+                        adapter_options=adapter_options, gguf_type=gguf_type,
+                        allow_no_change=allow_no_change))

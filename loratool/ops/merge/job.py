@@ -59,6 +59,7 @@ class MergeJob:
     force: bool = False
     adapter_options: dict | None = None
     gguf_type: str | None = None  # GGUF bases only: GGML type of every merged tensor
+    allow_no_change: bool = False
     engines: Engines = field(default_factory=Engines)
 
 
@@ -85,6 +86,8 @@ class MergeReport:
     skipped: list[dict] = field(default_factory=list)
     records: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    replacements_merged: int = 0  # base tensors (or rows of them) replaced (format 1.1)
+    dropped: list[dict] = field(default_factory=list)  # {"adapter", "tensor"}: not applied
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,16 +145,20 @@ def run(job: MergeJob) -> MergeReport:
 
         loaded = []
         for src, scale in items:
-            adapter, label, sfmt = load_item(src, base, name_map, job.adapter_options,
-                                             numpy=use_numpy)
+            adapter, label, sfmt, dropped, reader_notes = load_item(
+                src, base, name_map, job.adapter_options, numpy=use_numpy)
             identity = adapter.identity if use_numpy else adapter_identity(adapter)
-            loaded.append(Loaded(label, sfmt, adapter, scale, identity))
+            loaded.append(Loaded(label, sfmt, adapter, scale, identity, dropped=dropped,
+                                 notes=reader_notes))
         if op == "unmerge":
             _refuse_dora_unmerge(loaded)
+            _refuse_replacement_unmerge(loaded)
         plan, skipped = make_plan(loaded, base_tensors, name_map,
                                   sign=1.0 if op == "merge" else -1.0,
                                   allow_missing=job.allow_missing, base_label=base)
-        notes = []
+        if not plan and not job.allow_no_change:
+            raise OperationError(_no_change_message(op, loaded, skipped, base), code="LT431")
+        notes = [f"{ld.source}: {n}" for ld in loaded for n in (ld.notes or [])]
         if op == "merge":
             records = records + [new_record("merge", loaded, device, precision, job.dtype)]
         else:
@@ -193,7 +200,10 @@ def run(job: MergeJob) -> MergeReport:
         tensors_converted=counts.converted, tensors_copied=counts.copied,
         bytes_read=counts.read, bytes_written=counts.written,
         seconds=round(time.perf_counter() - t0, 3), stream_seconds=round(t_stream, 3),
-        skipped=skipped, records=records, notes=notes)
+        skipped=skipped, records=records, notes=notes,
+        replacements_merged=sum(ld.replaced for ld in loaded),
+        dropped=[{"adapter": ld.source, "tensor": t} for ld in loaded
+                 for t in (ld.dropped or [])])
 
 
 def _engine(engines: Engines, device: str, items):
@@ -227,6 +237,34 @@ def _refuse_dora_unmerge(loaded) -> None:
             "original weight W0 that the merged file no longer holds, so the merge "
             "cannot be inverted from the files. Keep the base checkpoint instead.",
             code="LT414")
+
+
+def _refuse_replacement_unmerge(loaded) -> None:
+    reps = [f"{ld.source}: {t}" for ld in loaded
+            for t in (getattr(ld.adapter, "replacements", None) or {})]
+    if reps:
+        more = f" ({len(reps) - 5} more)" if len(reps) > 5 else ""
+        raise CheckpointError(
+            "cannot unmerge replacement entries (" + ", ".join(reps[:5]) + more + "): a merge "
+            "overwrote these base tensors (PEFT modules_to_save, trained biases, saved "
+            "embeddings or trainable token rows) and the merged file no longer holds their "
+            "original values, so the merge cannot be inverted. Keep the base checkpoint "
+            "instead.", code="LT430")
+
+
+def _no_change_message(op: str, loaded, skipped, base: str) -> str:
+    why = []
+    if skipped:
+        why.append(f"{len(skipped)} module(s) skipped (--allow-missing): the adapter may be "
+                   "for another model")
+    dropped = sum(len(ld.dropped or []) for ld in loaded)
+    if dropped:
+        why.append(f"{dropped} tensor(s) dropped (--allow-unknown)")
+    if not why:
+        why.append("the adapters have no module")
+    return (f"the {op} would change no tensor of {base} ({'; '.join(why)}): the output would "
+            "be a copy of the input. Pass --allow-no-change (allow_no_change=True) to write it "
+            "anyway")
 
 
 def run_with(engines: Engines, op: str, base, adapters, **options) -> MergeReport:

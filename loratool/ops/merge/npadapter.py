@@ -50,7 +50,8 @@ class NpAdapter:
 
 
 def header_allows_numpy(path: str) -> bool:
-    """True when ``path`` is a loratool-format adapter without DoRA modules (header only)."""
+    """True when ``path`` is a loratool-format adapter without DoRA modules or replacements
+    (header only)."""
     from ...interop.native import read_info as read_loratool_info
     from ...interop import detect_format
     try:
@@ -59,7 +60,8 @@ def header_allows_numpy(path: str) -> bool:
         info = read_loratool_info(path)
     except Exception:  # noqa: BLE001 - the torch path reports the problem with its own error
         return False
-    return not any(m.magnitude for m in info.modules.values())
+    # Replacement entries (format 1.1) take the torch path, which reads them.
+    return not info.replacements and not any(m.magnitude for m in info.modules.values())
 
 
 def load_numpy(path: str) -> NpAdapter:

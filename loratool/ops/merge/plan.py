@@ -19,7 +19,9 @@ class Op:
     """One update of one base tensor, in the 2-D view ``W.reshape(W.shape[0], -1)``."""
 
     kind: str  # "lowrank" (W2 += s L @ R), "dora" (PEFT's DoRA merge), "vector" (bias += s v),
-    #            "fn" (W2 = fn(W2) in float64: LyCORIS DoRA, lycoris.modules.merge_fn)
+    #            "fn" (W2 = fn(W2) in float64: LyCORIS DoRA, lycoris.modules.merge_fn),
+    #            "replace" (W = vec) and "rows" (W[index] = vec): replacement entries,
+    #            applied first
     scale: float
     adapter: int
     module: str
@@ -27,8 +29,9 @@ class Op:
     R: object = None  # [r, cols]
     magnitude: object = None  # [out] (DoRA)
     axis: int = 1  # DoRA: the norm runs along this axis of the 2-D view (1: rows are outputs)
-    vec: object = None  # [n] (lora_bias)
+    vec: object = None  # [n] (lora_bias); the values of a replacement
     fn: object = None  # "fn": the whole 2-D weight in, the merged one out
+    index: object = None  # int64 [k]: the rows a "rows" op replaces
 
     def cast(self, dtype, device=None) -> Op:
         """The same op with contiguous tensors of ``dtype`` (exact for float64)."""
@@ -79,23 +82,29 @@ class Loaded:
     identity: str
     merged: int = 0
     skipped: int = 0
+    replaced: int = 0  # replacement entries planned
+    dropped: list = None  # tensors the reader dropped (--allow-unknown), listed in the report
+    notes: list = None  # the reader's notes
 
 
 def load_item(item, base: str, name_map, adapter_options: dict | None = None, *,
           numpy: bool = False):
-    from ...adapter import load_adapter
-    from ...interop import detect_format
+    """(adapter, label, format, dropped tensor names, reader notes) of one adapter."""
+    from ...interop import detect_format, reader_for
+    from ...interop.base import ReaderOptions
     if numpy:  # a loratool file without DoRA (checked by the caller): no torch
         from .npadapter import load_numpy
-        return load_numpy(item), item, "loratool"
+        return load_numpy(item), item, "loratool", [], []
     if hasattr(item, "modules"):
-        return item, "<in memory>", getattr(item, "source_format", "loratool")
+        return item, "<in memory>", getattr(item, "source_format", "loratool"), [], []
     fmt = detect_format(item)
     # Foreign formats read names and layouts against the base (kohya names, PEFT's global
     # fan_in_fan_out flag); loratool files state both.
     options = {} if fmt == "loratool" else {"base": base, "name_map": name_map or {},
                                             **(adapter_options or {})}
-    return load_adapter(item, **options), item, fmt
+    opts = ReaderOptions.of(**options)
+    result = reader_for(item, opts).load_report(item, opts)
+    return result.adapter, item, fmt, list(result.unknown), list(result.notes)
 
 
 def make_plan(loaded: list[Loaded], base_tensors: dict, name_map, *, sign: float,
@@ -105,6 +114,7 @@ def make_plan(loaded: list[Loaded], base_tensors: dict, name_map, *, sign: float
     plan: dict[str, list[Op]] = {}
     problems: list[tuple[str, str, str]] = []
     keys = list(base_tensors)
+    owners: dict[str, str] = {}  # base tensor -> the adapter that replaces it
     for ai, ld in enumerate(loaded):
         mapping, unmatched = resolve_modules(ld.adapter.modules, keys, name_map)
         for module in unmatched:
@@ -160,6 +170,7 @@ def make_plan(loaded: list[Loaded], base_tensors: dict, name_map, *, sign: float
             if m.bias is not None:
                 plan.setdefault(bkey, []).append(Op("vector", s, ai, module, vec=m.bias))
             ld.merged += 1
+        _plan_replacements(ai, ld, plan, base_tensors, name_map, problems, owners)
     if problems and not allow_missing:
         lines = [f"  {loaded[ai].source}: module `{mod}` {why}"
                  for ai, mod, why in problems[:_MAX_LISTED]]
@@ -175,3 +186,46 @@ def make_plan(loaded: list[Loaded], base_tensors: dict, name_map, *, sign: float
     for ai, _, _ in problems:
         loaded[ai].skipped += 1
     return plan, skipped
+
+
+def _plan_replacements(ai, ld, plan, base_tensors, name_map, problems, owners) -> None:
+    """Replacement entries of adapter ``ai``: checked against the base (LT411 when one does
+    not fit), planned before the tensor's low-rank updates."""
+    from ...naming import resolve_modules
+    reps = getattr(ld.adapter, "replacements", None) or {}
+    if not reps:
+        return
+    mapping, unmatched = resolve_modules(reps, list(base_tensors), name_map, suffix="")
+    for target in unmatched:
+        problems.append((ai, target, f"(a replacement) has no base tensor `{target}`"))
+    for target, key in mapping.items():
+        rep = reps[target]
+        dtype, shape = base_tensors[key]
+        shape = tuple(shape)
+        values = tuple(rep.value.shape)
+        why = None
+        if dtype not in MERGEABLE_DTYPES:
+            why = f"(a replacement): base tensor `{key}` is {dtype}, not a float type"
+        elif rep.index is None and values != shape:
+            why = f"(a replacement) has shape {list(values)} but base `{key}` is {list(shape)}"
+        elif rep.index is not None:
+            rows = shape[0] if shape else 0
+            if values[1:] != shape[1:]:
+                why = (f"(a row replacement) has rows of shape {list(values[1:])} but base "
+                       f"`{key}` has rows of shape {list(shape[1:])}")
+            elif rep.index.numel() and int(rep.index.max()) >= rows:
+                why = (f"(a row replacement) replaces row {int(rep.index.max())} but base "
+                       f"`{key}` has {rows} rows (an adapter for a larger vocabulary?)")
+        if why is not None:
+            problems.append((ai, target, why))
+            continue
+        if key in owners:
+            raise CheckpointError(
+                f"{owners[key]} and {ld.source} both replace base tensor `{key}`; merge them "
+                "in separate runs, in the order you mean", code="LT433")
+        owners[key] = ld.source
+        op = Op("replace" if rep.index is None else "rows", 1.0, ai, target, vec=rep.value,
+                index=rep.index)
+        ops = plan.setdefault(key, [])
+        ops.insert(sum(o.kind in ("replace", "rows") for o in ops), op)
+        ld.replaced += 1

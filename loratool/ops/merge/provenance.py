@@ -123,7 +123,8 @@ def adapter_record(ld) -> dict:
             "dora": any(m.magnitude is not None or (  # PEFT's or LyCORIS's DoRA
                 getattr(m, "record", None) is not None and not m.variant.additive)
                 for m in mods),
-            "lora_bias": any(m.bias is not None for m in mods)}
+            "lora_bias": any(m.bias is not None for m in mods),
+            **({"replacements": ld.replaced} if ld.replaced else {})}
 
 
 def new_record(op: str, loaded, device: str, precision: str, dtype: str) -> dict:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ...checkpoint import StreamWriter
 from ...stfile import DTYPE_SIZES
 from .plan import MERGEABLE_DTYPES
+from .replace import apply_replacements
 
 
 class _Prefetcher:
@@ -167,8 +168,9 @@ def stream_file(source, dest: str, plan: dict, out_dtype: str | None, metadata: 
             else:
                 buf = reader.take(t.name)
                 try:
-                    res, release = engine.run(buf, t.dtype, tuple(t.shape),
-                                              plan.get(t.name, ()), dt, t.name)
+                    ops = apply_replacements(buf, t.dtype, tuple(t.shape),
+                                             plan.get(t.name, ()))
+                    res, release = engine.run(buf, t.dtype, tuple(t.shape), ops, dt, t.name)
                 except BaseException:
                     reader.give_back(buf)
                     raise
