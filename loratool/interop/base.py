@@ -49,7 +49,10 @@ class ReaderOptions:
     layouts and kinds; ``name_map``: ``{OLD: NEW}`` renames (``--map``); ``allow_unknown``:
     drop (and list) tensors that are not LoRA factors; ``check_values``: refuse NaN/Inf when
     loading; ``overwrite``: writers may replace an existing output; ``source_format``: skip
-    detection.
+    detection; ``defer_base_mismatch``: modules whose base tensor has another shape are read
+    (``merge`` lists them with the other modules it cannot merge) instead of refused;
+    ``base_is_residual``: the base given to ``merge`` is the residual model of a PiSSA/OLoRA/
+    ... initialised adapter (``Adapter.init``).
     """
 
     alpha: float | None = None
@@ -61,6 +64,8 @@ class ReaderOptions:
     check_values: bool = True
     overwrite: bool = False
     source_format: str | None = None
+    defer_base_mismatch: bool = False
+    base_is_residual: bool = False
 
     @classmethod
     def of(cls, options: ReaderOptions | Mapping | None = None, **kwargs) -> ReaderOptions:
@@ -85,7 +90,8 @@ class ReaderOptions:
             given["enable_lora"] = parse_enable_lora(given["enable_lora"])
         if "base" in given:
             given["base"] = os.fspath(given["base"])
-        for flag in ("allow_unknown", "check_values", "overwrite"):
+        for flag in ("allow_unknown", "check_values", "overwrite", "defer_base_mismatch",
+                     "base_is_residual"):
             if flag in given:
                 given[flag] = bool(given[flag])
         return dataclasses.replace(base, **given)

@@ -92,7 +92,8 @@ def load(path: str, options: ReaderOptions | None = None) -> Adapter:
                                    m.alpha, m.scaling, get(F.ROLE_MAGNITUDE), get(F.ROLE_BIAS))
     return Adapter(modules=modules, alpha=info.alpha, base_model=info.base_model,
                    base_model_hash=info.base_model_hash, provenance=info.provenance,
-                   extra_metadata=dict(info.extra_metadata), source_format=NAME)
+                   extra_metadata=dict(info.extra_metadata), source_format=NAME,
+                   init=info.init)
 
 
 def load_report(path: str, options: ReaderOptions) -> LoadResult:
@@ -150,6 +151,8 @@ def adapter_metadata(adapter: Adapter, tensor_hash: str) -> dict[str, str]:
         F.KEY_MODULES: F.canonical_json(table),
         F.KEY_TENSOR_HASH: tensor_hash,
     })
+    if adapter.init:
+        meta[F.KEY_INIT] = F.canonical_json(adapter.init)
     for key, value in ((F.KEY_BASE_MODEL, adapter.base_model),
                        (F.KEY_BASE_HASH, adapter.base_model_hash),
                        (F.KEY_PROVENANCE, adapter.provenance)):

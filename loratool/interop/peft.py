@@ -47,7 +47,16 @@ _UNSUPPORTED = {
     "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA", "arrow_config": "Arrow routing",
     "kasa_config": "KaSA",
 }
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def init_record(value) -> dict | None:
+    """``Adapter.init`` of a PEFT ``init_lora_weights`` that changes the base (None if not)."""
+    from ..format import RESIDUAL_INITS
+    if not isinstance(value, str):
+        return None
+    low = value.lower()
+    method = next((m for m in RESIDUAL_INITS if low.startswith(m)), None)
+    return None if method is None else {"method": method, "init_lora_weights": value}
 
 # role of a key suffix
 _SUFFIXES = (
@@ -119,6 +128,7 @@ class _Plan:
             alpha = C.get_alpha(options, fmt="peft", strict=strict, why=(
                 f"{self.weights} has no {CONFIG_NAME} beside it, so lora_alpha is unknown"))
             self.details["peft_config"] = "none (alpha from --alpha)" if alpha else "none"
+            self.init = None
             return {"peft_type": "LORA", "lora_alpha": alpha, "r": None}
         cfg = C.read_json_config(self.config_path)
         self.details["peft_config"] = self.config_path
@@ -130,13 +140,14 @@ class _Plan:
                 raise InteropError(f"{CONFIG_NAME} sets {key} ({what}): such an adapter is not "
                                    "a plain low-rank weight delta and has no loratool form",
                                    code="LT308", path=self.path)
-        init = cfg.get("init_lora_weights")
-        if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-            note = (f"init_lora_weights={init!r}: unless it was converted when saved, this "
-                    "adapter applies to the base model as modified at initialization, not to "
-                    "the original base")
-            self.notes.append(note)
-            self.details["init_lora_weights"] = init
+        self.init = init_record(cfg.get("init_lora_weights"))
+        if self.init is not None:
+            # PEFT's converted saves (path_initial_model_for_weight_conversion) write
+            # init_lora_weights true: those are plain LoRA of the original base.
+            self.notes.append(f"init_lora_weights={self.init['init_lora_weights']!r}: this "
+                              "adapter applies to the residual model made at initialisation, "
+                              "not to the original base (kept as loratool.init)")
+            self.details["init"] = self.init["init_lora_weights"]
         return cfg
 
     def _group(self):
@@ -166,10 +177,11 @@ class _Plan:
         rank_pattern = cfg.get("rank_pattern") or {}
         alpha_pattern = cfg.get("alpha_pattern") or {}
         scaling = SCALING_RSLORA if cfg.get("use_rslora") else SCALING_STANDARD
-        fif = options.fan_in_fan_out
-        if fif is None:
-            fif = bool(cfg.get("fan_in_fan_out", False))
-        default_layout = LAYOUT_IN_OUT if fif else LAYOUT_OUT_IN
+        # PEFT's fan_in_fan_out is one flag that PEFT itself corrects per layer at load
+        # (nn.Linear: False, Conv1D: True): each module's layout comes from the base.
+        layouts = C.LinearLayouts(options, self.path, declared=bool(cfg.get(
+            "fan_in_fan_out", False)) if self.config_path else None, what=CONFIG_NAME)
+        mismatched = layouts.mismatched
         shapes = C.base_shapes(options)
         base_of = C.resolve_base(self.modules, options) if shapes is not None else {}
         use_dora = bool(cfg.get("use_dora"))
@@ -214,11 +226,13 @@ class _Plan:
             base_key = base_of.get(module)
             base_shape = shapes.get(base_key) if base_key else None
             if kind == KIND_LINEAR:
-                layout = C.layout_for(module, out, in_, base_shape, default_layout, self.path)
+                layout = layouts(module, out, in_, base_shape)
             else:
                 layout = LAYOUT_IN_OUT if kind == KIND_EMBEDDING else LAYOUT_OUT_IN
                 want = (in_, out) if kind == KIND_EMBEDDING else (out, in_, *a[2:])
-                C.check_base_shape(module, want, base_shape, self.path)
+                why = C.base_shape_mismatch(module, want, base_shape)
+                if why:
+                    mismatched.append(why)
             if "magnitude" in t:
                 _, mshape = self.source.entries[t["magnitude"]]
                 ok_m = (mshape == (out,) or (kind == KIND_CONV and mshape == (1, out) + (1,) * (
@@ -241,6 +255,8 @@ class _Plan:
                                    code="LT305", path=self.path, module=module)
             rec.kind, rec.layout, rec.alpha, rec.scaling = kind, layout, float(alpha), scaling
             rec.a_shape, rec.b_shape, rec.dtype = tuple(a), tuple(b), a_dtype
+        C.check_mismatches(mismatched, options, self.path)
+        self.notes.extend(layouts.notes())
         self.default_alpha = float(default_alpha) if default_alpha is not None else (
             float(C.most_common(r.alpha for r in self.modules.values()) or 1.0))
         tm = cfg.get("target_modules")
@@ -282,7 +298,7 @@ def read_info(path: str, options: ReaderOptions) -> AdapterInfo:
                        alpha=plan.default_alpha, base_model=plan.config.get(
                            "base_model_name_or_path"),
                        extra_metadata=plan.extra_metadata, source_format="peft",
-                       tensor_bytes=plan.source.tensor_bytes, details=details)
+                       init=plan.init, tensor_bytes=plan.source.tensor_bytes, details=details)
 
 
 def load_report(path: str, options: ReaderOptions) -> LoadResult:
@@ -298,7 +314,8 @@ def load_report(path: str, options: ReaderOptions) -> LoadResult:
                                    r.alpha, r.scaling, mag, tensors.get("bias"))
     adapter = Adapter(modules=modules, alpha=plan.default_alpha,
                       base_model=plan.config.get("base_model_name_or_path"),
-                      extra_metadata=plan.extra_metadata, source_format="peft")
+                      extra_metadata=plan.extra_metadata, source_format="peft",
+                      init=plan.init)
     return LoadResult(adapter, notes, sorted(plan.unknown) if options.allow_unknown else [])
 
 
@@ -404,7 +421,9 @@ def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
         "bias": "none",
         "lora_dropout": 0.0,
         "modules_to_save": None,
-        "init_lora_weights": True,
+        # a base-changing init is written back as PEFT wrote it (the base is the residual)
+        "init_lora_weights": (adapter.init.get("init_lora_weights", adapter.init["method"])
+                              if adapter.init else True),
         "inference_mode": True,
     }
     tensors = {}

@@ -206,7 +206,10 @@ def _load(item, base: str, name_map, adapter_options: dict | None = None, *,
     fmt = detect_format(item)
     # Foreign formats read names and layouts against the base (kohya names, PEFT's global
     # fan_in_fan_out flag); loratool files state both.
+    # A module whose base tensor has another shape is listed with the others by _plan (LT411,
+    # honouring --allow-missing), the same for every format.
     options = {} if fmt == "loratool" else {"base": base, "name_map": name_map or {},
+                                            "defer_base_mismatch": True,
                                             **(adapter_options or {})}
     return load_adapter(item, **options), item, fmt
 
@@ -822,16 +825,24 @@ def _run(op, base, adapters, *, output, device, dtype, name_map, allow_missing, 
             dora = [f"{ld.source}: {m}" for ld in loaded
                     for m, mod in ld.adapter.modules.items() if mod.magnitude is not None]
             if dora:
+                more = f" ({len(dora) - 5} more)" if len(dora) > 5 else ""
                 raise CheckpointError(
-                    "cannot unmerge DoRA modules (" + ", ".join(dora[:5]) + "): a DoRA merge "
+                    f"cannot unmerge {len(dora)} DoRA module(s) (" + ", ".join(dora[:5]) + more
+                    + "): a DoRA merge "
                     "rescales each output row by magnitude / ||W0 + dW||, a norm of the "
                     "original weight W0 that the merged file no longer holds, so the merge "
                     "cannot be inverted from the files. Keep the base checkpoint instead.",
                     code="LT414")
+        residual_notes = []
+        if op == "merge":
+            from ._residual import check_residual, init_of
+            residual_notes = check_residual(
+                [(ld.source, init_of(ld.source, ld.adapter)) for ld in loaded],
+                bool((adapter_options or {}).get("base_is_residual")))
         plan, skipped = _plan(loaded, base_tensors, name_map,
                               sign=1.0 if op == "merge" else -1.0,
                               allow_missing=allow_missing, base_label=base)
-        notes = []
+        notes = list(residual_notes)
         if op == "merge":
             records = records + [_new_record("merge", loaded, device, precision, dtype)]
         else:
