@@ -59,7 +59,7 @@ def _module_row(m: ModuleInfo) -> dict:
 def _report(info: AdapterInfo) -> dict:
     modules = list(info.modules.values())
     dtypes = Counter(m.dtype for m in modules)
-    return {
+    report = {
         "path": info.path,
         "source_format": info.source_format,
         "format_version": info.format_version,
@@ -81,6 +81,9 @@ def _report(info: AdapterInfo) -> dict:
         "details": info.details,
         "other_metadata": dict(sorted(info.extra_metadata.items())),
     }
+    if info.init:  # only when present: reports of other adapters are unchanged
+        report["init"] = info.init
+    return report
 
 
 def _add_stats(report: dict, path: str, options: dict) -> None:
