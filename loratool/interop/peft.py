@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import InteropError
+from ..format import KEY_INIT, parse_init
 from ..format import (KIND_CONV, KIND_EMBEDDING, KIND_LINEAR, LAYOUT_IN_OUT, LAYOUT_OUT_IN,
                       SCALING_RSLORA, SCALING_STANDARD)
 from ..model import Adapter, AdapterInfo, LoraModule
@@ -141,13 +142,17 @@ class _Plan:
                                    "a plain low-rank weight delta and has no loratool form",
                                    code="LT308", path=self.path)
         self.init = init_record(cfg.get("init_lora_weights"))
+        if self.init is None and KEY_INIT in self.source.metadata:  # written by loratool
+            self.init = parse_init(self.source.metadata[KEY_INIT])
         if self.init is not None:
             # PEFT's converted saves (path_initial_model_for_weight_conversion) write
             # init_lora_weights true: those are plain LoRA of the original base.
-            self.notes.append(f"init_lora_weights={self.init['init_lora_weights']!r}: this "
-                              "adapter applies to the residual model made at initialisation, "
-                              "not to the original base (kept as loratool.init)")
-            self.details["init"] = self.init["init_lora_weights"]
+            said = self.init.get("init_lora_weights", self.init["method"])
+            self.notes.append(f"init {said!r}: this adapter applies to the residual model "
+                              "made at initialisation, not to the original base (kept as "
+                              "loratool.init)")
+            self.details["init"] = (f"{said} (applies to the residual model made at "
+                                    "initialisation, not the original base)")
         return cfg
 
     def _group(self):
@@ -421,9 +426,9 @@ def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
         "bias": "none",
         "lora_dropout": 0.0,
         "modules_to_save": None,
-        # a base-changing init is written back as PEFT wrote it (the base is the residual)
-        "init_lora_weights": (adapter.init.get("init_lora_weights", adapter.init["method"])
-                              if adapter.init else True),
+        # Never a base-changing init here: PEFT would re-run it at load and change the
+        # (already residual) base again. The init is kept as loratool.init in the weights.
+        "init_lora_weights": True,
         "inference_mode": True,
     }
     tensors = {}
@@ -448,6 +453,12 @@ def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
     tensors = dict(sorted(tensors.items()))
     meta = {k: v for k, v in adapter.extra_metadata.items() if not k.startswith("loratool.")}
     meta["format"] = "pt"
+    if adapter.init:
+        from ..format import KEY_INIT, canonical_json
+        meta[KEY_INIT] = canonical_json(adapter.init)
+        notes.append(f"init {adapter.init['method']}: written as init_lora_weights true (PEFT "
+                     "re-runs a base-changing init at load) and kept as loratool.init in "
+                     f"{WEIGHTS_NAMES[0]}; load it onto the residual model")
     entries = [(n, st_dtype(t), tuple(t.shape)) for n, t in tensors.items()]
     with AtomicDir(path, overwrite=options.overwrite) as tmp:
         with SafetensorsWriter(os.path.join(tmp, WEIGHTS_NAMES[0]), entries, meta) as w:
