@@ -28,6 +28,7 @@ from ..format import (KIND_CONV, KIND_EMBEDDING, KIND_LINEAR, LAYOUT_IN_OUT, LAY
 from ..model import Adapter, AdapterInfo, LoraModule
 from . import _common as C
 from ..variants import Lora
+from ._peft_config import DIFFUSERS_METADATA
 from .base import NAMES, Capabilities, LoadResult, ModuleRecord, Probe, ReaderOptions
 
 NAME = "kohya"
@@ -50,9 +51,23 @@ def underscored(name: str) -> str:
     return name.replace(".", "_")
 
 
-def kohya_name(module: str) -> str:
-    """The kohya name of a canonical module path."""
+def kohya_name(module: str, parts: dict[str, str] | None = None) -> str:
+    """The kohya name of a canonical module path; ``parts`` renames a diffusers component
+    (``text_encoder.`` -> ``te``: see ``diffusers_parts``)."""
+    comp, dot, rest = module.partition(".")
+    if dot and parts and comp in parts:
+        return PREFIX + parts[comp] + "_" + underscored(rest)
     return PREFIX + underscored(module)
+
+
+def diffusers_parts(modules) -> dict[str, str]:
+    """sd-scripts' model part of each diffusers text-encoder component among ``modules``
+    (diffusers' kohya loader reads ``lora_te_``/``lora_te1_``/``lora_te2_``; ``unet`` is
+    already its own name)."""
+    comps = {m.partition(".")[0] for m in modules}
+    if "text_encoder_2" in comps:
+        return {"text_encoder": "te1", "text_encoder_2": "te2"}
+    return {"text_encoder": "te"} if "text_encoder" in comps else {}
 
 
 def detect(probe: Probe) -> int:
@@ -282,6 +297,7 @@ def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
     seen: dict[str, str] = {}
     transposed = []
     rs = 0
+    parts = diffusers_parts(adapter.modules)
     for name, m in adapter.modules.items():
         if m.kind == KIND_EMBEDDING:
             raise InteropError(f"module {name!r} is an embedding; kohya LoRA files have no "
@@ -294,7 +310,7 @@ def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
         if m.bias is not None:
             raise InteropError(f"module {name!r} has a lora_bias; the kohya LoRA format cannot "
                                "store it", code="LT306", module=name)
-        k = kohya_name(name)
+        k = kohya_name(name, parts)
         if k in seen:
             raise InteropError(f"modules {seen[k]!r} and {name!r} both become kohya name {k!r}; "
                                "rename one with --map", code="LT307", module=name)
@@ -317,6 +333,13 @@ def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
                      "--fan-in-fan-out or --base")
     tensors = dict(sorted(tensors.items()))
     meta = {k: v for k, v in adapter.extra_metadata.items() if not k.startswith("loratool.")}
+    if meta.pop(DIFFUSERS_METADATA, None) is not None:
+        # the alphas are in the .alpha tensors; diffusers refuses a file with both
+        notes.append(f"dropped the {DIFFUSERS_METADATA} metadata (its alphas are written as "
+                     "kohya .alpha tensors; diffusers refuses a file with both)")
+    if parts:
+        notes.append("diffusers components written as sd-scripts model parts: " + ", ".join(
+            f"{c}. -> lora_{p}_" for c, p in sorted(parts.items())))
     entries = [(n, st_dtype(t), tuple(t.shape)) for n, t in tensors.items()]
     with SafetensorsWriter(path, entries, meta or None,
                            overwrite=options.overwrite) as w:

@@ -23,7 +23,8 @@ from ..format import (KIND_CONV, KIND_EMBEDDING, KIND_LINEAR, LAYOUT_IN_OUT, LAY
                       SCALING_RSLORA, SCALING_STANDARD)
 from ..model import Adapter, AdapterInfo, LoraModule
 from . import _common as C
-from ._peft_config import CONFIG_NAME, check_config, get_pattern_key  # noqa: F401
+from ._peft_config import (CONFIG_NAME, DIFFUSERS_METADATA, check_config,  # noqa: F401
+                           diffusers_components, get_pattern_key)
 from ..variants import Dora, Lora
 from .base import (DECLARED, NAMES, Capabilities, LoadResult, ModuleRecord, Probe,
                    ReaderOptions)
@@ -125,6 +126,9 @@ class _Plan:
         self._facts(options)
 
     def _config(self, options, strict) -> dict:
+        self.components: dict[str, dict] = {}
+        if self.config_path is None and DIFFUSERS_METADATA in self.source.metadata:
+            return self._diffusers_config(options)
         if self.config_path is None:
             alpha = C.get_alpha(options, fmt="peft", strict=strict, why=(
                 f"{self.weights} has no {CONFIG_NAME} beside it, so lora_alpha is unknown"))
@@ -136,11 +140,7 @@ class _Plan:
         if options.alpha is not None:
             self.notes.append(f"ignored --alpha: {CONFIG_NAME} gives lora_alpha")
         check_config(cfg, self.path)
-        for key, what in _UNSUPPORTED.items():
-            if cfg.get(key):
-                raise InteropError(f"{CONFIG_NAME} sets {key} ({what}): such an adapter is not "
-                                   "a plain low-rank weight delta and has no loratool form",
-                                   code="LT308", path=self.path)
+        self._vet(cfg)
         self.init = init_record(cfg.get("init_lora_weights"))
         if self.init is None and KEY_INIT in self.source.metadata:  # written by loratool
             self.init = parse_init(self.source.metadata[KEY_INIT])
@@ -154,6 +154,40 @@ class _Plan:
             self.details["init"] = (f"{said} (applies to the residual model made at "
                                     "initialisation, not the original base)")
         return cfg
+
+    def _vet(self, cfg, where: str = CONFIG_NAME) -> None:
+        for key, what in _UNSUPPORTED.items():
+            if cfg.get(key):
+                raise InteropError(f"{where} sets {key} ({what}): such an adapter is not "
+                                   "a plain low-rank weight delta and has no loratool form",
+                                   code="LT308", path=self.path)
+
+    def _diffusers_config(self, options) -> dict:
+        """diffusers' ``pytorch_lora_weights.safetensors``: one LoraConfig per component
+        (``unet``, ``text_encoder``...) in its metadata; modules are ``<component>.<path>``."""
+        self.components = diffusers_components(self.source.metadata[DIFFUSERS_METADATA],
+                                               self.path)
+        for comp, cfg in self.components.items():
+            self._vet(cfg, f"{DIFFUSERS_METADATA} ({comp})")
+            if init_record(cfg.get("init_lora_weights")):
+                raise InteropError(f"{DIFFUSERS_METADATA} ({comp}) has init_lora_weights "
+                                   f"{cfg['init_lora_weights']!r}, which changes the base",
+                                   code="LT308", path=self.path)
+        self.details["peft_config"] = (f"diffusers {DIFFUSERS_METADATA} ("
+                                       + ", ".join(sorted(self.components)) + ")")
+        if options.alpha is not None:
+            self.notes.append(f"ignored --alpha: {DIFFUSERS_METADATA} gives lora_alpha")
+        self.init = None
+        first = self.components[sorted(self.components)[0]]
+        return {**first, "peft_type": "LORA"}
+
+    def _config_for(self, module: str) -> tuple[dict, str]:
+        """The config of a module and its path as PEFT matches patterns against it (inside
+        its diffusers component)."""
+        comp, dot, rest = module.partition(".")
+        if dot and comp in self.components:
+            return self.components[comp], rest
+        return self.config, module
 
     def _group(self):
         for name, (dtype, shape) in self.source.entries.items():
@@ -216,14 +250,22 @@ class _Plan:
             C.check_factors(module, {role: self.source.entries[k][0] for role, k in t.items()},
                             a, b, self.path)
             rank = a[0]
-            r_key = get_pattern_key(rank_pattern.keys(), module)
+            if self.components:
+                mcfg, key = self._config_for(module)
+                default_r, default_alpha = mcfg.get("r", 8), mcfg.get("lora_alpha", 8)
+                rank_pattern = mcfg.get("rank_pattern") or {}
+                alpha_pattern = mcfg.get("alpha_pattern") or {}
+                scaling = SCALING_RSLORA if mcfg.get("use_rslora") else SCALING_STANDARD
+            else:
+                key = module
+            r_key = get_pattern_key(rank_pattern.keys(), key)
             want_r = rank_pattern.get(r_key, default_r)
             if want_r is not None and int(want_r) != rank:
                 raise InteropError(
                     f"module {module!r}: the config gives rank {want_r} (r / rank_pattern) but "
                     f"lora_A has rank {rank}; PEFT cannot load this adapter either. Fix r or "
                     f"rank_pattern in {CONFIG_NAME}", code="LT305", path=self.path, module=module)
-            a_key = get_pattern_key(alpha_pattern.keys(), module)
+            a_key = get_pattern_key(alpha_pattern.keys(), key)
             alpha = alpha_pattern.get(a_key, default_alpha)
             if alpha is None:  # no config and no --alpha (read_info only): scale 1 shown
                 alpha = float(rank) if scaling == SCALING_STANDARD else rank ** 0.5
