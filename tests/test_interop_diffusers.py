@@ -112,3 +112,27 @@ def test_text_encoder_component_becomes_lora_te():
     parts = diffusers_parts(["text_encoder.x", "text_encoder_2.y"])
     assert (kohya_name("text_encoder.x", parts), kohya_name("text_encoder_2.y", parts)) == (
         "lora_te1_x", "lora_te2_y")
+
+
+def test_kohya_to_peft_with_base_loads_in_peft(diff):
+    from peft import PeftModel
+    kohya = str(diff["tmp"] / "k3.safetensors")
+    convert(diff["file"], kohya, to="kohya")
+    peft_dir = str(diff["tmp"] / "peft")
+    report = convert(kohya, peft_dir, to="peft", base=diff["base"])
+    assert any("unet." in n and "base paths" in n for n in report.notes)
+    with safe_open(peft_dir + "/adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any(k.startswith("base_model.model.unet.") for k in keys)
+    model = PeftModel.from_pretrained(_unet(), peft_dir)
+    merged = model.merge_and_unload().state_dict()
+    ours = str(diff["tmp"] / "mp.safetensors")
+    merge(diff["base"], [(kohya, 1.0)], output=ours, device="cpu")
+    mine = load_file(ours)
+    changed = 0
+    for key, want in merged.items():
+        w0 = diff["base_state"][key]
+        tol = 8 * 2.0**-24 * (w0.abs() + (want - w0).abs()) + 1e-7
+        assert bool(((mine[key] - want).abs() <= tol).all()), key
+        changed += not torch.equal(want, w0)
+    assert changed == 32
