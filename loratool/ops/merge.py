@@ -839,7 +839,10 @@ def _run(op, base, adapters, *, output, device, dtype, name_map, allow_missing, 
             residual_notes = check_residual(
                 [(ld.source, init_of(ld.source, ld.adapter)) for ld in loaded],
                 bool((adapter_options or {}).get("base_is_residual")))
-        plan, skipped = _plan(loaded, base_tensors, name_map,
+        from ._tied import tied_names
+        tied_map, tied_notes = tied_names(base, base_tensors, loaded, name_map)
+        residual_notes += tied_notes
+        plan, skipped = _plan(loaded, base_tensors, {**tied_map, **(name_map or {})},
                               sign=1.0 if op == "merge" else -1.0,
                               allow_missing=allow_missing, base_label=base)
         notes = list(residual_notes)
