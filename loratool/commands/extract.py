@@ -101,7 +101,7 @@ def render_extract(report: dict) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from .resize import fmt
+    from ..console import fmt
     c = console.out()
     rule = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in report["rule"].items())
     c.print(f"{report['base']} -> {report['tuned']}  extract ({rule})", style="bold",
