@@ -298,3 +298,19 @@ def test_wrong_base_shape_same_behaviour_for_every_format(tmp_path):
     with pytest.raises(LoraToolError) as e:
         convert(peft_dir, str(tmp_path / "z.safetensors"), base=base)
     assert e.value.code == "LT305" and "2 module(s)" in str(e.value)
+
+
+def test_lt414_says_how_many_more(tmp_path):
+    from loratool.model import Adapter, LoraModule
+    from loratool.ops.merge import unmerge
+    g = torch.Generator().manual_seed(0)
+    mods = {f"m{i}": LoraModule(f"m{i}", "linear", "out_in", torch.randn(2, 4, generator=g),
+                                torch.randn(3, 2, generator=g), 2.0,
+                                magnitude=torch.rand(3, generator=g) + 1) for i in range(7)}
+    base = str(tmp_path / "b.safetensors")
+    save_file({f"m{i}.weight": torch.randn(3, 4, generator=g) for i in range(7)}, base)
+    with pytest.raises(LoraToolError) as e:
+        unmerge(base, [(Adapter(modules=mods, alpha=2.0), 1.0)],
+                output=str(tmp_path / "u.safetensors"), force=True)
+    assert e.value.code == "LT414" and "7 DoRA module(s)" in str(e.value)
+    assert "(2 more)" in str(e.value)
