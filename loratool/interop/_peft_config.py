@@ -150,3 +150,13 @@ def diffusers_components(text: str, path: str) -> dict[str, dict]:
     for cfg in out.values():
         check_config(cfg, path)
     return out
+
+
+def init_record(value) -> dict | None:
+    """``Adapter.init`` of a PEFT ``init_lora_weights`` that changes the base (None if not)."""
+    from ..format import RESIDUAL_INITS
+    if not isinstance(value, str):
+        return None
+    low = value.lower()
+    method = next((m for m in RESIDUAL_INITS if low.startswith(m)), None)
+    return None if method is None else {"method": method, "init_lora_weights": value}

@@ -24,7 +24,7 @@ from ..format import (KIND_CONV, KIND_EMBEDDING, KIND_LINEAR, LAYOUT_IN_OUT, LAY
 from ..model import Adapter, AdapterInfo, LoraModule
 from . import _common as C
 from ._peft_config import (CONFIG_NAME, DIFFUSERS_METADATA, check_config,  # noqa: F401
-                           diffusers_components, get_pattern_key)
+                           diffusers_components, get_pattern_key, init_record)
 from ..variants import Dora, Lora
 from .base import (DECLARED, NAMES, Capabilities, LoadResult, ModuleRecord, Probe,
                    ReaderOptions)
@@ -50,15 +50,6 @@ _UNSUPPORTED = {
     "kasa_config": "KaSA",
 }
 
-
-def init_record(value) -> dict | None:
-    """``Adapter.init`` of a PEFT ``init_lora_weights`` that changes the base (None if not)."""
-    from ..format import RESIDUAL_INITS
-    if not isinstance(value, str):
-        return None
-    low = value.lower()
-    method = next((m for m in RESIDUAL_INITS if low.startswith(m)), None)
-    return None if method is None else {"method": method, "init_lora_weights": value}
 
 # role of a key suffix
 _SUFFIXES = (

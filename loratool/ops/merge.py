@@ -827,7 +827,7 @@ def _run(op, base, adapters, *, output, device, dtype, name_map, allow_missing, 
             if dora:
                 more = f" ({len(dora) - 5} more)" if len(dora) > 5 else ""
                 raise CheckpointError(
-                    f"cannot unmerge {len(dora)} DoRA module(s) (" + ", ".join(dora[:5]) + more
+                    f"cannot unmerge DoRA modules ({len(dora)}: " + ", ".join(dora[:5]) + more
                     + "): a DoRA merge "
                     "rescales each output row by magnitude / ||W0 + dW||, a norm of the "
                     "original weight W0 that the merged file no longer holds, so the merge "
