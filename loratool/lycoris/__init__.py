@@ -1,12 +1,13 @@
 """LyCORIS modules (LoCon, LoHa, LoKr, full, DoRA): parsing, exact deltas, exact plain-LoRA
-conversion (spec/lycoris.md). Imports torch.
+conversion (spec/lycoris.md). Imports torch. Usage (``state_dict`` a LyCORIS file's
+tensors, ``base`` the base checkpoint's)::
 
-    >>> from loratool import lycoris
-    >>> for name, params in lycoris.split_state_dict(state_dict).items():
-    ...     rec = lycoris.parse_module(name, params, shape=base[name].shape)
-    ...     dW = lycoris.delta(rec)                  # float64, the base's layout
-    ...     f = lycoris.to_lora(rec)                 # exact: f.rank, f.up(), f.down(), f.alpha
-    ...     g = lycoris.truncate(f, rank=64)         # g.retained: Frobenius fraction kept
+    from loratool import lycoris
+    for name, params in lycoris.split_state_dict(state_dict).items():
+        rec = lycoris.parse_module(name, params, shape=base[name].shape)
+        dW = lycoris.delta(rec)                  # float64, the base's layout
+        f = lycoris.to_lora(rec)                 # exact: f.rank, f.up(), f.down(), f.alpha
+        g = lycoris.truncate(f, rank=64)         # g.retained: Frobenius fraction kept
 """
 
 from .codes import LYCORIS_RULES, LycorisError

@@ -76,10 +76,11 @@ def to_lora(rec: LycorisModule, shape: Sequence[int] | None = None, *,
     ``shape`` is the base weight's shape (needed for the conv layout of flattened LoHa/LoKr
     factors, see ``delta``). A full ``diff`` is refused (LT243) unless ``dense_svd``: then it
     is factored by a dense SVD at its numerical rank and the error is reported. DoRA modules
-    are refused (LT243): their update depends on the base weight.
+    are refused (LT243): their update depends on the base weight. Usage (``tensors`` the
+    module's tensors)::
 
-    >>> f = to_lora(parse_module("lora_unet_x", tensors))
-    >>> f.rank, f.up().shape, f.down().shape
+        f = to_lora(parse_module("lora_unet_x", tensors))
+        f.rank, f.up().shape, f.down().shape
     """
     if rec.dora is not None:
         raise fail(codes.NO_LORA_FORM, rec.name, "has dora_scale: DoRA renormalizes the whole "

@@ -122,11 +122,11 @@ def plot_subspace(report: dict, output: str | os.PathLike, *, overwrite: bool = 
 
     One panel per module group (layer numbers folded: the mean phi over the group's modules),
     like Figure 3 of the LoRA paper; ``on="delta"`` adds a row of output-side panels. Needs the
-    ``plot`` extra (matplotlib), else LT537.
+    ``plot`` extra (matplotlib), else LT537. Usage::
 
-    >>> r = compare("examples/adapter.safetensors", "examples/adapter_style.safetensors",
-    ...             subspace=True)
-    >>> plot_subspace(r, "subspace.png", overwrite=True)
+        r = compare("examples/adapter.safetensors", "examples/adapter_style.safetensors",
+                    subspace=True)
+        plot_subspace(r, "subspace.png", overwrite=True)
     """
     from ..atomic import AtomicFile, check_destination
     output = os.fspath(output)

@@ -80,10 +80,10 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, *, rank: int | No
     them out and lists them in the report). ``embeddings="lora"`` extracts changed embeddings
     as embedding modules instead. ``layout``: ``"auto"`` derives GPT-2 Conv1D layouts from the
     base's config.json; ``"out_in"``/``"in_out"`` set every linear module's layout. Factors are
-    stored in ``dtype`` (fp32 default), balanced, with alpha = rank (scale 1).
+    stored in ``dtype`` (fp32 default), balanced, with alpha = rank (scale 1). Usage::
 
-    >>> adapter, report = extract("base.safetensors", "tuned.safetensors", rank=16)
-    >>> report["modules"][0]["error"]   # ||dW - B A||_F of the float64 factors, computed
+        adapter, report = extract("base.safetensors", "tuned.safetensors", rank=16)
+        report["modules"][0]["error"]   # ||dW - B A||_F of the float64 factors, computed
     """
     from .ranks import check_rule
     from .reader import Checkpoint
