@@ -86,6 +86,9 @@ def render_inspect(report: dict) -> None:
     ]
     if report.get("tensor_hash"):
         lines.append(("tensor hash", report["tensor_hash"]))
+    if report.get("init") and "init" not in (report.get("details") or {}):
+        lines.append(("init", f"{report['init'].get('method')} (applies to the residual "
+                              "model made at initialisation, not the original base)"))
     for key, value in lines:
         c.print(f"  {key:<13} {value}", highlight=False, markup=False)
     for key, value in (report.get("details") or {}).items():

@@ -27,12 +27,31 @@ KEY_BASE_MODEL = "loratool.base_model"
 KEY_BASE_HASH = "loratool.base_model_hash"
 KEY_PROVENANCE = "loratool.provenance"
 KEY_TENSOR_HASH = "loratool.tensor_hash"
+KEY_INIT = "loratool.init"  # format 1.1: base-changing initialisation (PiSSA, OLoRA...)
 KEY_MERGED = "loratool.merged"  # on merged base checkpoints, not on adapters
 
 KNOWN_KEYS = frozenset({
     KEY_FORMAT, KEY_VERSION, KEY_SCALING, KEY_ALPHA, KEY_TARGETS, KEY_MODULES,
-    KEY_BASE_MODEL, KEY_BASE_HASH, KEY_PROVENANCE, KEY_TENSOR_HASH,
+    KEY_BASE_MODEL, KEY_BASE_HASH, KEY_PROVENANCE, KEY_TENSOR_HASH, KEY_INIT,
 })
+
+# Initialisations that replace the base weight W by a residual W - s * B0 @ A0 (or a
+# quantized one): such an adapter applies to that residual model, not to the original base.
+# Names as PEFT's ``init_lora_weights`` spells them (a prefix: ``pissa_niter_16``).
+RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def parse_init(text: str) -> dict:
+    """``loratool.init`` -> ``{"method": ..., ...}``; a malformed value is LT115."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        obj = None
+    if not (isinstance(obj, dict) and isinstance(obj.get("method"), str) and obj["method"]
+            and all(isinstance(v, (str, int, float, bool)) for v in obj.values())):
+        raise MetadataError(f"loratool.init {text[:60]!r} is not a JSON object with a "
+                            "\"method\" string (and string/number values)", code="LT115")
+    return obj
 
 SCALING_STANDARD = "standard"  # scale = alpha / r
 SCALING_RSLORA = "rslora"  # scale = alpha / sqrt(r)

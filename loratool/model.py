@@ -206,6 +206,9 @@ class _AdapterFacts:
     provenance: str | None = None
     extra_metadata: dict[str, str] = field(default_factory=dict)  # other tools' keys, kept
     source_format: str = "loratool"
+    # how the factors were initialised when that changed the base (PiSSA, OLoRA...): the
+    # adapter then applies to the residual model, not the original base (``loratool.init``)
+    init: dict | None = None
 
 
 @dataclass(kw_only=True)

@@ -37,6 +37,7 @@ RULES: dict[str, tuple[str, str]] = {
     "LT109": (MUST, "hash values are \"sha256:\" and 64 lowercase hex digits"),
     "LT110": (MUST, "loratool.tensor_hash, when present, matches the tensor data"),
     "LT111": (SHOULD, "loratool.tensor_hash is present"),
+    "LT115": (MUST, "loratool.init, when present, is a JSON object with a \"method\" string"),
     # tensors
     "LT201": (MUST, "every tensor is named <module>.<role> with a known role"),
     "LT202": (MUST, "every module has both lora_A and lora_B"),

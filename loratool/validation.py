@@ -103,6 +103,13 @@ def check_header(header: Header) -> tuple[list[Finding], AdapterInfo | None]:
             add("LT109", f"{key} is {_short(meta[key])}; expected \"sha256:\" and 64 lowercase "
                          "hex digits")
 
+    init = None
+    if F.KEY_INIT in meta:
+        try:
+            init = F.parse_init(meta[F.KEY_INIT])
+        except Exception as e:  # MetadataError LT115
+            add("LT115", str(getattr(e, "message", e)))
+
     # Tensors, grouped by module.
     groups: dict[str, dict[str, object]] = {}
     replaced: dict[str, dict[str, object]] = {}  # base tensor -> replacement roles (1.1)
@@ -164,7 +171,7 @@ def check_header(header: Header) -> tuple[list[Finding], AdapterInfo | None]:
         path=path, format_version=version_text, modules=infos, alpha=alpha,
         base_model=meta.get(F.KEY_BASE_MODEL), base_model_hash=meta.get(F.KEY_BASE_HASH),
         provenance=meta.get(F.KEY_PROVENANCE), extra_metadata=extra,
-        tensor_hash=meta.get(F.KEY_TENSOR_HASH),
+        tensor_hash=meta.get(F.KEY_TENSOR_HASH), init=init,
         tensor_bytes=sum(t.nbytes for t in header.tensors.values()),
         replacements=replacements)
 

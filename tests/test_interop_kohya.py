@@ -220,7 +220,7 @@ def test_rslora_is_written_as_equivalent_alpha(tmp_path):
     out = str(tmp_path / "k.safetensors")
     notes = K.save(Adapter(modules={m.name: m}, alpha=3.0), out, ReaderOptions())
     assert any("rsLoRA" in n for n in notes)
-    back = load_adapter(out).modules["model.q_proj"]
+    back = load_adapter(out).modules["model_q_proj"]  # no model part: the name is kept verbatim
     assert back.scaling == "standard" and back.scale == m.scale == 1.5
     assert _read_all(out)[0]["lora_model_q_proj.alpha"].dtype == torch.float32
 

@@ -203,12 +203,21 @@ def test_layout_comes_from_base_when_config_is_wrong(models, tmp_path):
     cfg = json.load(open(cfg_path))
     cfg["fan_in_fan_out"] = False  # wrong for GPT-2's Conv1D
     json.dump(cfg, open(cfg_path, "w"))
-    assert {m.layout for m in read_adapter_info(src).modules.values()} == {"out_in"}
+    # without a base, a flag that disagrees with Conv1D names is not trusted: refused (LT309)
+    with pytest.raises(LoraToolError) as e:
+        read_adapter_info(src)
+    assert e.value.code == "LT309" and "--fan-in-fan-out" in e.value.message
     ckpt = save_state_dict(base, str(tmp_path / "base.safetensors"))
+    # c_attn [32 -> 96] and c_fc [32 -> 128] are not square: the base tells; the square
+    # c_proj needs the base's config.json (model_type gpt2)
+    with pytest.raises(LoraToolError) as e:
+        read_adapter_info(src, base=ckpt)
+    assert e.value.code == "LT309" and "c_proj" in e.value.message
+    base.config.to_json_file(str(tmp_path / "config.json"))
     info = read_adapter_info(src, base=ckpt)
-    # c_attn [32 -> 96] and c_fc [32 -> 128] are not square: the base tells
-    assert info.modules["transformer.h.0.attn.c_attn"].layout == "in_out"
-    assert info.modules["transformer.h.0.mlp.c_fc"].layout == "in_out"
+    assert {m.layout for m in info.modules.values()} == {"in_out"}
+    notes = P.load_report(src, ReaderOptions(base=ckpt)).notes
+    assert any("fan_in_fan_out=false corrected" in n and "Conv1D" in n for n in notes)
 
 
 def test_config_less_safetensors_needs_alpha(models, tmp_path):

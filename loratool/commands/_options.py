@@ -65,9 +65,10 @@ def source_options(f):
         click.option("--enable-lora", "enable_lora", default=None, callback=_enable_lora,
                      metavar="1,0,1", help="loralib MergedLinear mask of the fused groups "
                                            "(GPT-2 c_attn with LoRA on q and v: 1,0,1)."),
-        click.option("--fan-in-fan-out", "fan_in_fan_out", is_flag=True, default=None,
-                     help="loralib/PEFT weights are stored transposed [in, out] (GPT-2 "
-                          "Conv1D)."),
+        click.option("--fan-in-fan-out/--no-fan-in-fan-out", "fan_in_fan_out", default=None,
+                     help="Linear weights are stored transposed [in, out] (GPT-2 Conv1D) / "
+                          "[out, in] (torch.nn.Linear), when neither the base's shapes nor its "
+                          "config.json tell."),
         click.option("--allow-unknown", is_flag=True,
                      help="Ignore tensors that are not LoRA factors (they are listed) instead "
                           "of failing."),

@@ -89,7 +89,10 @@ def _run(fn, base, adapters, output, device, dtype, gguf_type, maps, allow_missi
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:SCALE]...",
                 callback=_scaled)
 @_common
-def merge_cmd(base, adapters, **kw):
+@click.option("--base-is-residual", is_flag=True,
+              help="BASE is the residual model of PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA-initialised "
+                   "adapters (without it they are refused: LT419).")
+def merge_cmd(base, adapters, base_is_residual, **kw):
     """Merge one or more adapters into BASE and write a new checkpoint.
 
     BASE is a .safetensors file, a sharded Hugging Face directory (with
@@ -115,6 +118,8 @@ def merge_cmd(base, adapters, **kw):
       loratool merge llama-Q4_K_M.gguf adapter.gguf --gguf-type q8_0
     """
     from ..ops.merge import merge
+    if base_is_residual:
+        kw["source"] = {**kw["source"], "base_is_residual": True}
     _run(merge, base, adapters, **kw)
 
 

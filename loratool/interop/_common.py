@@ -27,6 +27,9 @@ from .base import LoadResult, ModuleRecord, ReaderOptions, load_pickle  # noqa: 
 MAX_CONFIG_BYTES = 16 << 20
 MAX_MODULE_NAME = 1024
 _BASE_CACHE: dict = {}
+# dtypes of a scalar (kohya alpha) that have one exact numeric value
+_SCALAR_DTYPES = ("F16", "BF16", "F32", "F64", "I8", "I16", "I32", "I64", "U8", "U16", "U32",
+                  "U64")
 
 
 # --- tensor sources ------------------------------------------------------------------------
@@ -64,26 +67,31 @@ class TensorSource:
         return read_tensor(self.header, self.header.tensors[name])
 
     def scalar(self, name: str) -> float:
-        """A one-element tensor as a Python float, read without torch for safetensors."""
+        """A one-element numeric tensor (any float or integer dtype: diffusers writes kohya
+        alphas as int64) as a Python float, read without torch for safetensors."""
         if self.state is not None:
             t = self.state[name]
             if t.numel() != 1:
                 raise InteropError(f"tensor {name!r} has shape {list(t.shape)}; expected a "
                                    "scalar", code="LT305", path=self.path)
-            return float(t.reshape(()).double())
+            from ..tensors import st_dtype
+            if st_dtype(t) not in _SCALAR_DTYPES:
+                raise InteropError(f"tensor {name!r} has dtype {t.dtype}; expected a float or "
+                                   "integer scalar", code="LT305", path=self.path)
+            return float(t.reshape(()).item())
         from ..numerics import bf16_to_f32
         from ..stfile import read_numpy
         info = self.header.tensors[name]
         if info.numel != 1:
             raise InteropError(f"tensor {name!r} has shape {list(info.shape)}; expected a "
                                "scalar", code="LT305", path=self.path)
+        if info.dtype not in _SCALAR_DTYPES:
+            raise InteropError(f"tensor {name!r} has dtype {info.dtype}; expected a float or "
+                               "integer scalar", code="LT305", path=self.path)
         arr = read_numpy(self.header, info)
         if info.dtype == "BF16":
             arr = bf16_to_f32(arr)
-        if info.dtype not in ("F16", "BF16", "F32", "F64"):
-            raise InteropError(f"tensor {name!r} has dtype {info.dtype}; expected a float "
-                               "scalar", code="LT305", path=self.path)
-        return float(arr.reshape(-1)[0])
+        return float(arr.reshape(-1)[0].item())
 
     def scan(self, names, b_names=()) -> list[Finding]:
         """NaN/Inf (LT209) in ``names`` and all-zero tensors (LT210) among ``b_names``."""
@@ -243,6 +251,124 @@ def layout_for(name: str, out: int, in_: int, base_shape, default: str, path: st
                        f"[{in_}, {out}] transposed) but the base checkpoint has "
                        f"{list(base_shape)}; is it the right base model (or pass --map)?",
                        code="LT305", path=path, module=name)
+
+
+# Hugging Face model types whose projections are transformers' Conv1D ([in, out] weights),
+# and the module names that are Conv1D in them (their lm_head and embeddings are nn.Linear).
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+CONV1D_NAMES = ("c_attn", "c_proj", "c_fc", "q_attn")
+_CONFIG_CACHE: dict = {}
+
+
+def base_config_dir(base: str) -> str:
+    """The directory where a Hugging Face ``config.json`` of checkpoint ``base`` would be."""
+    if os.path.isdir(base):
+        return base
+    from ..checkpoint import find_index
+    index = find_index(base)
+    return os.path.dirname(os.path.abspath(index or base))
+
+
+def base_model_type(options: ReaderOptions) -> str | None:
+    """``model_type`` of the base's ``config.json`` (None: no base or no config), cached."""
+    if options.base is None:
+        return None
+    config = os.path.join(base_config_dir(os.fspath(options.base)), "config.json")
+    if not os.path.isfile(config):
+        return None
+    key = (os.path.realpath(config), os.stat(config).st_mtime_ns)
+    if key not in _CONFIG_CACHE:
+        _CONFIG_CACHE.clear()
+        model_type = read_json_config(config).get("model_type")
+        _CONFIG_CACHE[key] = model_type if isinstance(model_type, str) else None
+    return _CONFIG_CACHE[key]
+
+
+def conv1d_named(module: str) -> bool:
+    """Whether a module path (dotted or kohya-underscored) ends in a GPT-2 Conv1D name."""
+    return any(module == n or module.endswith(("." + n, "_" + n)) for n in CONV1D_NAMES)
+
+
+class LinearLayouts:
+    """Decides each linear module's layout without guessing (spec/interop.md, "Linear
+    layouts"): the base tensor's shape when it is not square, else the base's ``config.json``
+    model type, else an explicit ``--fan-in-fan-out``/``--no-fan-in-fan-out``, else the
+    file's own flag when the module's name agrees with it; otherwise LT309 naming the options.
+    A file flag that the base contradicts is corrected, with a note (what PEFT does at load).
+    """
+
+    def __init__(self, options: ReaderOptions, path: str, *, declared: bool | None,
+                 what: str):
+        self.options, self.path, self.declared, self.what = options, path, declared, what
+        self.model_type = base_model_type(options)
+        self.corrected: list[str] = []
+        self.mismatched: list[str] = []  # shape mismatches, reported by check_mismatches
+
+    def __call__(self, name: str, out: int, in_: int, base_shape) -> str:
+        declared = self.declared
+        if base_shape is not None and tuple(base_shape) not in ((out, in_), (in_, out)):
+            self.mismatched.append(f"module {name!r} needs a base weight [{out}, {in_}] (or "
+                                   f"[{in_}, {out}] transposed); the base has "
+                                   f"{list(base_shape)}")
+            return LAYOUT_IN_OUT if declared else LAYOUT_OUT_IN
+        if base_shape is not None and not (tuple(base_shape) == (out, in_) == (in_, out)):
+            layout = layout_for(name, out, in_, base_shape, LAYOUT_OUT_IN, self.path)
+        elif self.model_type is not None:
+            conv1d = self.model_type in CONV1D_MODEL_TYPES and conv1d_named(name)
+            layout = LAYOUT_IN_OUT if conv1d else LAYOUT_OUT_IN
+        elif self.options.fan_in_fan_out is not None:
+            return LAYOUT_IN_OUT if self.options.fan_in_fan_out else LAYOUT_OUT_IN
+        elif declared is not None and declared == conv1d_named(name):
+            return LAYOUT_IN_OUT if declared else LAYOUT_OUT_IN
+        elif declared is None and not conv1d_named(name):
+            return LAYOUT_OUT_IN
+        else:
+            said = ("is named like a GPT-2 Conv1D layer" if conv1d_named(name) else
+                    "is not named like a GPT-2 Conv1D layer")
+            flag = ("" if declared is None else
+                    f" while {self.what} says fan_in_fan_out={str(declared).lower()}")
+            shape = ("its base weight is square" if base_shape is not None else
+                     "no base checkpoint shows its weight")
+            raise InteropError(
+                f"module {name!r} {said}{flag}, and {shape}: whether its weight is stored "
+                "[out, in] (torch.nn.Linear) or [in, out] (transformers Conv1D) cannot be told. "
+                "Pass --base with the model's config.json beside it, or --fan-in-fan-out "
+                "(Conv1D) / --no-fan-in-fan-out (nn.Linear); in Python fan_in_fan_out=True/"
+                "False", code="LT309", path=self.path, module=name)
+        want = declared if self.options.fan_in_fan_out is None else self.options.fan_in_fan_out
+        if want is not None and want != (layout == LAYOUT_IN_OUT):
+            self.corrected.append(name)
+        return layout
+
+    def notes(self) -> list[str]:
+        if not self.corrected:
+            return []
+        flag = self.options.fan_in_fan_out
+        flag = self.declared if flag is None else flag
+        shown = ", ".join(self.corrected[:5]) + (f" ({len(self.corrected) - 5} more)"
+                                                 if len(self.corrected) > 5 else "")
+        kind = "transformers Conv1D" if not flag else "torch.nn.Linear"
+        return [f"fan_in_fan_out={str(flag).lower()} corrected for {len(self.corrected)} "
+                f"module(s) whose base layers are {kind} (as PEFT does at load): {shown}"]
+
+
+def base_shape_mismatch(name: str, want, base_shape) -> str | None:
+    """Why the base tensor cannot take module ``name`` (None when it can or is unknown)."""
+    if base_shape is None or squeeze_trailing(want) == squeeze_trailing(base_shape):
+        return None
+    return f"module {name!r} needs a base weight {list(want)}; the base has {list(base_shape)}"
+
+
+def check_mismatches(mismatched: list[str], options: ReaderOptions, path: str) -> None:
+    """One error listing every module whose base tensor has the wrong shape (LT305), unless
+    ``options.defer_base_mismatch``: ``merge`` then lists them (LT411) with every other
+    module it cannot merge, honouring ``--allow-missing``, the same for every format."""
+    if not mismatched or options.defer_base_mismatch:
+        return
+    shown = "; ".join(mismatched[:10]) + (f"; ... ({len(mismatched) - 10} more)"
+                                          if len(mismatched) > 10 else "")
+    raise InteropError(f"{len(mismatched)} module(s) do not fit the base checkpoint: {shown}. "
+                       "Is it the right base model (or pass --map)?", code="LT305", path=path)
 
 
 def check_base_shape(name: str, want, base_shape, path: str) -> None:

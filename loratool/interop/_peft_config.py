@@ -10,6 +10,9 @@ import re
 from ..errors import InteropError
 
 CONFIG_NAME = "adapter_config.json"
+# diffusers' save_lora_weights: the LoraConfig of each component (unet, text_encoder...) as one
+# flat JSON object in the weights file's metadata, keys "<component>.<config key>"
+DIFFUSERS_METADATA = "lora_adapter_metadata"
 
 
 def get_pattern_key(pattern_keys, key_to_match: str) -> str:
@@ -122,3 +125,38 @@ def _is_alpha(v) -> bool:
     import math
     return (isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 2**1023
             and math.isfinite(float(v)) and v != 0)
+
+
+def diffusers_components(text: str, path: str) -> dict[str, dict]:
+    """``lora_adapter_metadata`` -> ``{component: LoraConfig dict}``, each vetted (LT302)."""
+    import json
+
+    from ..guards import reject_duplicate_keys
+    try:
+        flat = json.loads(text, object_pairs_hook=reject_duplicate_keys)
+    except (ValueError, RecursionError) as e:
+        raise InteropError(f"{DIFFUSERS_METADATA} metadata is not JSON: {str(e)[:200]}",
+                           code="LT302", path=path) from None
+    if not isinstance(flat, dict):
+        raise InteropError(f"{DIFFUSERS_METADATA} metadata is not a JSON object", code="LT302",
+                           path=path)
+    out: dict[str, dict] = {}
+    for key, value in flat.items():
+        comp, dot, name = key.partition(".")
+        if not dot or not comp or not name:
+            raise InteropError(f"{DIFFUSERS_METADATA} key {key[:60]!r} is not "
+                               "<component>.<config key>", code="LT302", path=path)
+        out.setdefault(comp, {})[name] = value
+    for cfg in out.values():
+        check_config(cfg, path)
+    return out
+
+
+def init_record(value) -> dict | None:
+    """``Adapter.init`` of a PEFT ``init_lora_weights`` that changes the base (None if not)."""
+    from ..format import RESIDUAL_INITS
+    if not isinstance(value, str):
+        return None
+    low = value.lower()
+    method = next((m for m in RESIDUAL_INITS if low.startswith(m)), None)
+    return None if method is None else {"method": method, "init_lora_weights": value}

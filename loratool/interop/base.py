@@ -51,7 +51,11 @@ class ReaderOptions:
     loading; ``overwrite``: writers may replace an existing output; ``source_format``: skip
     detection; ``gguf_type``: tensor type of a GGUF writer (f32, f16, bf16, q8_0);
     ``permute_qk``: whether llama.cpp permuted the q/k rows (only for architectures loratool
-    does not know).
+    does not know);
+    detection; ``defer_base_mismatch``: modules whose base tensor has another shape are read
+    (``merge`` lists them with the other modules it cannot merge) instead of refused;
+    ``base_is_residual``: the base given to ``merge`` is the residual model of a PiSSA/OLoRA/
+    ... initialised adapter (``Adapter.init``).
     """
 
     alpha: float | None = None
@@ -65,6 +69,8 @@ class ReaderOptions:
     source_format: str | None = None
     gguf_type: str | None = None
     permute_qk: bool | None = None
+    defer_base_mismatch: bool = False
+    base_is_residual: bool = False
 
     @classmethod
     def of(cls, options: ReaderOptions | Mapping | None = None, **kwargs) -> ReaderOptions:
@@ -89,7 +95,8 @@ class ReaderOptions:
             given["enable_lora"] = parse_enable_lora(given["enable_lora"])
         if "base" in given:
             given["base"] = os.fspath(given["base"])
-        for flag in ("allow_unknown", "check_values", "overwrite"):
+        for flag in ("allow_unknown", "check_values", "overwrite", "defer_base_mismatch",
+                     "base_is_residual"):
             if flag in given:
                 given[flag] = bool(given[flag])
         return dataclasses.replace(base, **given)

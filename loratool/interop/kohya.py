@@ -6,12 +6,13 @@ alpha / r. Every ``__metadata__`` key (``ss_*``, ``modelspec.*``, ``sshs_*``...)
 
 Names (spec/interop.md, "kohya names"): a kohya name is ``lora_`` + the module path with dots
 turned into underscores, the first segment naming the model part (``unet``, ``te``, ``te1``,
-``te2``...). loratool keeps the invariant
+``te2``, ``te3``: ``MODEL_PARTS``). loratool keeps the invariant
 
     kohya name == "lora_" + canonical name with "." replaced by "_"
 
-so that kohya -> loratool -> kohya gives the same names. Reading turns the first underscore
-into a dot (``lora_unet_down_blocks_0_proj_in`` -> ``unet.down_blocks_0_proj_in``); with a base
+so that kohya -> loratool -> kohya gives the same names. Reading turns the underscore after a model part
+into a dot (``lora_unet_down_blocks_0_proj_in`` -> ``unet.down_blocks_0_proj_in``) and keeps any
+other name verbatim (``lora_lm_head`` -> ``lm_head``); with a base
 checkpoint, the rest is dotted as the base tensor whose path, underscored, equals it
 (``unet.down_blocks.0.proj_in``).
 """
@@ -27,6 +28,7 @@ from ..format import (KIND_CONV, KIND_EMBEDDING, KIND_LINEAR, LAYOUT_IN_OUT, LAY
 from ..model import Adapter, AdapterInfo, LoraModule
 from . import _common as C
 from ..variants import Lora
+from ._peft_config import DIFFUSERS_METADATA
 from .base import NAMES, Capabilities, LoadResult, ModuleRecord, Probe, ReaderOptions
 
 NAME = "kohya"
@@ -36,6 +38,9 @@ CAPABILITIES = Capabilities(kinds=frozenset({KIND_LINEAR, KIND_CONV}),
 
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 PREFIX = "lora_"
+# sd-scripts' model parts: the first segment of its names (SD 1/2: unet, te; SDXL: te1, te2;
+# SD3: te3). Read as ``unet.<rest>``; every other name is kept verbatim without a base.
+MODEL_PARTS = frozenset({"unet", "te", "te1", "te2", "te3"})
 # LyCORIS and other variants whose tensors loratool cannot represent
 _VARIANT_HINTS = {".hada_": "LoHa", ".lokr_": "LoKr", ".lora_mid.": "LoCon with Tucker "
                   "decomposition (lora_mid)", ".dora_scale": "LyCORIS DoRA", ".oft_": "OFT",
@@ -46,9 +51,23 @@ def underscored(name: str) -> str:
     return name.replace(".", "_")
 
 
-def kohya_name(module: str) -> str:
-    """The kohya name of a canonical module path."""
+def kohya_name(module: str, parts: dict[str, str] | None = None) -> str:
+    """The kohya name of a canonical module path; ``parts`` renames a diffusers component
+    (``text_encoder.`` -> ``te``: see ``diffusers_parts``)."""
+    comp, dot, rest = module.partition(".")
+    if dot and parts and comp in parts:
+        return PREFIX + parts[comp] + "_" + underscored(rest)
     return PREFIX + underscored(module)
+
+
+def diffusers_parts(modules) -> dict[str, str]:
+    """sd-scripts' model part of each diffusers text-encoder component among ``modules``
+    (diffusers' kohya loader reads ``lora_te_``/``lora_te1_``/``lora_te2_``; ``unet`` is
+    already its own name)."""
+    comps = {m.partition(".")[0] for m in modules}
+    if "text_encoder_2" in comps:
+        return {"text_encoder": "te1", "text_encoder_2": "te2"}
+    return {"text_encoder": "te"} if "text_encoder" in comps else {}
 
 
 def detect(probe: Probe) -> int:
@@ -91,7 +110,9 @@ class _Plan:
         self.names = self._names(sorted(groups), options)
         self.modules: dict[str, ModuleRecord] = {}
         shapes = C.base_shapes(options)
-        default_layout = LAYOUT_IN_OUT if options.fan_in_fan_out else LAYOUT_OUT_IN
+        # kohya files do not record the layout: it comes from the base or the options
+        layouts = C.LinearLayouts(options, path, declared=None, what="the kohya file")
+        mismatched = layouts.mismatched
         no_alpha = 0
         for lora in sorted(groups):
             t = groups[lora]
@@ -126,18 +147,23 @@ class _Plan:
             base_key = self.base_keys.get(lora)
             base_shape = shapes.get(base_key) if (shapes and base_key) else None
             if kind == KIND_LINEAR:
-                layout = C.layout_for(module, b[0], a[1], base_shape, default_layout, path)
+                layout = layouts(module, b[0], a[1], base_shape)
             else:
                 layout = LAYOUT_OUT_IN
-                C.check_base_shape(module, (b[0], a[1], *a[2:]), base_shape, path)
+                why = C.base_shape_mismatch(module, (b[0], a[1], *a[2:]), base_shape)
+                if why:
+                    mismatched.append(why)
             self.modules[module] = ModuleRecord(
                 module, dict(t), kind, layout, tuple(a), tuple(b), alpha,
                 SCALING_STANDARD, a_dtype)
+        C.check_mismatches(mismatched, options, path)
+        self.notes.extend(layouts.notes())
         if no_alpha:
             self.details["missing_alpha"] = f"{no_alpha} module(s): alpha = rank"
         self.default_alpha = float(C.most_common(m.alpha for m in self.modules.values())
                                    or 1.0)
-        prefixes = sorted({lora.split("_")[1] for lora in groups if lora.count("_") >= 1})
+        prefixes = sorted({lora.split("_")[1] for lora in groups if lora.count("_") >= 2
+                           and lora.split("_")[1] in MODEL_PARTS})
         if prefixes:
             self.details["model_parts"] = ", ".join(prefixes)
         if self.source.metadata.get("ss_network_module"):
@@ -164,7 +190,9 @@ class _Plan:
                                    module=lora)
             full = lora[len(PREFIX):]
             part, sep, rest = full.partition("_")
-            fallback = f"{part}.{rest}" if sep and rest else full
+            # Only sd-scripts' model parts become a dotted first segment: any other name is
+            # kept verbatim (``lora_lm_head`` is ``lm_head``, never ``lm.head``).
+            fallback = f"{part}.{rest}" if sep and rest and part in MODEL_PARTS else full
             name = name_map.get(lora) or name_map.get(fallback)
             if name is None and shapes is not None:
                 hits = index.get(full, set()) | {f"{part}.{p}" for p in index.get(rest, ())}
@@ -270,6 +298,7 @@ def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
     seen: dict[str, str] = {}
     transposed = []
     rs = 0
+    parts = diffusers_parts(adapter.modules)
     for name, m in adapter.modules.items():
         if m.kind == KIND_EMBEDDING:
             raise InteropError(f"module {name!r} is an embedding; kohya LoRA files have no "
@@ -282,7 +311,7 @@ def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
         if m.bias is not None:
             raise InteropError(f"module {name!r} has a lora_bias; the kohya LoRA format cannot "
                                "store it", code="LT306", module=name)
-        k = kohya_name(name)
+        k = kohya_name(name, parts)
         if k in seen:
             raise InteropError(f"modules {seen[k]!r} and {name!r} both become kohya name {k!r}; "
                                "rename one with --map", code="LT307", module=name)
@@ -305,10 +334,21 @@ def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
                      "--fan-in-fan-out or --base")
     tensors = dict(sorted(tensors.items()))
     meta = {k: v for k, v in adapter.extra_metadata.items() if not k.startswith("loratool.")}
+    if meta.pop(DIFFUSERS_METADATA, None) is not None:
+        # the alphas are in the .alpha tensors; diffusers refuses a file with both
+        notes.append(f"dropped the {DIFFUSERS_METADATA} metadata (its alphas are written as "
+                     "kohya .alpha tensors; diffusers refuses a file with both)")
+    if parts:
+        notes.append("diffusers components written as sd-scripts model parts: " + ", ".join(
+            f"{c}. -> lora_{p}_" for c, p in sorted(parts.items())))
     entries = [(n, st_dtype(t), tuple(t.shape)) for n, t in tensors.items()]
     with SafetensorsWriter(path, entries, meta or None,
                            overwrite=options.overwrite) as w:
         for n, t in tensors.items():
             w.write(n, to_bytes(t))
         w.commit()
+    if adapter.init:
+        notes.append(f"init {adapter.init['method']} not recorded (kohya files have no place "
+                     "for it): the adapter still applies only to the residual model made at "
+                     "initialisation; merge it into that model")
     return notes

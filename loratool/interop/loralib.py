@@ -380,4 +380,8 @@ def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
         state[name + B_SUFFIX] = B.detach().contiguous().clone()
     with AtomicFile(path, overwrite=options.overwrite) as f:
         torch.save(dict(sorted(state.items())), f)
+    if adapter.init:
+        notes.append(f"init {adapter.init['method']} not recorded (loralib files have no place "
+                     "for it): the adapter still applies only to the residual model made at "
+                     "initialisation; merge it into that model")
     return notes

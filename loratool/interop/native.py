@@ -103,7 +103,8 @@ def load(path: str, options: ReaderOptions | None = None) -> Adapter:
                                                get(F.ROLE_REPLACE_INDEX))
     return Adapter(modules=modules, replacements=replacements, alpha=info.alpha, base_model=info.base_model,
                    base_model_hash=info.base_model_hash, provenance=info.provenance,
-                   extra_metadata=dict(info.extra_metadata), source_format=NAME)
+                   extra_metadata=dict(info.extra_metadata), source_format=NAME,
+                   init=info.init)
 
 
 def _check_index(index, target: str, path: str) -> None:
@@ -176,6 +177,8 @@ def adapter_metadata(adapter: Adapter, tensor_hash: str) -> dict[str, str]:
         F.KEY_MODULES: F.canonical_json(table),
         F.KEY_TENSOR_HASH: tensor_hash,
     })
+    if adapter.init:
+        meta[F.KEY_INIT] = F.canonical_json(adapter.init)
     for key, value in ((F.KEY_BASE_MODEL, adapter.base_model),
                        (F.KEY_BASE_HASH, adapter.base_model_hash),
                        (F.KEY_PROVENANCE, adapter.provenance)):

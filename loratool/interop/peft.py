@@ -18,12 +18,14 @@ import re
 from dataclasses import dataclass
 
 from ..errors import InteropError
+from ..format import KEY_INIT, parse_init
 from ..format import (KIND_CONV, KIND_EMBEDDING, KIND_LINEAR, LAYOUT_IN_OUT, LAYOUT_OUT_IN,
                       SCALING_RSLORA, SCALING_STANDARD)
 from ..model import Adapter, AdapterInfo, LoraModule, Replacement, ReplacementInfo
 from . import _common as C
 from . import _peft_extras as X
-from ._peft_config import CONFIG_NAME, check_config, get_pattern_key  # noqa: F401
+from ._peft_config import (CONFIG_NAME, DIFFUSERS_METADATA, check_config,  # noqa: F401
+                           diffusers_components, get_pattern_key, init_record)
 from ..variants import Dora, Lora
 from .base import (DECLARED, NAMES, Capabilities, LoadResult, ModuleRecord, Probe,
                    ReaderOptions)
@@ -48,7 +50,7 @@ _UNSUPPORTED = {
     "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA", "arrow_config": "Arrow routing",
     "kasa_config": "KaSA",
 }
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
 
 # role of a key suffix
 _SUFFIXES = (
@@ -120,29 +122,68 @@ class _Plan:
         self._facts(options)
 
     def _config(self, options, strict) -> dict:
+        self.components: dict[str, dict] = {}
+        if self.config_path is None and DIFFUSERS_METADATA in self.source.metadata:
+            return self._diffusers_config(options)
         if self.config_path is None:
             alpha = C.get_alpha(options, fmt="peft", strict=strict, why=(
                 f"{self.weights} has no {CONFIG_NAME} beside it, so lora_alpha is unknown"))
             self.details["peft_config"] = "none (alpha from --alpha)" if alpha else "none"
+            self.init = None
             return {"peft_type": "LORA", "lora_alpha": alpha, "r": None}
         cfg = C.read_json_config(self.config_path)
         self.details["peft_config"] = self.config_path
         if options.alpha is not None:
             self.notes.append(f"ignored --alpha: {CONFIG_NAME} gives lora_alpha")
         check_config(cfg, self.path)
+        self._vet(cfg)
+        self.init = init_record(cfg.get("init_lora_weights"))
+        if self.init is None and KEY_INIT in self.source.metadata:  # written by loratool
+            self.init = parse_init(self.source.metadata[KEY_INIT])
+        if self.init is not None:
+            # PEFT's converted saves (path_initial_model_for_weight_conversion) write
+            # init_lora_weights true: those are plain LoRA of the original base.
+            said = self.init.get("init_lora_weights", self.init["method"])
+            self.notes.append(f"init {said!r}: this adapter applies to the residual model "
+                              "made at initialisation, not to the original base (kept as "
+                              "loratool.init)")
+            self.details["init"] = (f"{said} (applies to the residual model made at "
+                                    "initialisation, not the original base)")
+        return cfg
+
+    def _vet(self, cfg, where: str = CONFIG_NAME) -> None:
         for key, what in _UNSUPPORTED.items():
             if cfg.get(key):
-                raise InteropError(f"{CONFIG_NAME} sets {key} ({what}): such an adapter is not "
+                raise InteropError(f"{where} sets {key} ({what}): such an adapter is not "
                                    "a plain low-rank weight delta and has no loratool form",
                                    code="LT308", path=self.path)
-        init = cfg.get("init_lora_weights")
-        if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-            note = (f"init_lora_weights={init!r}: unless it was converted when saved, this "
-                    "adapter applies to the base model as modified at initialization, not to "
-                    "the original base")
-            self.notes.append(note)
-            self.details["init_lora_weights"] = init
-        return cfg
+
+    def _diffusers_config(self, options) -> dict:
+        """diffusers' ``pytorch_lora_weights.safetensors``: one LoraConfig per component
+        (``unet``, ``text_encoder``...) in its metadata; modules are ``<component>.<path>``."""
+        self.components = diffusers_components(self.source.metadata[DIFFUSERS_METADATA],
+                                               self.path)
+        for comp, cfg in self.components.items():
+            self._vet(cfg, f"{DIFFUSERS_METADATA} ({comp})")
+            if init_record(cfg.get("init_lora_weights")):
+                raise InteropError(f"{DIFFUSERS_METADATA} ({comp}) has init_lora_weights "
+                                   f"{cfg['init_lora_weights']!r}, which changes the base",
+                                   code="LT308", path=self.path)
+        self.details["peft_config"] = (f"diffusers {DIFFUSERS_METADATA} ("
+                                       + ", ".join(sorted(self.components)) + ")")
+        if options.alpha is not None:
+            self.notes.append(f"ignored --alpha: {DIFFUSERS_METADATA} gives lora_alpha")
+        self.init = None
+        first = self.components[sorted(self.components)[0]]
+        return {**first, "peft_type": "LORA"}
+
+    def _config_for(self, module: str) -> tuple[dict, str]:
+        """The config of a module and its path as PEFT matches patterns against it (inside
+        its diffusers component)."""
+        comp, dot, rest = module.partition(".")
+        if dot and comp in self.components:
+            return self.components[comp], rest
+        return self.config, module
 
     def _group(self):
         for name, (dtype, shape) in self.source.entries.items():
@@ -171,10 +212,11 @@ class _Plan:
         rank_pattern = cfg.get("rank_pattern") or {}
         alpha_pattern = cfg.get("alpha_pattern") or {}
         scaling = SCALING_RSLORA if cfg.get("use_rslora") else SCALING_STANDARD
-        fif = options.fan_in_fan_out
-        if fif is None:
-            fif = bool(cfg.get("fan_in_fan_out", False))
-        default_layout = LAYOUT_IN_OUT if fif else LAYOUT_OUT_IN
+        # PEFT's fan_in_fan_out is one flag that PEFT itself corrects per layer at load
+        # (nn.Linear: False, Conv1D: True): each module's layout comes from the base.
+        layouts = C.LinearLayouts(options, self.path, declared=bool(cfg.get(
+            "fan_in_fan_out", False)) if self.config_path else None, what=CONFIG_NAME)
+        mismatched = layouts.mismatched
         shapes = C.base_shapes(options)
         base_of = C.resolve_base(self.modules, options) if shapes is not None else {}
         use_dora = bool(cfg.get("use_dora"))
@@ -204,14 +246,22 @@ class _Plan:
             C.check_factors(module, {role: self.source.entries[k][0] for role, k in t.items()},
                             a, b, self.path)
             rank = a[0]
-            r_key = get_pattern_key(rank_pattern.keys(), module)
+            if self.components:
+                mcfg, key = self._config_for(module)
+                default_r, default_alpha = mcfg.get("r", 8), mcfg.get("lora_alpha", 8)
+                rank_pattern = mcfg.get("rank_pattern") or {}
+                alpha_pattern = mcfg.get("alpha_pattern") or {}
+                scaling = SCALING_RSLORA if mcfg.get("use_rslora") else SCALING_STANDARD
+            else:
+                key = module
+            r_key = get_pattern_key(rank_pattern.keys(), key)
             want_r = rank_pattern.get(r_key, default_r)
             if want_r is not None and int(want_r) != rank:
                 raise InteropError(
                     f"module {module!r}: the config gives rank {want_r} (r / rank_pattern) but "
                     f"lora_A has rank {rank}; PEFT cannot load this adapter either. Fix r or "
                     f"rank_pattern in {CONFIG_NAME}", code="LT305", path=self.path, module=module)
-            a_key = get_pattern_key(alpha_pattern.keys(), module)
+            a_key = get_pattern_key(alpha_pattern.keys(), key)
             alpha = alpha_pattern.get(a_key, default_alpha)
             if alpha is None:  # no config and no --alpha (read_info only): scale 1 shown
                 alpha = float(rank) if scaling == SCALING_STANDARD else rank ** 0.5
@@ -219,11 +269,13 @@ class _Plan:
             base_key = base_of.get(module)
             base_shape = shapes.get(base_key) if base_key else None
             if kind == KIND_LINEAR:
-                layout = C.layout_for(module, out, in_, base_shape, default_layout, self.path)
+                layout = layouts(module, out, in_, base_shape)
             else:
                 layout = LAYOUT_IN_OUT if kind == KIND_EMBEDDING else LAYOUT_OUT_IN
                 want = (in_, out) if kind == KIND_EMBEDDING else (out, in_, *a[2:])
-                C.check_base_shape(module, want, base_shape, self.path)
+                why = C.base_shape_mismatch(module, want, base_shape)
+                if why:
+                    mismatched.append(why)
             if "magnitude" in t:
                 _, mshape = self.source.entries[t["magnitude"]]
                 ok_m = (mshape == (out,) or (kind == KIND_CONV and mshape == (1, out) + (1,) * (
@@ -246,6 +298,8 @@ class _Plan:
                                    code="LT305", path=self.path, module=module)
             rec.kind, rec.layout, rec.alpha, rec.scaling = kind, layout, float(alpha), scaling
             rec.a_shape, rec.b_shape, rec.dtype = tuple(a), tuple(b), a_dtype
+        C.check_mismatches(mismatched, options, self.path)
+        self.notes.extend(layouts.notes())
         self.default_alpha = float(default_alpha) if default_alpha is not None else (
             float(C.most_common(r.alpha for r in self.modules.values()) or 1.0))
         tm = cfg.get("target_modules")
@@ -315,7 +369,7 @@ def read_info(path: str, options: ReaderOptions) -> AdapterInfo:
                        alpha=plan.default_alpha, base_model=plan.config.get(
                            "base_model_name_or_path"),
                        extra_metadata=plan.extra_metadata, source_format="peft",
-                       tensor_bytes=plan.source.tensor_bytes, details=details,
+                       init=plan.init, tensor_bytes=plan.source.tensor_bytes, details=details,
                        replacements=plan.replacement_infos())
 
 
@@ -333,7 +387,8 @@ def load_report(path: str, options: ReaderOptions) -> LoadResult:
     adapter = Adapter(modules=modules, replacements=plan.replacements(options),
                       alpha=plan.default_alpha,
                       base_model=plan.config.get("base_model_name_or_path"),
-                      extra_metadata=plan.extra_metadata, source_format="peft")
+                      extra_metadata=plan.extra_metadata, source_format="peft",
+                      init=plan.init)
     return LoadResult(adapter, notes, sorted(plan.unknown) if options.allow_unknown else [])
 
 
@@ -438,6 +493,8 @@ def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
         "fan_in_fan_out": fan_in_fan_out,
         "lora_dropout": 0.0,
         **X.config_fields(adapter),
+        # Never a base-changing init here: PEFT would re-run it at load and change the
+        # (already residual) base again. The init is kept as loratool.init in the weights.
         "init_lora_weights": True,
         "inference_mode": True,
     }
@@ -464,6 +521,12 @@ def save(adapter: Adapter, path: str, options: ReaderOptions) -> list[str]:
     tensors = dict(sorted(tensors.items()))
     meta = {k: v for k, v in adapter.extra_metadata.items() if not k.startswith("loratool.")}
     meta["format"] = "pt"
+    if adapter.init:
+        from ..format import KEY_INIT, canonical_json
+        meta[KEY_INIT] = canonical_json(adapter.init)
+        notes.append(f"init {adapter.init['method']}: written as init_lora_weights true (PEFT "
+                     "re-runs a base-changing init at load) and kept as loratool.init in "
+                     f"{WEIGHTS_NAMES[0]}; load it onto the residual model")
     entries = [(n, st_dtype(t), tuple(t.shape)) for n, t in tensors.items()]
     with AtomicDir(path, overwrite=options.overwrite) as tmp:
         with SafetensorsWriter(os.path.join(tmp, WEIGHTS_NAMES[0]), entries, meta) as w:

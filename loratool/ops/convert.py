@@ -121,6 +121,28 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "lorato
                            else "LT306", module=name)
     if not target.CAPABILITIES.replacements:
         refuse_replacements(adapter, to)
+    if to == "peft" and options.base is not None:
+        adapter, base_notes = _to_base_paths(adapter, options)
+        notes += base_notes
     notes += target.save(adapter, dst, options)
     return ConvertReport(src, dst, fmt, to, len(adapter.modules), notes, list(result.unknown),
                          list(adapter.replacements))
+
+
+def _to_base_paths(adapter, options: ReaderOptions):
+    """PEFT keys are paths inside the model PEFT wraps: with a base, a module whose base
+    tensor's path is a dotted suffix of its name (kohya's ``unet.`` part, diffusers'
+    component) takes that path."""
+    from ..interop._common import resolve_base
+    found = resolve_base(adapter.modules, options.replace(name_map=None))
+    renames = {}
+    for module, key in found.items():
+        path = key[: -len(".weight")]
+        if path != module and module.endswith("." + path):
+            renames[module] = path
+    if not renames:
+        return adapter, []
+    adapter, _ = rename_modules(adapter, renames)
+    prefixes = sorted({m[: -len(p)] for m, p in renames.items()})
+    return adapter, [f"{len(renames)} module(s) renamed to their base paths (PEFT keys are "
+                     f"relative to the base model): dropped prefix {', '.join(prefixes)}"]

@@ -87,6 +87,8 @@ def _report(info: AdapterInfo) -> dict:
     if info.replacements:  # format 1.1; absent otherwise, so 1.0 reports stay as they were
         report["totals"]["replacements"] = len(info.replacements)
         report["replacements"] = [r.to_dict() for r in info.replacements.values()]
+    if info.init:  # only when present: reports of other adapters are unchanged
+        report["init"] = info.init
     return report
 
 

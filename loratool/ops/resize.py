@@ -165,6 +165,7 @@ def resize(adapter: Adapter | str | os.PathLike, *, rank: int | None = None,
         if progress is not None:
             progress(module_bytes(m))
     out = Adapter(modules=modules, alpha=source.alpha, base_model=source.base_model,
+                  init=getattr(source, "init", None),
                   base_model_hash=source.base_model_hash,
                   provenance=_provenance(source.provenance, rule, max_rank, min_rank),
                   extra_metadata=dict(source.extra_metadata),

@@ -530,6 +530,9 @@ def invalid_vectors():
     yield ("tensor_hash_wrong", "LT110", "loratool.tensor_hash is well formed but does not "
                                          "match the data",
            mutated(a, meta={"loratool.tensor_hash": SHA_BASE}))
+    yield ("init_without_method", "LT115", "loratool.init is a JSON object without a "
+                                           "\"method\" string",
+           mutated(a, meta={"loratool.init": canonical_json({"init_lora_weights": "pissa"})}))
 
     # LT201 - LT213: tensors.
     yield ("role_unknown", "LT201", "a tensor named <module>.weight",

@@ -153,12 +153,22 @@ def run(job: MergeJob) -> MergeReport:
         if op == "unmerge":
             _refuse_dora_unmerge(loaded)
             _refuse_replacement_unmerge(loaded)
-        plan, skipped = make_plan(loaded, base_tensors, name_map,
+        residual_notes = []
+        if op == "merge":
+            from .._residual import check_residual, init_of
+            residual_notes = check_residual(
+                [(ld.source, init_of(ld.source, ld.adapter)) for ld in loaded],
+                bool((job.adapter_options or {}).get("base_is_residual")))
+        from .._tied import tied_names
+        tied_map, tied_notes = tied_names(base, base_tensors, loaded, name_map)
+        residual_notes += tied_notes
+        plan, skipped = make_plan(loaded, base_tensors, {**tied_map, **(name_map or {})},
                                   sign=1.0 if op == "merge" else -1.0,
                                   allow_missing=job.allow_missing, base_label=base)
         if not plan and not job.allow_no_change:
             raise OperationError(_no_change_message(op, loaded, skipped, base), code="LT431")
-        notes = [f"{ld.source}: {n}" for ld in loaded for n in (ld.notes or [])]
+        notes = residual_notes + [f"{ld.source}: {n}" for ld in loaded
+                                  for n in (ld.notes or [])]
         if op == "merge":
             records = records + [new_record("merge", loaded, device, precision, job.dtype)]
         else:
@@ -232,7 +242,8 @@ def _refuse_dora_unmerge(loaded) -> None:
             or (getattr(mod, "record", None) is not None and not mod.variant.additive)]
     if dora:
         raise CheckpointError(
-            "cannot unmerge DoRA modules (" + ", ".join(dora[:5]) + "): a DoRA merge "
+            f"cannot unmerge DoRA modules ({len(dora)}: " + ", ".join(dora[:5])
+            + (f" ({len(dora) - 5} more)" if len(dora) > 5 else "") + "): a DoRA merge "
             "rescales each output row by magnitude / ||W0 + dW||, a norm of the "
             "original weight W0 that the merged file no longer holds, so the merge "
             "cannot be inverted from the files. Keep the base checkpoint instead.",
