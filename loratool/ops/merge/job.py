@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from ... import format as F
 from ...atomic import check_destination
 from ...checkpoint import (KIND_SHARDED, checkpoint_kind, list_tensors, open_source,
-                           sidecar_path)
+                           resolve_checkpoint, sidecar_path)
 from ...errors import CheckpointError, OperationError
 from ...stfile import DTYPE_SIZES
 from .exact import NumpyExactEngine
@@ -106,14 +106,16 @@ def run(job: MergeJob) -> MergeReport:
     name_map = job.name_map
     if isinstance(name_map, (list, tuple)):
         name_map = parse_map(name_map)
+    given = base
+    base = resolve_checkpoint(base)  # a model directory with one model.safetensors: that file
     kind = checkpoint_kind(base)
     output = os.fspath(job.output) if job.output is not None else None
     fmt = output_format_for(kind, output, job.output_format)
     dest = output if output is not None else default_output(
-        base, kind, fmt, "-merged" if op == "merge" else "-unmerged")
+        given if base != given else base, kind, fmt, "-merged" if op == "merge" else "-unmerged")
     base_root = (base if os.path.isdir(base) else os.path.dirname(os.path.abspath(base))) \
         if kind == KIND_SHARDED else base
-    inputs = [base, base_root] + [src for src, _ in items if isinstance(src, str)]
+    inputs = [given, base, base_root] + [src for src, _ in items if isinstance(src, str)]
     check_destination(dest, overwrite=job.overwrite, inputs=inputs)
     if fmt == "pt":
         check_destination(sidecar_path(dest), overwrite=True, inputs=inputs)
@@ -144,7 +146,7 @@ def run(job: MergeJob) -> MergeReport:
         plan, skipped = make_plan(loaded, base_tensors, name_map,
                                   sign=1.0 if op == "merge" else -1.0,
                                   allow_missing=job.allow_missing, base_label=base)
-        notes = []
+        notes = tie_plan(plan, getattr(source, "tied", ()), fmt)
         if op == "merge":
             records = records + [new_record("merge", loaded, device, precision, job.dtype)]
         else:
@@ -187,6 +189,26 @@ def run(job: MergeJob) -> MergeReport:
         bytes_read=counts.read, bytes_written=counts.written,
         seconds=round(time.perf_counter() - t0, 3), stream_seconds=round(t_stream, 3),
         skipped=skipped, records=records, notes=notes)
+
+
+def tie_plan(plan: dict, tied, fmt: str) -> list[str]:
+    """Tensors that are one tensor in the base (tied weights in shared storage) get the same
+    updates, all of them (a delta for any name is a delta for the one tensor): otherwise the
+    copy left unmerged wins when ``load_state_dict`` fills the tied parameter. Returns notes."""
+    notes = []
+    for group in tied:
+        names = [n for n in group if n in plan]
+        if not names:
+            continue
+        ops = [op for n in group for op in plan.get(n, ())]
+        for n in group:
+            plan[n] = ops
+        where = ("kept tied (one storage) in the .pt output" if fmt == "pt"
+                 else "each carries the merged value")
+        notes.append(f"tied weights: {', '.join(f'`{n}`' for n in group)} share one storage "
+                     f"in the base; the update of {', '.join(f'`{n}`' for n in names)} was "
+                     f"applied to the shared tensor, {where}")
+    return notes
 
 
 def _engine(engines: Engines, device: str, items):
