@@ -239,6 +239,7 @@ class SafetensorsSource:
         self.metadata = dict(self.header.metadata)
         self.tensors = [SourceTensor(t.name, t.dtype, t.shape, t.nbytes)
                         for t in self.header.tensors.values()]
+        self.tied = recorded_ties(self.metadata, self.header.tensors)
         self._fd = os.open(self.path, os.O_RDONLY)
 
     def _offset(self, t: SourceTensor) -> int:
@@ -309,6 +310,30 @@ class StateDictSource:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+# A safetensors file cannot share storage: a merge of a tied .pt base into one records the
+# groups here (JSON list of lists of names), so that unmerge and later merges keep them tied.
+TIED_KEY = "loratool.tied"
+
+
+def recorded_ties(metadata: dict, tensors: dict) -> list[list[str]]:
+    """The ``loratool.tied`` groups of a safetensors file's metadata whose names exist with
+    one dtype and shape; anything malformed is ignored (the tensors are then independent)."""
+    raw = metadata.get(TIED_KEY)
+    if raw is None:
+        return []
+    try:
+        groups = json.loads(raw)
+    except ValueError:
+        return []
+    out = []
+    for g in groups if isinstance(groups, list) else []:
+        if (isinstance(g, list) and len(g) > 1 and all(isinstance(n, str) and n in tensors
+                                                       for n in g)
+                and len({(tensors[n].dtype, tuple(tensors[n].shape)) for n in g}) == 1):
+            out.append(g)
+    return out
 
 
 def tied_groups(state: dict) -> list[list[str]]:

@@ -80,19 +80,30 @@ def require_regular_file(path: str, what: str, *, code: str,
 _SIDECAR_SUFFIX = ".loratool.json"  # metadata of a .pt/.bin checkpoint (checkpoint.py)
 _PEFT_CONFIG = "adapter_config.json"  # config of a PEFT adapter given as its weights file
 _MAX_LISTED_FILES = 100_000
+_INDEX = "model.safetensors.index.json"
+# What readers open in a directory without an index: PEFT's config and weights
+# (interop.peft), a model directory's single weights file (checkpoint.SINGLE_NAMES).
+_DIR_FILES = (_PEFT_CONFIG, "adapter_model.safetensors", "adapter_model.bin",
+              "model.safetensors", "pytorch_model.bin")
 
 
 def files_read(path: str | os.PathLike) -> list[str]:
     """Every file that reading ``path`` (an adapter or a checkpoint, any format) may open.
 
-    A directory stands for every file below it (PEFT directories, sharded checkpoints: a
-    merge copies their other files too); an ``*.index.json`` for its directory; a file for
+    A sharded checkpoint (a directory with an index, or the ``*.index.json``) stands for
+    every file below its directory (a merge copies the other files too); another directory
+    for the PEFT config and weights or the single model file it holds; a file for
     itself, its ``.loratool.json`` sidecar and, for a PEFT weights file, the
     ``adapter_config.json`` beside it. Outputs are checked against this list
     (``atomic.check_destination``): an over-approximation refuses a harmless path, an
     under-approximation destroys an input.
     """
     path = os.fspath(path)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, _INDEX)):
+        # A PEFT directory or a single-file model directory: the reader opens these only
+        # (a merged file written into an adapter's directory is not an input next time).
+        return [path] + [os.path.join(path, n) for n in _DIR_FILES
+                         if os.path.lexists(os.path.join(path, n))]
     if os.path.isdir(path) or path.endswith(".index.json"):
         root = path if os.path.isdir(path) else (os.path.dirname(path) or ".")
         out = [path]

@@ -202,3 +202,13 @@ def test_library_refuses_too(world, tmp_path):
     other = str(tmp_path / "other.safetensors")
     open(other, "wb").close()
     check_destination(other, overwrite=True, inputs=[world["a"], world["peft"]])
+
+
+def test_an_output_beside_the_inputs_is_fine(world):
+    """Only what readers open is protected: a merge written into the PEFT directory can be
+    replaced by the next run."""
+    out = os.path.join(world["peft"], "merged.safetensors")
+    for _ in range(2):
+        r = CliRunner().invoke(main, ["merge", world["base"], world["peft"], "-o", out,
+                                      "--overwrite", "-q"])
+        assert r.exit_code == 0, r.output

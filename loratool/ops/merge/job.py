@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 from ... import format as F
 from ...atomic import check_destination
-from ...checkpoint import (KIND_SHARDED, checkpoint_kind, list_tensors, open_source,
+from ...checkpoint import (KIND_SHARDED, TIED_KEY, checkpoint_kind, list_tensors, open_source,
                            resolve_checkpoint, sidecar_path)
 from ...errors import CheckpointError, OperationError
 from ...stfile import DTYPE_SIZES
@@ -155,9 +155,12 @@ def run(job: MergeJob) -> MergeReport:
                 records.append(new_record("unmerge", unmatched, device, precision, job.dtype))
                 notes.append("forced: " + ", ".join(ld.source for ld in unmatched)
                              + " did not match the merge record; recorded as an unmerge")
-        metadata = {k: v for k, v in metadata.items() if k != F.KEY_MERGED}
+        metadata = {k: v for k, v in metadata.items() if k not in (F.KEY_MERGED, TIED_KEY)}
         if records:
             metadata[F.KEY_MERGED] = F.canonical_json(records)
+        tied = getattr(source, "tied", ())
+        if tied and fmt == "safetensors":  # untied in the file: remember the groups
+            metadata[TIED_KEY] = F.canonical_json(tied)
 
         total = sum(math.prod(s) * DTYPE_SIZES[d] for d, s in base_tensors.values())
         progress = job.progress
