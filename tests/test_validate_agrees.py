@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 
 import pytest
+import torch
 from _hostile_helpers import (build_seeds, kohya_mutations, loratool_metadata_mutations,
                               peft_dir_mutations, safetensors_mutations)
+
+from safetensors.torch import load_file, save_file
 
 from loratool.adapter import load_adapter
 from loratool.errors import LoraToolError
@@ -21,12 +25,12 @@ VECTORS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 _SKIP_NAMES = ("fifo", "dev_zero", "huge_sparse")  # blocking/huge inputs: test_hostile's job
 
 
-def _codes(path: str) -> tuple[str | None, str | None]:
+def _codes(path: str, **options) -> tuple[str | None, str | None]:
     """(validate's first error code, load_adapter's error code); None means "ok"."""
-    rep = validate(path)
+    rep = validate(path, **options)
     first = next((f.code for f in rep.findings if f.is_error), None)
     try:
-        load_adapter(path)
+        load_adapter(path, **options)
         loaded = None
     except LoraToolError as e:
         loaded = e.code
@@ -66,14 +70,33 @@ def mutated(tmp_path_factory):
     cases += [d for d in peft_dir_mutations(
         seeds.peft, lambda n: os.path.join(root, "peft-" + n))
         if not any(s in d for s in _SKIP_NAMES)]
+    cases = [(c, {}) for c in cases]
+    # what a reader needs from the user (alpha) or refuses unless told (unknown tensors)
+    cases += [(seeds.loralib, {}), (seeds.loralib, {"alpha": 8.0})]
+    bare = os.path.join(root, "peft_weights_without_config.safetensors")
+    shutil.copy(os.path.join(seeds.peft, "adapter_model.safetensors"), bare)
+    cases += [(bare, {}), (bare, {"alpha": 8.0})]
+    tensors = load_file(seeds.kohya)
+    tensors["lora_unet_x.hada_w1_a"] = torch.zeros(2, 2)
+    extra = os.path.join(root, "kohya_with_loha_tensor.safetensors")
+    save_file(tensors, extra)
+    cases += [(extra, {}), (extra, {"allow_unknown": True})]
+    extra_peft = os.path.join(root, "peft-extra")
+    shutil.copytree(seeds.peft, extra_peft)
+    w = os.path.join(extra_peft, "adapter_model.safetensors")
+    tensors = load_file(w)
+    tensors["base_model.model.score.weight"] = torch.zeros(2, 2)
+    save_file(tensors, w)
+    cases += [(extra_peft, {}), (extra_peft, {"allow_unknown": True})]
     return cases
 
 
 @pytest.mark.slow
 def test_mutations(mutated):
     disagree = []
-    for path in mutated:
-        first, loaded = _codes(path)
+    for path, options in mutated:
+        first, loaded = _codes(path, **options)
         if first != loaded:
-            disagree.append(f"{os.path.basename(path)}: validate {first}, load {loaded}")
+            disagree.append(f"{os.path.basename(path)} {options}: validate {first}, "
+                            f"load {loaded}")
     assert not disagree, "\n".join(disagree)
