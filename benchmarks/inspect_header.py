@@ -1,10 +1,15 @@
-"""Header-only `inspect` / `validate` on a >= 1 GB adapter against a tiny one, in fresh processes.
+"""Header-only `inspect` / `validate` on a >= 1 GB adapter against a tiny one, and `inspect` of
+many modules against 7, in fresh processes.
 
-    python benchmarks/inspect_header.py [--repeats 5] [--keep DIR]
+    python benchmarks/inspect_header.py [--repeats 5] [--part size|modules|all]
 
-Builds (in a temporary directory) a LLaMA-7B-shaped rank-128 float32 adapter (224 modules,
-about 1.28 GB) and a one-module adapter, then times each command in fresh processes and
-prints medians and the big/tiny ratio. `import torch` is never paid by these commands.
+``size``: builds (in a temporary directory) a LLaMA-7B-shaped rank-128 float32 adapter (224
+modules, about 1.28 GB) and a one-module adapter, then times each command in fresh processes
+and prints medians and the big/tiny ratio. `import torch` is never paid by these commands.
+
+``modules``: adapters of 7, 2,000 and 20,000 tiny modules (rank 1); times `inspect` (the
+table, capped at 50 rows), `inspect --all` (every row) and `inspect --json`, and prints each
+against the 7-module baseline of the same command.
 """
 
 from __future__ import annotations
@@ -40,6 +45,33 @@ def build(path: str, layers: int, rank: int) -> None:
     save_adapter(Adapter(modules=mods, alpha=2.0 * rank), path, overwrite=True)
 
 
+def build_many(path: str, n: int) -> None:
+    """``n`` rank-1 modules named like a deep model's (repeated layers of 7 projections)."""
+    mods = {}
+    names = list(SHAPES)
+    for i in range(n):
+        m = f"model.layers.{i // len(names)}.{names[i % len(names)]}"
+        mods[m] = LoraModule(m, "linear", "out_in", torch.ones(1, 4), torch.ones(4, 1), 1.0)
+    save_adapter(Adapter(modules=mods, alpha=1.0), path, overwrite=True)
+
+
+def modules_part(tmp: str, repeats: int) -> None:
+    counts = (7, 2000, 20000)
+    paths = {}
+    for n in counts:
+        paths[n] = os.path.join(tmp, f"m{n}.safetensors")
+        build_many(paths[n], n)
+    print(f"inspect of many modules; medians of {repeats} fresh processes, ratio against 7 "
+          "modules")
+    py = [sys.executable, "-m", "loratool", "inspect"]
+    for label, extra in (("inspect", []), ("inspect --all", ["--all"]),
+                         ("inspect --json", ["--json"])):
+        times = {n: timed(py + extra + [paths[n]], repeats) for n in counts}
+        cells = "   ".join(f"{n:>6} modules {times[n] * 1000:7.0f} ms ({times[n] / times[7]:5.2f}x)"
+                           for n in counts)
+        print(f"  {label:<15} {cells}")
+
+
 def timed(cmd: list[str], repeats: int) -> float:
     runs = []
     for _ in range(repeats):
@@ -52,7 +84,13 @@ def timed(cmd: list[str], repeats: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--part", choices=("size", "modules", "all"), default="all")
     args = ap.parse_args()
+    if args.part in ("modules", "all"):
+        with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as tmp:
+            modules_part(tmp, args.repeats)
+    if args.part == "modules":
+        return
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as tmp:
         big, tiny = os.path.join(tmp, "big.safetensors"), os.path.join(tmp, "tiny.safetensors")
         build(big, 32, 128)

@@ -19,12 +19,16 @@ TEMP_SUFFIX = ".part"  # temporaries are ".loratool-tmp-<random>.part" (SECURITY
 
 
 def check_destination(dest: str, *, overwrite: bool, inputs=()) -> None:
-    """Refuse to write over an input, or over an existing file without ``overwrite``."""
-    real = os.path.realpath(dest)
-    for inp in inputs:
-        if inp is not None and os.path.realpath(os.fspath(inp)) == real:
-            raise OperationError(f"output {dest} is also an input; choose another -o path",
-                                 code="LT502")
+    """Refuse to write over an input, or over an existing file without ``overwrite``.
+
+    ``inputs`` are the paths a command reads (adapters, bases, tuned checkpoints; anything
+    that is not a path, an in-memory ``Adapter``, is ignored). Each stands for every file
+    reading it opens (``guards.files_read``: shards, index, configs, sidecars). ``dest`` is
+    refused (LT502), ``overwrite`` or not, when it is one of them by path, through a
+    symlink or as a hard link (same device and inode), or when one of them lies inside it
+    (a directory output replaces everything below it).
+    """
+    refuse_inputs(dest, inputs)
     if os.path.lexists(dest) and not overwrite:
         raise OperationError(f"output {dest} already exists; pass --overwrite (overwrite=True) "
                              "to replace it", code="LT503")
@@ -33,6 +37,40 @@ def check_destination(dest: str, *, overwrite: bool, inputs=()) -> None:
         raise OperationError(f"output directory {parent} does not exist", code="LT504")
     if not os.access(parent, os.W_OK):
         raise OperationError(f"output directory {parent} is not writable", code="LT504")
+
+
+def refuse_inputs(dest: str | os.PathLike, inputs) -> None:
+    """LT502 when writing ``dest`` would replace a file that ``inputs`` read (see
+    ``check_destination``)."""
+    from .guards import files_read
+    dest = os.fspath(dest)
+    real = os.path.realpath(dest)
+    try:
+        st = os.stat(dest)
+        ident = (st.st_dev, st.st_ino)
+    except OSError:
+        ident = None
+    for inp in inputs:
+        if not isinstance(inp, (str, os.PathLike)):
+            continue
+        inp = os.fspath(inp)
+        for f in files_read(inp):
+            rf = os.path.realpath(f)
+            same = rf == real
+            if not same and ident is not None:
+                try:
+                    fst = os.stat(f)
+                    same = (fst.st_dev, fst.st_ino) == ident
+                except OSError:
+                    pass
+            if same:
+                what = inp if f == inp else f"{f}, which reading {inp} opens"
+                raise OperationError(f"output {dest} is an input ({what}); writing it would "
+                                     "destroy the input, --overwrite or not: choose another "
+                                     "-o path", code="LT502")
+            if rf.startswith(real.rstrip(os.sep) + os.sep):
+                raise OperationError(f"input {f} is inside the output {dest}, which would "
+                                     "replace it; choose another -o path", code="LT502")
 
 
 class AtomicFile:

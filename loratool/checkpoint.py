@@ -37,6 +37,52 @@ def find_index(path: str) -> str | None:
     return path if path.endswith(".index.json") else None
 
 
+# A Hugging Face model directory without an index holds one of these (safetensors first, as
+# transformers' from_pretrained prefers it).
+SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
+_ADAPTER_MARKERS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> str:
+    """The file or index that a checkpoint path stands for.
+
+    A directory with an index is itself (sharded); one with a single ``model.safetensors``
+    (or ``pytorch_model.bin``) and no index is that file; a file is itself. Any other
+    directory is refused (LT401), naming the checkpoints or adapters in its subfolders.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path) or find_index(path) is not None:
+        return path
+    for name in SINGLE_NAMES:
+        candidate = os.path.join(path, name)
+        if os.path.isfile(candidate):
+            return candidate
+    raise CheckpointError(f"{path} is a directory without {INDEX_NAMES[0]} or "
+                          f"{' or '.join(SINGLE_NAMES)}: not a Hugging Face checkpoint"
+                          + subfolders_hint(path), code="LT401")
+
+
+def subfolders_hint(path: str) -> str:
+    """``"; it holds ..."`` naming subfolders that are checkpoints or adapters, or ``""``."""
+    found = []
+    try:
+        entries = sorted(os.listdir(path))
+    except OSError:
+        return ""
+    for entry in entries:
+        sub = os.path.join(path, entry)
+        if not os.path.isdir(sub):
+            continue
+        if any(os.path.exists(os.path.join(sub, n)) for n in _ADAPTER_MARKERS):
+            found.append(f"{entry}/ (adapter)")
+        elif find_index(sub) or any(os.path.isfile(os.path.join(sub, n)) for n in SINGLE_NAMES):
+            found.append(f"{entry}/ (checkpoint)")
+    if not found:
+        return ""
+    shown = ", ".join(found[:10]) + (f" ({len(found) - 10} more)" if len(found) > 10 else "")
+    return f"; it holds {shown}: pass one of them"
+
+
 def read_index(index_path: str) -> dict[str, str]:
     """tensor name -> shard path, with every shard inside the index's directory."""
     try:
@@ -68,7 +114,7 @@ def read_index(index_path: str) -> dict[str, str]:
 def list_tensors(path: str | os.PathLike) -> dict[str, BaseTensor]:
     """Every tensor of a checkpoint with dtype and shape, in file order."""
     from .stfile import read_header
-    path = os.fspath(path)
+    path = resolve_checkpoint(path)
     index = find_index(path)
     if index is not None:
         shards: dict[str, list[str]] = {}
@@ -148,13 +194,11 @@ _COPY_CHUNK = 1 << 26
 
 def checkpoint_kind(path: str | os.PathLike) -> str:
     """``"sharded"`` (directory or ``*.index.json``), ``"pickle"`` (.pt/.bin/...) or
-    ``"safetensors"``; raises LT401 for a directory without an index."""
-    path = os.fspath(path)
+    ``"safetensors"`` (a single-file model directory is its file: ``resolve_checkpoint``);
+    raises LT401 for a directory that is neither."""
+    path = resolve_checkpoint(path)
     if find_index(path) is not None:
         return KIND_SHARDED
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path} is a directory without {INDEX_NAMES[0]}: not a sharded "
-                              "Hugging Face checkpoint", code="LT401")
     if path.lower().endswith(PICKLE_SUFFIXES):
         return KIND_PICKLE
     return KIND_SAFETENSORS
@@ -195,6 +239,7 @@ class SafetensorsSource:
         self.metadata = dict(self.header.metadata)
         self.tensors = [SourceTensor(t.name, t.dtype, t.shape, t.nbytes)
                         for t in self.header.tensors.values()]
+        self.tied = recorded_ties(self.metadata, self.header.tensors)
         self._fd = os.open(self.path, os.O_RDONLY)
 
     def _offset(self, t: SourceTensor) -> int:
@@ -244,6 +289,8 @@ class StateDictSource:
             self.tensors.append(SourceTensor(name, dtype, tuple(t.shape),
                                              t.numel() * DTYPE_SIZES[dtype]))
 
+        self.tied = tied_groups(self.state)
+
     def _bytes(self, t: SourceTensor):
         from .tensors import to_bytes
         return to_bytes(self.state[t.name])
@@ -265,8 +312,47 @@ class StateDictSource:
         return False
 
 
+# A safetensors file cannot share storage: a merge of a tied .pt base into one records the
+# groups here (JSON list of lists of names), so that unmerge and later merges keep them tied.
+TIED_KEY = "loratool.tied"
+
+
+def recorded_ties(metadata: dict, tensors: dict) -> list[list[str]]:
+    """The ``loratool.tied`` groups of a safetensors file's metadata whose names exist with
+    one dtype and shape; anything malformed is ignored (the tensors are then independent)."""
+    raw = metadata.get(TIED_KEY)
+    if raw is None:
+        return []
+    try:
+        groups = json.loads(raw)
+    except ValueError:
+        return []
+    out = []
+    for g in groups if isinstance(groups, list) else []:
+        if (isinstance(g, list) and len(g) > 1 and all(isinstance(n, str) and n in tensors
+                                                       for n in g)
+                and len({(tensors[n].dtype, tuple(tensors[n].shape)) for n in g}) == 1):
+            out.append(g)
+    return out
+
+
+def tied_groups(state: dict) -> list[list[str]]:
+    """Names of a state dict that are one tensor: the same view (offset, shape, strides,
+    dtype) of one storage, as ``torch.save`` keeps tied weights (GPT-2's ``lm_head.weight``
+    and ``transformer.wte.weight``). Groups of two or more, each in state-dict order."""
+    groups: dict[tuple, list[str]] = {}
+    for name, t in state.items():
+        if t.numel() == 0:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+               tuple(t.stride()), t.dtype)
+        groups.setdefault(key, []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def open_source(path: str | os.PathLike):
     """A streaming source for one file: safetensors or a pickle state dict."""
+    path = resolve_checkpoint(path)
     if checkpoint_kind(path) == KIND_PICKLE:
         return StateDictSource(path)
     return SafetensorsSource(path)
@@ -316,9 +402,10 @@ def StreamWriter(dest, entries, metadata=None, *, overwrite=False, fsync=False):
 
 
 def write_pickle_from_safetensors(src: str, dest: str, *, overwrite: bool = False,
-                                  fsync: bool = False) -> None:
+                                  fsync: bool = False, tied=()) -> None:
     """Write the tensors of safetensors file ``src`` as a ``torch.save`` state dict at ``dest``
-    (atomically). Tensors are memory-mapped from ``src``, so memory stays file-backed."""
+    (atomically). Tensors are memory-mapped from ``src``, so memory stays file-backed.
+    ``tied``: groups of names saved as one tensor (shared storage), from the first name."""
     import mmap
 
     import torch
@@ -340,6 +427,9 @@ def write_pickle_from_safetensors(src: str, dest: str, *, overwrite: bool = Fals
             raw = torch.frombuffer(mm, dtype=torch.uint8, count=t.nbytes,
                                    offset=header.data_start + t.begin)
             state[name] = raw.view(dtype).reshape(t.shape)
+        for group in tied:
+            for name in group[1:]:
+                state[name] = state[group[0]]
         with AtomicFile(dest, overwrite=overwrite, fsync=fsync) as out:
             torch.save(state, out)
         state.clear()

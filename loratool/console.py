@@ -64,11 +64,26 @@ def _fmt_num(x) -> str:
     return str(x)
 
 
-def render_inspect(report: dict) -> None:
-    if report.get("source_format") == "merged-checkpoint":
+# Module rows `inspect` prints by default; the rest is one "(N more ...)" line (--all).
+INSPECT_ROWS = 50
+
+
+def _kind_label(m: dict) -> str:
+    kind = m["kind"] + ("" if m["kind"] != "linear" or m["layout"] == "out_in" else " (T)")
+    if m.get("dora"):
+        kind += " +DoRA"
+    if m["kernel"]:
+        kind += " " + "x".join(map(str, m["kernel"]))
+    return kind
+
+
+def render_inspect(report: dict, *, show_all: bool = False,
+                   max_rows: int = INSPECT_ROWS) -> None:
+    """The header lines, then the module table: at most ``max_rows`` rows unless
+    ``show_all``. The table is plain aligned text written in one pass (rich's table layout
+    took 3.7 s for 2,000 modules and 40 s for 20,000), so even --all is linear."""
+    if report.get("source_format") in ("merged-checkpoint", "checkpoint"):
         return render_merged_checkpoint(report)
-    from rich.table import Table
-    from rich.text import Text
     c = out()
     t = report["totals"]
     c.print(report["path"], style="bold", markup=False, highlight=False)
@@ -93,29 +108,36 @@ def render_inspect(report: dict) -> None:
         c.print(f"  {key:<13} {value}", highlight=False, markup=False)
     for key, value in (report.get("details") or {}).items():
         c.print(f"  {key:<13} {value}", highlight=False, markup=False)
-    stats = any("stats" in m for m in report["modules"])
-    table = Table(show_edge=False, pad_edge=False)
-    for col in ("module", "kind", "in", "out", "rank", "alpha", "scale"):
-        table.add_column(col, justify="left" if col in ("module", "kind") else "right",
-                         no_wrap=col == "module", overflow="fold")
+    modules = report["modules"]
+    if not modules:
+        _render_replacements(c, report)
+        return
+    stats = any("stats" in m for m in modules)
+    shown = modules if show_all else modules[:max_rows]
+    header = ["module", "kind", "in", "out", "rank", "alpha", "scale"]
     if stats:
-        for col in ("norm", "eff. rank", "flags"):
-            table.add_column(col, justify="right" if col != "flags" else "left")
-    for m in report["modules"]:
-        kind = m["kind"] + ("" if m["kind"] != "linear" or m["layout"] == "out_in" else " (T)")
-        if m.get("dora"):
-            kind += " +DoRA"
-        if m["kernel"]:
-            kind += " " + "x".join(map(str, m["kernel"]))
-        row = [Text(m["name"]), Text(kind), str(m["in"]), str(m["out"]), str(m["rank"]),
+        header += ["norm", "eff. rank", "flags"]
+    rows = []
+    for m in shown:
+        row = [m["name"], _kind_label(m), str(m["in"]), str(m["out"]), str(m["rank"]),
                _fmt_num(m["alpha"]), _fmt_num(m["scale"])]
         if stats:
-            s = m.get("stats", {})
-            row += [_fmt_num(s.get("norm")), _fmt_num(s.get("effective_rank")),
-                    Text(", ".join(s.get("flags", [])))]
-        table.add_row(*row)
-    if report["modules"]:
-        c.print(table)
+            st = m.get("stats", {})
+            row += [_fmt_num(st.get("norm")), _fmt_num(st.get("effective_rank")),
+                    ", ".join(st.get("flags", []))]
+        rows.append(row)
+    c.file.write(_aligned(header, rows, left={0, 1, len(header) - 1 if stats else 1}))
+    if len(shown) < len(modules):
+        c.file.write(f"({len(modules) - len(shown)} more; --all to show every module, "
+                     "--json for all of them as data)\n")
+
+    c.file.flush()
+    _render_replacements(c, report)
+
+
+def _render_replacements(c, report: dict) -> None:
+    from rich.table import Table
+    from rich.text import Text
     reps = report.get("replacements") or []
     if reps:
         c.print(f"  replaced tensors ({len(reps)}): written over the base's when merged",
@@ -129,15 +151,31 @@ def render_inspect(report: dict) -> None:
         c.print(rt)
 
 
+def _aligned(header: list[str], rows: list[list[str]], *, left: set[int]) -> str:
+    """Columns padded to their widest cell, separated by two spaces; one pass per column."""
+    widths = [max(len(header[i]), max((len(r[i]) for r in rows), default=0))
+              for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(cell.ljust(w) if i in left else cell.rjust(w)
+                         for i, (cell, w) in enumerate(zip(cells, widths))).rstrip() + "\n"
+
+    rule = "  ".join("-" * w for w in widths) + "\n"
+    return "".join([line(header), rule] + [line(r) for r in rows])
+
+
 def render_merged_checkpoint(report: dict) -> None:
-    """``inspect`` of a base checkpoint carrying a ``loratool.merged`` record."""
+    """``inspect`` of a base checkpoint (with its ``loratool.merged`` records, if any)."""
     c = out()
     c.print(report["path"], style="bold", markup=False, highlight=False)
-    lines = [("format", f"merged {report['checkpoint']} checkpoint (not an adapter)")]
+    merged = "merged " if report["merged"] else ""
+    lines = [("format", f"{merged}{report['checkpoint']} checkpoint (not an adapter)")]
     if report.get("tensors") is not None:
         lines.append(("tensors", f"{report['tensors']} ({fmt_bytes(report['bytes'])}; "
                                  + ", ".join(f"{k} x{v}" for k, v in report["dtypes"].items())
                                  + ")"))
+    if report.get("parameters") is not None:
+        lines.append(("parameters", f"{report['parameters']:,}"))
     for key, value in lines:
         c.print(f"  {key:<13} {value}", highlight=False, markup=False)
     for i, rec in enumerate(report["merged"], 1):

@@ -9,6 +9,7 @@ import this.
 from __future__ import annotations
 
 import errno
+import numbers
 import os
 import re
 import stat
@@ -71,6 +72,51 @@ def require_regular_file(path: str, what: str, *, code: str,
         raise error(f"cannot read {what}: {e.strerror or e}", code=code, path=path) from None
     if not stat.S_ISREG(st.st_mode):
         raise error(f"{what} is not a regular file", code=code, path=path)
+
+
+# --- what an input reads ----------------------------------------------------------------------
+
+# Files a reader takes from beside the path it is given (spec/merge.md, "Outputs").
+_SIDECAR_SUFFIX = ".loratool.json"  # metadata of a .pt/.bin checkpoint (checkpoint.py)
+_PEFT_CONFIG = "adapter_config.json"  # config of a PEFT adapter given as its weights file
+_MAX_LISTED_FILES = 100_000
+_INDEX = "model.safetensors.index.json"
+# What readers open in a directory without an index: PEFT's config and weights
+# (interop.peft), a model directory's single weights file (checkpoint.SINGLE_NAMES).
+_DIR_FILES = (_PEFT_CONFIG, "adapter_model.safetensors", "adapter_model.bin",
+              "model.safetensors", "pytorch_model.bin")
+
+
+def files_read(path: str | os.PathLike) -> list[str]:
+    """Every file that reading ``path`` (an adapter or a checkpoint, any format) may open.
+
+    A sharded checkpoint (a directory with an index, or the ``*.index.json``) stands for
+    every file below its directory (a merge copies the other files too); another directory
+    for the PEFT config and weights or the single model file it holds; a file for
+    itself, its ``.loratool.json`` sidecar and, for a PEFT weights file, the
+    ``adapter_config.json`` beside it. Outputs are checked against this list
+    (``atomic.check_destination``): an over-approximation refuses a harmless path, an
+    under-approximation destroys an input.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, _INDEX)):
+        # A PEFT directory or a single-file model directory: the reader opens these only
+        # (a merged file written into an adapter's directory is not an input next time).
+        return [path] + [os.path.join(path, n) for n in _DIR_FILES
+                         if os.path.lexists(os.path.join(path, n))]
+    if os.path.isdir(path) or path.endswith(".index.json"):
+        root = path if os.path.isdir(path) else (os.path.dirname(path) or ".")
+        out = [path]
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            out += [os.path.join(dirpath, f) for f in filenames]
+            if len(out) > _MAX_LISTED_FILES:
+                break
+        return out
+    extras = [path + _SIDECAR_SUFFIX]
+    if is_pickle(path) or os.path.basename(path).startswith("adapter_model"):
+        extras.append(os.path.join(os.path.dirname(path) or ".", _PEFT_CONFIG))
+    return [path] + [e for e in extras if os.path.lexists(e)]
 
 
 # --- small JSON files --------------------------------------------------------------------------
@@ -139,3 +185,36 @@ def parse_path_number(text: str, *, what: str, code: str) -> tuple[str, float]:
     if m is None:
         return text, 1.0
     return m.group("path"), float(m.group("number"))
+
+
+def weighted_inputs(inputs, *, what: str, code: str) -> list:
+    """The list of ``(adapter_or_path, number)`` pairs or bare inputs that ``merge``,
+    ``unmerge`` and ``compose`` take, also given as ONE input: a path, an ``Adapter`` or a
+    single ``(adapter_or_path, number)`` pair stand for a list of one. Anything else that
+    is not a list is refused (``OperationError`` with ``code``), not a raw TypeError.
+
+    >>> weighted_inputs(("a.safetensors", 0.5), what="scale", code="LT520")
+    [('a.safetensors', 0.5)]
+    """
+    if isinstance(inputs, (str, os.PathLike)) or hasattr(inputs, "modules"):
+        return [inputs]
+    if (isinstance(inputs, tuple) and len(inputs) == 2
+            and isinstance(inputs[1], numbers.Real) and not isinstance(inputs[1], bool)
+            and not isinstance(inputs[0], (numbers.Real, tuple))):
+        return [inputs]
+    if isinstance(inputs, (list, tuple)):
+        out = list(inputs)
+    else:
+        try:
+            out = list(inputs)
+        except TypeError:
+            out = None
+    if out is None or isinstance(inputs, (bytes, dict)):
+        raise OperationError(f"expected adapters as a path, an Adapter, an (adapter, {what}) "
+                             f"pair or a list of them; got {type(inputs).__name__}", code=code)
+    for item in out:
+        src = item[0] if isinstance(item, tuple) and item else item
+        if not (isinstance(src, (str, os.PathLike)) or hasattr(src, "modules")):
+            raise OperationError(f"adapter entry {item!r} is not a path, an Adapter or an "
+                                 f"(adapter, {what}) pair", code=code)
+    return out

@@ -18,12 +18,17 @@ from ._options import source_options
                    "amplification factor of the LoRA paper, with baselines (imports torch).")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
               help="With --base: seed of the random-subspace baseline.")
+@click.option("--all", "show_all", is_flag=True,
+              help="Print every module (the table stops after the first "
+                   f"{console.INSPECT_ROWS} otherwise; --json always has all of them).")
 @source_options
-def inspect_cmd(path, as_json, stats, base, seed, source):
+def inspect_cmd(path, as_json, stats, base, seed, show_all, source):
     """Show what an adapter is: format, base model, scaling, totals and a per-module table.
 
     Without --stats only the header is read, so a multi-GB adapter inspects as fast as a
-    tiny one.
+    tiny one. The table shows the first 50 modules (--all: every one). A base checkpoint
+    (safetensors file, sharded or single-file model directory) gets a summary instead:
+    tensors, dtypes, parameters, bytes and loratool's merge records.
 
     \b
     Examples:
@@ -37,7 +42,7 @@ def inspect_cmd(path, as_json, stats, base, seed, source):
     if as_json:
         console.print_json(report)
     else:
-        console.render_inspect(report)
+        console.render_inspect(report, show_all=show_all)
         if base is not None:
             from ._analysis import render_amplification
             render_amplification(report)

@@ -60,8 +60,13 @@ def detect_format(path: str | os.PathLike) -> str:
             best, score = name, s
     if best is None:
         what = "a directory that holds no adapter" if probe.is_dir else "not an adapter file"
+        hint = ""
+        if probe.is_dir:  # PEFT multi-adapter saves: one subfolder per adapter
+            from ..checkpoint import subfolders_hint
+            hint = subfolders_hint(path)
         raise InteropError(f"{path} is {what} of a known format ({', '.join(FORMATS)}); for "
-                           "PEFT pass the directory with adapter_config.json", code="LT301")
+                           f"PEFT pass the directory with adapter_config.json{hint}",
+                           code="LT301")
     return best
 
 

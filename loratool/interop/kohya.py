@@ -271,6 +271,7 @@ def load(path: str, options: ReaderOptions) -> Adapter:
 def validate(path: str, options: ReaderOptions, *, data: bool = True):
     """Valid when it reads into the canonical model; with ``data``, NaN/Inf and zero B."""
     plan = _Plan(path, options)
+    plan.check_unknown(options)  # what load refuses (LT303), validate refuses too
     return C.scan_plan(plan) if data else []
 
 

@@ -398,7 +398,9 @@ def load(path: str, options: ReaderOptions) -> Adapter:
 
 def validate(path: str, options: ReaderOptions, *, data: bool = True):
     """Valid when it reads into the canonical model; with ``data``, NaN/Inf and zero B."""
-    plan = _Plan(path, options, strict=False)
+    # strict as load is: what merge/convert refuse (alpha unknown: LT304) is not valid
+    plan = _Plan(path, options, strict=True)
+    plan.check_unknown(options)  # what load refuses (LT303), validate refuses with its code
     return C.scan_plan(plan) if data else []
 
 

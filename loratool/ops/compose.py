@@ -30,11 +30,13 @@ def parse_weighted(text: str) -> tuple[str, float]:
 
 
 def _inputs(inputs, options) -> list[tuple[Adapter, float, str]]:
+    from ..guards import weighted_inputs
     items = []
-    for i, item in enumerate(inputs):
+    for i, item in enumerate(weighted_inputs(inputs, what="weight", code="LT534")):
         if isinstance(item, tuple):
             if len(item) != 2:
-                raise TypeError("each input is an adapter/path or an (adapter/path, weight) pair")
+                raise OperationError("each input is an adapter/path or an (adapter/path, weight) "
+                                     "pair", code="LT534")
             source, weight = item
         else:
             source, weight = item, 1.0

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from ..errors import InteropError, OperationError
 from ..interop import FORMATS, detect_format, get_format
 from ..interop._common import refuse_replacements, rename_modules
-from ..interop.base import ReaderOptions
+from ..interop.base import LoadResult, ReaderOptions
+from ..model import Adapter
 
 TARGETS = FORMATS
 
@@ -57,7 +58,7 @@ def _inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "loratool",
+def convert(src: str | os.PathLike | Adapter, dst: str | os.PathLike, *, to: str = "loratool",
             overwrite: bool = False, rank: int | None = None, fro: float | None = None,
             dense_svd: bool = False, **options) -> ConvertReport:
     """Convert the adapter ``src`` (any format, detected) to format ``to`` at ``dst``.
@@ -81,24 +82,30 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "lorato
     >>> convert(out + "/a.safetensors", out + "/kohya.safetensors", to="kohya").modules
     8
     """
-    src, dst = os.fspath(src), os.fspath(dst)
+    in_memory = isinstance(src, Adapter)
+    src = src if in_memory else os.fspath(src)
+    dst = os.fspath(dst)
     if to not in TARGETS:
         raise InteropError(f"unknown target format {to!r}; choose one of {', '.join(TARGETS)}",
                            code="LT301")
-    if not os.path.exists(src):
+    if not in_memory and not os.path.exists(src):
         raise InteropError(f"{src} does not exist", code="LT301", path=src)
     from ..atomic import check_destination
-    check_destination(dst, overwrite=overwrite, inputs=[src])
-    if _inside(src, dst):
+    options = ReaderOptions.of(**options).replace(overwrite=overwrite)
+    check_destination(dst, overwrite=overwrite, inputs=[src, options.base])
+    if not in_memory and _inside(src, dst):
         raise OperationError(f"input {src} is inside the output {dst}, which would replace it; "
                              "choose another -o path", code="LT502")
-    options = ReaderOptions.of(**options).replace(overwrite=overwrite)
-    fmt = options.source_format or detect_format(src)
+    if in_memory:  # an Adapter object: already canonical, nothing to read
+        fmt, result = "loratool", LoadResult(src, [], [])
+        src = "<in memory>"
+    else:
+        fmt = options.source_format or detect_format(src)
+        # --to gguf: --base is the GGUF base or config.json of the target, not a checkpoint
+        # the source's reader could resolve names against
+        read_opts = options.replace(base=None) if to == "gguf" and fmt != "gguf" else options
+        result = get_format(fmt).load_report(src, read_opts)
     source, target = get_format(fmt), get_format(to)
-    # --to gguf: --base is the GGUF base or config.json of the target, not a checkpoint the
-    # source's reader could resolve names against
-    read_opts = options.replace(base=None) if to == "gguf" and fmt != "gguf" else options
-    result = source.load_report(src, read_opts)
     adapter, rename_notes = rename_modules(result.adapter, options.name_map)
     notes = list(result.notes) + rename_notes
     used = source.CAPABILITIES.reads | target.CAPABILITIES.writes

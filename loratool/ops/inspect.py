@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-from ..model import AdapterInfo, ModuleInfo
+from ..model import Adapter, AdapterInfo, ModuleInfo
 
 EPS = {"F16": 2.0**-10, "BF16": 2.0**-7, "F32": 2.0**-23, "F64": 2.0**-52}
 
@@ -24,12 +24,19 @@ def inspect(path: str | os.PathLike, *, stats: bool = False, base: str | os.Path
     8
     """
     from ..adapter import read_adapter_info
-    from .merge.provenance import merged_checkpoint_report
+    from ..errors import LoraToolError, OperationError
+    from .merge.provenance import checkpoint_report, merged_checkpoint_report
+    if isinstance(path, Adapter):
+        if base is not None:
+            raise OperationError("base= (--base) needs the adapter as a path", code="LT536")
+        report = _report(_info_of(path))
+        if stats:
+            _add_stats(report, path, options)
+        return report
     path = os.fspath(path)
     merged = merged_checkpoint_report(path)  # a base checkpoint written by `loratool merge`
     if merged is not None:
         if base is not None:
-            from ..errors import OperationError
             raise OperationError(f"{path} is a merged checkpoint, not an adapter: base= "
                                  "(--base) analyzes an adapter against its base", code="LT536")
         return merged
@@ -37,7 +44,15 @@ def inspect(path: str | os.PathLike, *, stats: bool = False, base: str | os.Path
     if base is not None:  # foreign formats then read names and layouts against the base
         from .amplification import reading_options
         read_options = reading_options(path, base, options)
-    info = read_adapter_info(path, **read_options)
+    try:
+        info = read_adapter_info(path, **read_options)
+    except LoraToolError:
+        # A plain model checkpoint (no adapter metadata, no adapter tensor names): describe
+        # it as one; anything else keeps its reader's error.
+        plain = checkpoint_report(path) if base is None and not stats else None
+        if plain is None:
+            raise
+        return plain
     report = _report(info)
     if stats:
         _add_stats(report, path, read_options)
@@ -45,6 +60,19 @@ def inspect(path: str | os.PathLike, *, stats: bool = False, base: str | os.Path
         from .amplification import add_amplification
         add_amplification(report, path, base, seed, options)
     return report
+
+
+def _info_of(adapter: Adapter) -> AdapterInfo:
+    """The header facts of an in-memory adapter (what ``read_adapter_info`` gives a file)."""
+    modules = {n: m.info for n, m in adapter.modules.items()}
+    nbytes = sum(t.numel() * t.element_size() for m in adapter.modules.values()
+                 for t in (m.A, m.B, m.magnitude, m.bias) if t is not None)
+    return AdapterInfo(path="<in memory>", format_version=None, modules=modules,
+                       tensor_bytes=nbytes, alpha=adapter.alpha,
+                       base_model=adapter.base_model, base_model_hash=adapter.base_model_hash,
+                       provenance=adapter.provenance,
+                       extra_metadata=dict(adapter.extra_metadata),
+                       source_format=adapter.source_format)
 
 
 def _module_row(m: ModuleInfo) -> dict:
@@ -97,7 +125,8 @@ def _add_stats(report: dict, path: str, options: dict) -> None:
 
     from ..adapter import load_adapter
     from ..linalg import frobenius_norm, numerical_rank, singular_values
-    adapter = load_adapter(path, **{**options, "check_values": False})
+    adapter = path if isinstance(path, Adapter) else load_adapter(
+        path, **{**options, "check_values": False})
     for row in report["modules"]:
         m = adapter.modules[row["name"]]
         flags = []

@@ -44,7 +44,9 @@ def load_input(adapter_or_path, options: dict) -> tuple[Adapter, str]:
         from ..adapter import load_adapter
         path = os.fspath(adapter_or_path)
         return load_adapter(path, **options), path
-    raise TypeError(f"expected an Adapter or a path, got {type(adapter_or_path).__name__}")
+    from ..errors import OperationError
+    raise OperationError(f"expected an Adapter or a path, got {type(adapter_or_path).__name__}",
+                         code="LT520")
 
 
 def refuse_dora(adapter: Adapter, label: str, operation: str) -> None:

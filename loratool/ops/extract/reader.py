@@ -27,7 +27,8 @@ class Checkpoint:
     """One checkpoint (file, sharded directory or .pt): tensor list and row readers."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
+        from ...checkpoint import resolve_checkpoint
+        self.path = resolve_checkpoint(path)
         self.kind = checkpoint_kind(self.path)
         self.tensors: dict[str, BaseTensor] = list_tensors(self.path)
         self._sources: dict[str, object] = {}

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 from ... import format as F
 from ...atomic import check_destination
-from ...checkpoint import (KIND_SHARDED, checkpoint_kind, list_tensors, open_source,
-                           sidecar_path)
+from ...checkpoint import (KIND_SHARDED, TIED_KEY, checkpoint_kind, list_tensors, open_source,
+                           resolve_checkpoint, sidecar_path)
 from ...errors import CheckpointError, OperationError
 from ...stfile import DTYPE_SIZES
 from .exact import NumpyExactEngine
@@ -116,14 +116,16 @@ def run(job: MergeJob) -> MergeReport:
     name_map = job.name_map
     if isinstance(name_map, (list, tuple)):
         name_map = parse_map(name_map)
+    given = base
+    base = resolve_checkpoint(base)  # a model directory with one model.safetensors: that file
     kind = checkpoint_kind(base)
     output = os.fspath(job.output) if job.output is not None else None
     fmt = output_format_for(kind, output, job.output_format)
     dest = output if output is not None else default_output(
-        base, kind, fmt, "-merged" if op == "merge" else "-unmerged")
+        given if base != given else base, kind, fmt, "-merged" if op == "merge" else "-unmerged")
     base_root = (base if os.path.isdir(base) else os.path.dirname(os.path.abspath(base))) \
         if kind == KIND_SHARDED else base
-    inputs = [base, base_root] + [src for src, _ in items if isinstance(src, str)]
+    inputs = [given, base, base_root] + [src for src, _ in items if isinstance(src, str)]
     check_destination(dest, overwrite=job.overwrite, inputs=inputs)
     if fmt == "pt":
         check_destination(sidecar_path(dest), overwrite=True, inputs=inputs)
@@ -167,7 +169,8 @@ def run(job: MergeJob) -> MergeReport:
                                   allow_missing=job.allow_missing, base_label=base)
         if not plan and not job.allow_no_change:
             raise OperationError(_no_change_message(op, loaded, skipped, base), code="LT431")
-        notes = residual_notes + [f"{ld.source}: {n}" for ld in loaded
+        notes = tie_plan(plan, getattr(source, "tied", ()), fmt)
+        notes += residual_notes + [f"{ld.source}: {n}" for ld in loaded
                                   for n in (ld.notes or [])]
         if op == "merge":
             records = records + [new_record("merge", loaded, device, precision, job.dtype)]
@@ -177,9 +180,12 @@ def run(job: MergeJob) -> MergeReport:
                 records.append(new_record("unmerge", unmatched, device, precision, job.dtype))
                 notes.append("forced: " + ", ".join(ld.source for ld in unmatched)
                              + " did not match the merge record; recorded as an unmerge")
-        metadata = {k: v for k, v in metadata.items() if k != F.KEY_MERGED}
+        metadata = {k: v for k, v in metadata.items() if k not in (F.KEY_MERGED, TIED_KEY)}
         if records:
             metadata[F.KEY_MERGED] = F.canonical_json(records)
+        tied = getattr(source, "tied", ())
+        if tied and fmt == "safetensors":  # untied in the file: remember the groups
+            metadata[TIED_KEY] = F.canonical_json(tied)
 
         total = sum(math.prod(s) * DTYPE_SIZES[d] for d, s in base_tensors.values())
         progress = job.progress
@@ -214,6 +220,26 @@ def run(job: MergeJob) -> MergeReport:
         replacements_merged=sum(ld.replaced for ld in loaded),
         dropped=[{"adapter": ld.source, "tensor": t} for ld in loaded
                  for t in (ld.dropped or [])])
+
+
+def tie_plan(plan: dict, tied, fmt: str) -> list[str]:
+    """Tensors that are one tensor in the base (tied weights in shared storage) get the same
+    updates, all of them (a delta for any name is a delta for the one tensor): otherwise the
+    copy left unmerged wins when ``load_state_dict`` fills the tied parameter. Returns notes."""
+    notes = []
+    for group in tied:
+        names = [n for n in group if n in plan]
+        if not names:
+            continue
+        ops = [op for n in group for op in plan.get(n, ())]
+        for n in group:
+            plan[n] = ops
+        where = ("kept tied (one storage) in the .pt output" if fmt == "pt"
+                 else "each carries the merged value")
+        notes.append(f"tied weights: {', '.join(f'`{n}`' for n in group)} share one storage "
+                     f"in the base; the update of {', '.join(f'`{n}`' for n in names)} was "
+                     f"applied to the shared tensor, {where}")
+    return notes
 
 
 def _engine(engines: Engines, device: str, items):

@@ -8,7 +8,7 @@ import sys
 
 from ...checkpoint import KIND_PICKLE, KIND_SHARDED
 from ...errors import OperationError
-from ...guards import PICKLE_SUFFIXES, parse_path_number
+from ...guards import PICKLE_SUFFIXES, parse_path_number, weighted_inputs
 
 DTYPE_CHOICES = {"keep": None, "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -25,8 +25,7 @@ def parse_adapter_spec(text: str) -> tuple[str, float]:
 
 
 def normalize_adapters(adapters) -> list[tuple[object, float]]:
-    if isinstance(adapters, (str, os.PathLike)) or hasattr(adapters, "modules"):
-        adapters = [adapters]
+    adapters = weighted_inputs(adapters, what="scale", code="LT520")
     out = []
     for item in adapters:
         if isinstance(item, tuple):
@@ -104,6 +103,9 @@ def default_output(base: str, kind: str, fmt: str, suffix: str) -> str:
     if kind == KIND_SHARDED:
         root = base if os.path.isdir(base) else os.path.dirname(os.path.abspath(base))
         return os.path.normpath(root) + suffix
+    if os.path.isdir(base):  # a single-file model directory: the output goes beside it
+        return os.path.normpath(base) + suffix + (".safetensors" if fmt == "safetensors"
+                                                  else ".pt")
     stem, ext = os.path.splitext(base)
     if fmt == "safetensors":
         ext = ".safetensors"

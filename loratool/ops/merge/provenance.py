@@ -23,8 +23,9 @@ def checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata of a base checkpoint, read without tensor data or torch: the
     safetensors ``__metadata__``; for a sharded directory the string values of the index's
     ``metadata`` (else the first shard's); for .pt/.bin the sidecar file."""
+    from ...checkpoint import resolve_checkpoint
     from ...stfile import read_header
-    path = os.fspath(path)
+    path = resolve_checkpoint(path)
     kind = checkpoint_kind(path)
     if kind == KIND_PICKLE:
         return read_sidecar(path)
@@ -65,28 +66,50 @@ def merged_checkpoint_report(path: str | os.PathLike) -> dict | None:
     """``inspect``'s report for a base checkpoint written by ``loratool merge`` (one with a
     ``loratool.merged`` record and no adapter format key), or None for anything else. Header
     and sidecar reads only: no torch."""
+    return checkpoint_report(path, merged_only=True)
+
+
+# Tensor-name pieces of adapters (LoRA, DoRA, LyCORIS, kohya alphas): a checkpoint holding
+# any of them is not reported as a plain checkpoint, its reader's error stands.
+_ADAPTER_NAME_PARTS = ("lora_", "lora.", "hada_", "lokr_", "dora_scale", ".alpha", "oft_",
+                       "lora_magnitude_vector")
+
+
+def checkpoint_report(path: str | os.PathLike, *, merged_only: bool = False) -> dict | None:
+    """``inspect``'s report for a base checkpoint (a safetensors file, a sharded or
+    single-file model directory; a ``.pt``/``.bin`` only with its merge sidecar): tensors,
+    parameters, bytes, dtypes and the ``loratool.merged`` records, from headers only (no
+    torch). None when ``path`` is not such a checkpoint, holds adapter metadata or tensor
+    names, or (``merged_only``) carries no merge record."""
     from collections import Counter
 
+    from ...checkpoint import resolve_checkpoint
     from ...errors import LoraToolError
     from ...format import KEY_FORMAT, KEY_MERGED
     path = os.fspath(path)
     try:
-        kind = checkpoint_kind(path)
-        if kind == KIND_PICKLE and not os.path.exists(sidecar_path(path)):
+        resolved = resolve_checkpoint(path)
+        kind = checkpoint_kind(resolved)
+        if kind == KIND_PICKLE and not os.path.exists(sidecar_path(resolved)):
             return None
-        meta = checkpoint_metadata(path)
-        if KEY_MERGED not in meta or KEY_FORMAT in meta:
+        meta = checkpoint_metadata(resolved)
+        if KEY_FORMAT in meta or (merged_only and KEY_MERGED not in meta):
             return None
         records = merge_records(meta, path=path)
-        tensors = None if kind == KIND_PICKLE else list_tensors(path)
+        tensors = None if kind == KIND_PICKLE else list_tensors(resolved)
     except LoraToolError:
         return None  # not a checkpoint we recognize: inspect reports it as an adapter would
+    if KEY_MERGED not in meta and (tensors is None or not tensors or any(
+            part in name for name in tensors for part in _ADAPTER_NAME_PARTS)):
+        return None
     from ...stfile import DTYPE_SIZES
-    report = {"path": path, "source_format": "merged-checkpoint", "checkpoint": kind,
-              "tensors": None, "bytes": None, "dtypes": {}, "merged": records,
+    report = {"path": path, "source_format": "merged-checkpoint" if records else "checkpoint",
+              "checkpoint": kind, "tensors": None, "parameters": None, "bytes": None,
+              "dtypes": {}, "merged": records,
               "other_metadata": {k: v for k, v in sorted(meta.items()) if k != KEY_MERGED}}
     if tensors is not None:
         report["tensors"] = len(tensors)
+        report["parameters"] = sum(math.prod(t.shape) for t in tensors.values())
         report["bytes"] = sum(
             math.prod(t.shape) * DTYPE_SIZES[t.dtype] for t in tensors.values())
         report["dtypes"] = dict(sorted(Counter(t.dtype for t in tensors.values()).items()))

@@ -33,7 +33,8 @@ def write_pickle(source, dest, plan, out_dtype, metadata, engine, counts, *, ove
     try:
         stream_file(source, scratch, plan, out_dtype, {}, engine, counts, overwrite=True,
                      fsync=False, tick=tick)
-        write_pickle_from_safetensors(scratch, dest, overwrite=overwrite, fsync=fsync)
+        write_pickle_from_safetensors(scratch, dest, overwrite=overwrite, fsync=fsync,
+                                      tied=getattr(source, "tied", ()))
         counts.written = os.path.getsize(dest)
     finally:
         if os.path.exists(scratch):
