@@ -128,7 +128,9 @@ def convert(src: str | os.PathLike | Adapter, dst: str | os.PathLike, *, to: str
                            else "LT306", module=name)
     if not target.CAPABILITIES.replacements:
         refuse_replacements(adapter, to)
-    if to == "peft" and options.base is not None:
+    # A GGUF source's --base only gives the architecture (GGUF base or config.json), not
+    # checkpoint paths to rename modules to.
+    if to == "peft" and options.base is not None and fmt != "gguf":
         adapter, base_notes = _to_base_paths(adapter, options)
         notes += base_notes
     notes += target.save(adapter, dst, options)
