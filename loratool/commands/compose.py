@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import click
 
 from .. import console
 from ..ops.subspace import SUBSPACE_ON
 from ._options import path_numbers, source_options
-from .resize import load_with_progress, write_output
 
 
 _weighted = path_numbers("weight", "LT534")
@@ -43,24 +44,16 @@ def compose_cmd(adapters, rank, fro, out, overwrite, as_json, source, quiet):
       loratool compose examples/adapter.safetensors examples/adapter_style.safetensors:-1 \
           --rank 8 --json
     """
-    from ..atomic import check_destination
     from ..ops.compose import compose
     if rank is not None and fro is not None:
         raise click.UsageError("give at most one of --rank, --fro")
-    paths = [p for p, _ in adapters]
-    if out is not None:
-        check_destination(out, overwrite=overwrite, inputs=paths)
-    loaded, bar = load_with_progress(paths, quiet, "compose", source)
-    with bar as p:
-        result = compose([(a, w) for a, (_, w) in zip(loaded, adapters)], rank=rank, fro=fro,
-                         progress=p.advance)
-    report = dict(result.report, output=out)
-    for entry, path in zip(report["inputs"], paths):
-        entry["input"] = path
+    with ExitStack() as stack:
+        report = compose(adapters, rank=rank, fro=fro, output=out, overwrite=overwrite,
+                         progress=console.progress_callback(stack, "compose", quiet=quiet),
+                         **source).report
     for w in report["warnings"]:
         console.note(f"warning: {w}")
-    if out is not None:
-        report["tensor_hash"] = write_output(result.adapter, out, overwrite)
+    console.render_written(report)
     if as_json:
         console.print_json(report)
     else:
@@ -100,17 +93,9 @@ def compare_cmd(a, b, as_json, subspace, on, plot, overwrite, source):
     from ..ops.compose import compare
     if (on is not None or plot is not None) and not subspace:
         raise click.UsageError("--on and --plot need --subspace")
-    if plot is not None:
-        from ..atomic import check_destination
-        check_destination(plot, overwrite=overwrite, inputs=[a, b])
-    report = compare(a, b, subspace=subspace, on=on or "a", **source)
-    if plot is not None:
-        from ..ops.subspace import plot_subspace
-        report["plot"] = plot_subspace(report, plot, overwrite=overwrite, inputs=[a, b])
+    report = compare(a, b, subspace=subspace, on=on or "a", plot=plot, overwrite=overwrite,
+                     **source)
     if as_json:
         console.print_json(report)
-    elif subspace:
-        from ._analysis import render_subspace
-        render_subspace(report)
     else:
         console.render_compare(report)

@@ -69,15 +69,6 @@ def convert_cmd(src, dst, to, base, gguf_type, permute_qk, name_map, rank, fro, 
     data = report.to_dict()
     if as_json:
         console.print_json(data)
-        # stderr too: a dropped tensor is never dropped without a word
-        console.render_dropped([{"adapter": data["source"], "tensor": t}
-                                for t in data["unknown_tensors"]])
-        return
-    c = console.out()
-    reps = (f", {len(data['replacements'])} replaced tensor(s)" if data["replacements"]
-            else "")
-    c.print(f"{data['source']} ({data['source_format']}) -> {data['destination']} "
-            f"({data['target_format']}): {data['modules']} module(s){reps}", markup=False,
-            highlight=False)
-    for note in data["notes"]:
-        c.print(f"  note: {note}", markup=False, highlight=False)
+        console.render_convert_dropped(data)
+    else:
+        console.render_convert(data)

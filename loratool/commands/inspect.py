@@ -44,5 +44,4 @@ def inspect_cmd(path, as_json, stats, base, seed, show_all, source):
     else:
         console.render_inspect(report, show_all=show_all)
         if base is not None:
-            from ._analysis import render_amplification
-            render_amplification(report)
+            console.render_amplification(report)

@@ -59,15 +59,8 @@ def _run(fn, base, adapters, output, device, dtype, gguf_type, maps, allow_missi
          output_format, overwrite, fsync, quiet, as_json, source, **extra):
     items = adapters
     with ExitStack() as stack:
-        bar = []
-
-        def progress(n: int, total: int) -> None:
-            if not bar:
-                label = {"merge": "merging", "unmerge": "unmerging"}[fn.__name__]
-                bar.append(stack.enter_context(console.progress(
-                    total, label, quiet=quiet or as_json)))
-            bar[0].advance(n)
-
+        label = {"merge": "merging", "unmerge": "unmerging"}[fn.__name__]
+        progress = console.progress_callback(stack, label, quiet=quiet or as_json)
         report = fn(base, items, output=output, device=device, dtype=dtype,
                     name_map=list(maps), allow_missing=allow_missing, overwrite=overwrite,
                     fsync=fsync, progress=progress, output_format=output_format,

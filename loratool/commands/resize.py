@@ -1,35 +1,13 @@
-"""``loratool resize``: thin wrapper over ``loratool.ops.resize.resize``.
-
-The tables are rendered here through ``console.out()`` (the one owner of the consoles); the
-shared helpers below are also used by ``compose``.
-"""
+"""``loratool resize``: thin wrapper over ``loratool.ops.resize.resize``."""
 
 from __future__ import annotations
+
+from contextlib import ExitStack
 
 import click
 
 from .. import console
 from ._options import source_options
-
-
-def load_with_progress(paths, quiet: bool, label: str, options: dict):
-    """Load adapters (any format) and open a bytes progress bar over their tensors."""
-    from ..adapter import load_adapter
-    adapters = [load_adapter(p, **options) for p in paths]
-    total = sum(module_bytes_total(a) for a in adapters)
-    return adapters, console.progress(total, label, quiet=quiet)
-
-
-def module_bytes_total(adapter) -> int:
-    from ..ops.resize import module_bytes
-    return sum(module_bytes(m) for m in adapter.modules.values())
-
-
-def write_output(adapter, out: str, overwrite: bool) -> str:
-    from ..adapter import save_adapter
-    digest = save_adapter(adapter, out, overwrite=overwrite)
-    console.note(f"wrote {out} ({len(adapter.modules)} modules, {digest})")
-    return digest
 
 
 @click.command("resize")
@@ -63,22 +41,18 @@ def resize_cmd(adapter, rank, fro, sv_ratio, cumulative, max_rank, min_rank, out
       loratool resize examples/adapter.safetensors --rank 4 -o small.safetensors
       loratool resize examples/adapter.safetensors --fro 0.9 --max-rank 8 --json
     """
-    from ..atomic import check_destination
     from ..ops.resize import resize
     rules = [n for n, v in (("--rank", rank), ("--fro", fro), ("--sv-ratio", sv_ratio),
                             ("--cumulative", cumulative)) if v is not None]
     if len(rules) != 1:
         raise click.UsageError("give exactly one of --rank, --fro, --sv-ratio, --cumulative"
                                + (f" (got {', '.join(rules)})" if rules else ""))
-    if out is not None:
-        check_destination(out, overwrite=overwrite, inputs=[adapter])
-    (source,), bar = load_with_progress([adapter], quiet, "resize", source)
-    with bar as p:
-        result = resize(source, rank=rank, fro=fro, sv_ratio=sv_ratio, cumulative=cumulative,
-                        max_rank=max_rank, min_rank=min_rank, progress=p.advance)
-    report = dict(result.report, input=adapter, output=out)
-    if out is not None:
-        report["tensor_hash"] = write_output(result.adapter, out, overwrite)
+    with ExitStack() as stack:
+        report = resize(adapter, rank=rank, fro=fro, sv_ratio=sv_ratio, cumulative=cumulative,
+                        max_rank=max_rank, min_rank=min_rank, output=out, overwrite=overwrite,
+                        progress=console.progress_callback(stack, "resize", quiet=quiet),
+                        **source).report
+    console.render_written(report)
     if as_json:
         console.print_json(report)
     else:

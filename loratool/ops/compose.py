@@ -20,8 +20,9 @@ from ..errors import OperationError
 from ..guards import parse_path_number
 from ..format import SCALING_STANDARD
 from ..model import Adapter, LoraModule
-from .resize import (LowRankResult, Progress, load_input, module_bytes, most_common_rank,
-                     output_dtype, rebuild, refuse_dora, refuse_nonfinite)
+from .resize import (LowRankResult, Progress, byte_progress, check_output, load_input,
+                     module_bytes, most_common_rank, output_dtype, rebuild, refuse_dora,
+                     refuse_nonfinite, write_output)
 
 def parse_weighted(text: str) -> tuple[str, float]:
     """``"a.safetensors:0.5"`` -> ``("a.safetensors", 0.5)``; no weight means 1.0 (the CLI's
@@ -70,6 +71,7 @@ def _check_same(name: str, parts, labels) -> None:
 
 
 def compose(inputs: Iterable, *, rank: int | None = None, fro: float | None = None,
+            output: str | os.PathLike | None = None, overwrite: bool = False,
             progress: Progress | None = None, **options) -> LowRankResult:
     """Weighted sum of adapters: every module's delta is ``sum_i w_i * delta_i``.
 
@@ -78,6 +80,7 @@ def compose(inputs: Iterable, *, rank: int | None = None, fro: float | None = No
     Without a rule the result is exact (ranks concatenate). With ``rank=K`` or ``fro=F`` each
     module is truncated to the best approximation of that rank (rules as in ``resize``).
     Modules are the union of the inputs'. Returns a ``LowRankResult`` (adapter, report).
+    ``output``, ``overwrite`` and ``progress(n, total)`` as in ``resize``.
 
     >>> new, report = compose([("examples/adapter.safetensors", 1.0),
     ...                        ("examples/adapter_style.safetensors", 0.5)], rank=8)
@@ -89,6 +92,10 @@ def compose(inputs: Iterable, *, rank: int | None = None, fro: float | None = No
     from ..linalg import CoreSVD, check_rank_rule, concat_factors, select_rank
     from ..tensors import ST_DTYPES
     truncate = check_rank_rule(rank=rank, fro=fro, required=False) is not None
+    from ..guards import weighted_inputs
+    inputs = weighted_inputs(inputs, what="weight", code="LT534")
+    output = check_output(output, overwrite,
+                          [i[0] if isinstance(i, tuple) and i else i for i in inputs])
     items = _inputs(inputs, options)
     labels = [label for _, _, label in items]
     for adapter, _, label in items:
@@ -101,6 +108,8 @@ def compose(inputs: Iterable, *, rank: int | None = None, fro: float | None = No
                 for n in names}
     for name in names:
         _check_same(name, parts_of[name], labels)
+    done = byte_progress(progress, sum(module_bytes(m) for a, _, _ in items
+                                       for m in a.modules.values()))
 
     modules: dict[str, LoraModule] = {}
     rows = []
@@ -143,8 +152,7 @@ def compose(inputs: Iterable, *, rank: int | None = None, fro: float | None = No
             row.update(norm=float(svd.S.square().sum()) ** 0.5, retained=svd.retained(k),
                        residual=svd.residual(k))
         rows.append(row)
-        if progress is not None:
-            progress(sum(module_bytes(m) for _, m, _ in parts))
+        done(sum(module_bytes(m) for _, m, _ in parts))
 
     adapter = Adapter(modules=modules, alpha=float(most_common_rank(modules)),
                       base_model=_common(a.base_model for a, _, _ in items),
@@ -159,7 +167,7 @@ def compose(inputs: Iterable, *, rank: int | None = None, fro: float | None = No
         "summary": _summary(items, adapter, rows),
         "warnings": _warnings(items, rows),
     }
-    return LowRankResult(adapter, report)
+    return write_output(LowRankResult(adapter, report), output, overwrite)
 
 
 def _common(values):
@@ -223,7 +231,8 @@ def _warnings(items, rows) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 def compare(a: Adapter | str | os.PathLike, b: Adapter | str | os.PathLike, *,
-            subspace: bool = False, on: str = "a", **options) -> dict:
+            subspace: bool = False, on: str = "a", plot: str | os.PathLike | None = None,
+            overwrite: bool = False, **options) -> dict:
     """Per-module cosine similarity <dA, dB> / (|dA| |dB|) and norm ratio |dB| / |dA|.
 
     Computed in factored form (fp64). Modules in one adapter only are listed with status
@@ -231,7 +240,9 @@ def compare(a: Adapter | str | os.PathLike, b: Adapter | str | os.PathLike, *,
     ``dora`` (no linear delta), both without numbers. ``rel_diff`` is |dB - dA| / |dA|.
 
     ``subspace=True`` adds the subspace similarity grid of the LoRA paper per compared module
-    (``subspace_similarity``, on ``on="a"`` or ``"delta"``; see ``ops.subspace``).
+    (``subspace_similarity``, on ``on="a"`` or ``"delta"``; see ``ops.subspace``), and with
+    ``plot=FILE.png`` its heatmaps (``plot_subspace``; ``report["plot"]``), the path checked
+    before any work like every output (``overwrite``).
 
     >>> s = compare("examples/adapter.safetensors",
     ...             "examples/adapter_style.safetensors")["summary"]
@@ -242,6 +253,13 @@ def compare(a: Adapter | str | os.PathLike, b: Adapter | str | os.PathLike, *,
     if subspace:
         from .subspace import check_on
         check_on(on)
+    if plot is not None:
+        if not subspace:
+            raise OperationError("plot= draws the subspace similarity: pass subspace=True "
+                                 "(CLI: --subspace)", code="LT536")
+        from ..atomic import check_destination
+        plot = os.fspath(plot)
+        check_destination(plot, overwrite=overwrite, inputs=[a, b])
     A_ad, label_a = load_input(a, options)
     B_ad, label_b = load_input(b, options)
     rows = []
@@ -288,6 +306,9 @@ def compare(a: Adapter | str | os.PathLike, b: Adapter | str | os.PathLike, *,
     if subspace:
         from .subspace import add_subspace
         report["subspace"] = add_subspace(rows, A_ad, B_ad, on)
+    if plot is not None:
+        from .subspace import plot_subspace
+        report["plot"] = plot_subspace(report, plot, overwrite=overwrite, inputs=[a, b])
     return report
 
 

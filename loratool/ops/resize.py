@@ -19,7 +19,8 @@ from ..errors import OperationError, TensorError
 from ..format import scale_for
 from ..model import Adapter, LoraModule
 
-Progress = Callable[[int], None]
+# progress(n, total): n more bytes of module tensors done, out of total (as merge's).
+Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -47,6 +48,34 @@ def load_input(adapter_or_path, options: dict) -> tuple[Adapter, str]:
     from ..errors import OperationError
     raise OperationError(f"expected an Adapter or a path, got {type(adapter_or_path).__name__}",
                          code="LT520")
+
+
+def check_output(output, overwrite: bool, inputs) -> str | None:
+    """Before any work: LT502 if ``output`` is a file an input reads, LT503 if it exists and
+    not ``overwrite``, LT504 if its directory is missing or read-only."""
+    if output is None:
+        return None
+    from ..atomic import check_destination
+    output = os.fspath(output)
+    check_destination(output, overwrite=overwrite, inputs=list(inputs))
+    return output
+
+
+def write_output(result: LowRankResult, output: str | None, overwrite: bool) -> LowRankResult:
+    """Save ``result.adapter`` atomically to ``output`` (loratool format) and record
+    ``output`` and the written ``tensor_hash`` in the report."""
+    result.report["output"] = output
+    if output is not None:
+        from ..adapter import save_adapter
+        result.report["tensor_hash"] = save_adapter(result.adapter, output, overwrite=overwrite)
+    return result
+
+
+def byte_progress(progress: Progress | None, total: int) -> Callable[[int], None]:
+    """``progress`` bound to ``total``: called with each module's bytes."""
+    if progress is None:
+        return lambda n: None
+    return lambda n: progress(n, total)
 
 
 def refuse_dora(adapter: Adapter, label: str, operation: str) -> None:
@@ -124,7 +153,8 @@ def module_limit(m: LoraModule, rank: int) -> int:
 def resize(adapter: Adapter | str | os.PathLike, *, rank: int | None = None,
            fro: float | None = None, sv_ratio: float | None = None,
            cumulative: float | None = None, max_rank: int | None = None,
-           min_rank: int | None = None, progress: Progress | None = None,
+           min_rank: int | None = None, output: str | os.PathLike | None = None,
+           overwrite: bool = False, progress: Progress | None = None,
            **options) -> LowRankResult:
     """Truncate every module to the rank a rule selects; exact in factored form.
 
@@ -132,7 +162,10 @@ def resize(adapter: Adapter | str | os.PathLike, *, rank: int | None = None,
     ``sv_ratio`` (keep s_i >= s_max / R) or ``cumulative`` (fraction C of the sum of singular
     values); ``max_rank``/``min_rank`` clamp the result. See spec/lowrank.md for the exact
     boundary conventions. ``adapter`` is an ``Adapter`` or a path of any format (``options``
-    go to ``load_adapter``); ``progress`` is called with the bytes of each module done.
+    go to ``load_adapter``). ``output``: also write the new adapter there (loratool format,
+    atomically; refused before any work if it is a file the input reads, or exists without
+    ``overwrite``); the report then has its ``tensor_hash``. ``progress(n, total)`` is
+    called after each module with its bytes ``n`` of the inputs' ``total``.
 
     >>> new, report = resize("examples/adapter.safetensors", fro=0.95, max_rank=32)
     >>> report["summary"]["parameters_before"], report["summary"]["parameters_after"]
@@ -143,8 +176,10 @@ def resize(adapter: Adapter | str | os.PathLike, *, rank: int | None = None,
     from ..linalg import check_rank_rule, select_rank
     rule = dict(rank=rank, fro=fro, sv_ratio=sv_ratio, cumulative=cumulative)
     check_rank_rule(**rule, max_rank=max_rank, min_rank=min_rank)
+    output = check_output(output, overwrite, [adapter])
     source, label = load_input(adapter, options)
     refuse_dora(source, label, "resized")
+    done = byte_progress(progress, sum(module_bytes(m) for m in source.modules.values()))
     modules: dict[str, LoraModule] = {}
     rows = []
     for name, m in source.modules.items():
@@ -164,8 +199,7 @@ def resize(adapter: Adapter | str | os.PathLike, *, rank: int | None = None,
                           dtype=output_dtype(m.A, m.B), bias=bias)
         modules[name] = new
         rows.append(_row(m, new, svd, choice))
-        if progress is not None:
-            progress(module_bytes(m))
+        done(module_bytes(m))
     out = Adapter(modules=modules, alpha=source.alpha, base_model=source.base_model,
                   init=getattr(source, "init", None),
                   base_model_hash=source.base_model_hash,
@@ -177,7 +211,7 @@ def resize(adapter: Adapter | str | os.PathLike, *, rank: int | None = None,
                   if v is not None})
     report = {"input": label, "rule": given, "modules": rows,
               "summary": _summary(source, out, rows)}
-    return LowRankResult(out, report)
+    return write_output(LowRankResult(out, report), output, overwrite)
 
 
 def _core_svd(m: LoraModule, label: str):
