@@ -10,8 +10,10 @@ import math
 
 import torch
 
+from _factory import adapter  # noqa: F401  (the tests import it from here)
+from _factory import generator, randn, random_module
 from loratool.linalg import frobenius_norm, inner
-from loratool.model import Adapter, LoraModule
+from loratool.model import LoraModule
 
 # Unit roundoff (half an ulp at 1) of each storage dtype: the "u" of spec/lowrank.md.
 UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8,
@@ -21,26 +23,17 @@ UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-
 def module(name="m", out=10, inp=12, rank=4, alpha=8.0, *, scaling="standard", kind="linear",
            layout="out_in", kernel=(), dtype=torch.float32, seed=0, decay=None, bias=False,
            magnitude=False) -> LoraModule:
-    """A random module; ``decay`` scales B's columns by decay**i for a decaying spectrum."""
-    g = torch.Generator().manual_seed(seed)
-    A = torch.randn(rank, inp, *kernel, generator=g, dtype=torch.float64)
-    B = torch.randn(out, rank, *([1] * len(kernel)), generator=g, dtype=torch.float64)
-    if decay is not None:
-        B = B * (decay ** torch.arange(rank, dtype=torch.float64)).reshape(
-            1, rank, *([1] * len(kernel)))
-    if kind == "embedding":
-        layout = "in_out"
-    m = LoraModule(name, kind, layout, A.to(dtype), B.to(dtype), alpha, scaling)
+    """A random module (``_factory.random_module``, drawn in fp64); ``decay`` scales B's
+    columns by decay**i for a decaying spectrum."""
+    g = generator(seed)
+    m = random_module(g, name, out=out, inp=inp, rank=rank, alpha=alpha, kind=kind,
+                      layout=layout, kernel=kernel, scaling=scaling, dtype=dtype,
+                      draw=torch.float64, decay=decay)
     if bias:
-        m.bias = torch.randn(out, generator=g, dtype=torch.float64).to(dtype)
+        m.bias = randn(g, out, dtype=dtype, draw=torch.float64)
     if magnitude:
         m.magnitude = torch.rand(out, generator=g, dtype=torch.float64).to(dtype) + 0.5
     return m
-
-
-def adapter(*modules: LoraModule, alpha: float | None = None, **facts) -> Adapter:
-    return Adapter(modules={m.name: m for m in modules},
-                   alpha=alpha if alpha is not None else modules[0].alpha, **facts)
 
 
 def scale_of(m: LoraModule) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from _factory import generator, randn, random_module
 from loratool.model import Adapter, LoraModule
 
 BITS = {torch.float32: np.uint32, torch.bfloat16: np.uint16, torch.float16: np.uint16}
@@ -153,27 +154,20 @@ def mixed_adapter(seed: int = 0, *, dtype=torch.float32, rank: int = 4, alpha: f
                   dora: bool = False, bias: bool = False, mag: float = 0.3) -> Adapter:
     """One module of every kind: linear out_in, linear in_out (GPT-2 Conv1D), conv 1x1,
     conv 3x3, embedding, and an rsLoRA linear; optionally DoRA magnitudes and lora_bias."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, s=1.0):
-        return (torch.randn(*shape, generator=g) * s).to(dtype)
-
-    r = rank
-    mods = {
-        "model.layers.0.q_proj": LoraModule("model.layers.0.q_proj", "linear", "out_in",
-                                            rnd(r, 40), rnd(24, r, s=mag), alpha),
-        "h.0.attn.c_attn": LoraModule("h.0.attn.c_attn", "linear", "in_out", rnd(r, 16),
-                                      rnd(48, r, s=mag), alpha),
-        "unet.conv1x1": LoraModule("unet.conv1x1", "conv", "out_in", rnd(r, 8, 1, 1),
-                                   rnd(6, r, 1, 1, s=mag), alpha),
-        "unet.conv3x3": LoraModule("unet.conv3x3", "conv", "out_in", rnd(r, 4, 3, 3),
-                                   rnd(8, r, 1, 1, s=mag), alpha),
-        "embed_tokens": LoraModule("embed_tokens", "embedding", "in_out", rnd(r, 50),
-                                   rnd(16, r, s=mag), alpha),
-        "model.layers.0.rs_proj": LoraModule("model.layers.0.rs_proj", "linear", "out_in",
-                                             rnd(8, 12), rnd(20, 8, s=mag), 6.0,
-                                             scaling="rslora"),
-    }
+    g = generator(seed)
+    shapes = [  # name, kind, layout, out, in, kernel
+        ("model.layers.0.q_proj", "linear", "out_in", 24, 40, ()),
+        ("h.0.attn.c_attn", "linear", "in_out", 48, 16, ()),
+        ("unet.conv1x1", "conv", "out_in", 6, 8, (1, 1)),
+        ("unet.conv3x3", "conv", "out_in", 8, 4, (3, 3)),
+        ("embed_tokens", "embedding", "in_out", 16, 50, ()),
+    ]
+    mods = {name: random_module(g, name, kind=kind, layout=layout, out=out, inp=inp, rank=rank,
+                                kernel=kernel, alpha=alpha, dtype=dtype, b_scale=mag)
+            for name, kind, layout, out, inp, kernel in shapes}
+    mods["model.layers.0.rs_proj"] = random_module(
+        g, "model.layers.0.rs_proj", out=20, inp=12, rank=8, alpha=6.0, scaling="rslora",
+        dtype=dtype, b_scale=mag)
     if dora:
         for name in ("model.layers.0.q_proj", "h.0.attn.c_attn", "unet.conv3x3",
                      "embed_tokens"):
@@ -183,7 +177,7 @@ def mixed_adapter(seed: int = 0, *, dtype=torch.float32, rank: int = 4, alpha: f
     if bias:
         for name in ("model.layers.0.q_proj", "h.0.attn.c_attn"):
             m = mods[name]
-            mods[name] = m.with_tensors(bias=rnd(m.B.shape[0]))
+            mods[name] = m.with_tensors(bias=randn(g, m.B.shape[0], dtype=dtype))
     return Adapter(modules=mods, alpha=alpha)
 
 

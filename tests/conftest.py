@@ -34,30 +34,9 @@ def examples_dir() -> str:
 
 def make_adapter(seed: int = 0, *, rank: int = 4, alpha: float = 8.0, dtype=None,
                  kinds=("linear", "in_out", "conv", "embedding")):
-    """A small adapter with one module of each requested kind (torch imported lazily)."""
-    import torch
-
-    from loratool.model import Adapter, LoraModule
-    g = torch.Generator().manual_seed(seed)
-    dtype = dtype or torch.float32
-    mods = {}
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(dtype)
-
-    if "linear" in kinds:
-        mods["layers.0.q_proj"] = LoraModule("layers.0.q_proj", "linear", "out_in",
-                                             rnd(rank, 12), rnd(10, rank), alpha)
-    if "in_out" in kinds:
-        mods["h.0.attn.c_attn"] = LoraModule("h.0.attn.c_attn", "linear", "in_out",
-                                             rnd(rank, 12), rnd(36, rank), alpha)
-    if "conv" in kinds:
-        mods["conv1"] = LoraModule("conv1", "conv", "out_in", rnd(rank, 3, 3, 3),
-                                   rnd(6, rank, 1, 1), alpha)
-    if "embedding" in kinds:
-        mods["embed"] = LoraModule("embed", "embedding", "in_out", rnd(rank, 20),
-                                   rnd(8, rank), alpha)
-    return Adapter(modules=mods, alpha=alpha)
+    """A small adapter with one module of each requested kind (``_factory.four_kinds``)."""
+    from _factory import four_kinds
+    return four_kinds(seed, rank=rank, alpha=alpha, dtype=dtype, kinds=kinds)
 
 
 @pytest.fixture

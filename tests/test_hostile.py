@@ -9,9 +9,8 @@ overlapping and out-of-range offsets, shapes whose byte size overflows, unknown 
 or shards outside their directory, symlinks to devices, directories, nowhere and themselves,
 FIFOs, and random byte flips (hypothesis).
 
-Every command that exists when the suite runs is exercised (the command table in
-``_hostile_helpers`` is built from the commands importable now: one that has not landed
-generates no cases). Each case asserts: exit code 0 or 1 (2 only for Click's own "path does
+Every command of ``loratool.cli.COMMANDS`` is exercised (the command table in
+``_hostile_commands``; a command that fails to import fails its cases). Each case asserts: exit code 0 or 1 (2 only for Click's own "path does
 not exist"), on 1 a first stderr line ``Error: [LTnnn]`` that is not LT000 (an internal
 error), no traceback, no hang, no leftover temporary file, and every input byte-identical
 afterwards. The in-process runs lower RLIMIT_AS to the process size + 3 GiB, so a header
