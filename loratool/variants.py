@@ -66,3 +66,13 @@ VARIANTS: dict[str, type[ModuleVariant]] = {v.name: v for v in (Lora, Dora)}
 def variant_of(has_magnitude: bool) -> type[ModuleVariant]:
     """The variant of a module from the roles it has (today: whether it has a magnitude)."""
     return Dora if has_magnitude else Lora
+
+
+class ParamLora(ModuleVariant):
+    """LoRA on a parameter (PEFT ``target_parameters``): a low-rank delta per expert of a
+    stacked parameter (``loratool.experts``). Additive (merge and unmerge), but its factors
+    are per expert: the loratool format and the other writers do not store it yet, and
+    resize/compose, which rewrite plain factors, refuse it."""
+
+    name = "param_lora"
+    described = "a LoRA on a parameter (PEFT target_parameters, per-expert factors)"

@@ -162,7 +162,8 @@ def test_patterns_resolve_like_peft(models, tmp_path):
 
 def test_writer_patterns_survive_suffix_capture():
     # "q" would also capture "a.q" under PEFT's first-match rule; each keeps its own value.
-    pattern = P._patterns({"a.q": 4, "q": 8, "b.k": 4}, 4)
+    from loratool.interop._peft_save import _patterns
+    pattern = _patterns({"a.q": 4, "q": 8, "b.k": 4}, 4)
     assert P.get_pattern_key(pattern, "a.q") != "q"
     resolve = lambda n: pattern.get(P.get_pattern_key(pattern, n), 4)  # noqa: E731
     assert (resolve("a.q"), resolve("q"), resolve("b.k")) == (4, 8, 4)

@@ -82,6 +82,8 @@ def _module_row(m: ModuleInfo) -> dict:
         "scaling": m.scaling, "scale": m.scale, "dtype": m.dtype, "dora": m.magnitude,
         "bias": m.bias, "parameters": m.parameters,
     }
+    if getattr(m, "experts", None):  # a LoRA on a parameter (PEFT target_parameters)
+        row["experts"], row["parameter"] = m.experts, m.parameter or None
     if getattr(m, "lycoris", None):  # family, its ranks, the plain-LoRA rank (lycoris.md)
         row["lycoris"] = m.lycoris
     return row
@@ -140,8 +142,12 @@ def _add_stats(report: dict, path: str, options: dict) -> None:
                             "flags": flags}
             continue
         B2, A2 = m.factors(torch.float64)
-        S = singular_values(B2, A2, m.scale)
         info = m.info
+        if getattr(info, "experts", None):  # per-expert deltas: no one singular spectrum
+            row["stats"] = {"norm": frobenius_norm(B2, A2, m.scale), "singular_values": [],
+                            "effective_rank": None, "flags": flags}
+            continue
+        S = singular_values(B2, A2, m.scale)
         row["stats"] = {
             "norm": frobenius_norm(B2, A2, m.scale),
             "singular_values": [float(s) for s in S],

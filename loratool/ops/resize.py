@@ -81,6 +81,14 @@ def byte_progress(progress: Progress | None, total: int) -> Callable[[int], None
 def refuse_dora(adapter: Adapter, label: str, operation: str) -> None:
     """Variants whose update is not additive (DoRA: not linear in the factors) are refused
     with LT531."""
+    experts = [n for n, m in adapter.modules.items() if m.variant.name == "param_lora"]
+    if experts:  # per-expert factors: resizing or composing them as one matrix would be wrong
+        more = f" and {len(experts) - 1} more" if len(experts) > 1 else ""
+        raise OperationError(
+            f"module {experts[0]!r}{more} of {label} is a LoRA on a parameter (PEFT "
+            f"target_parameters, one low-rank delta per expert): it cannot be {operation} "
+            "yet; merge it into the base with `loratool merge`", code="LT531",
+            module=experts[0])
     dora = [n for n, m in adapter.modules.items() if not m.variant.additive]
     if dora:
         more = f" and {len(dora) - 1} more" if len(dora) > 1 else ""

@@ -113,13 +113,12 @@ def load_item(item, base: str, name_map, adapter_options: dict | None = None, *,
 def make_plan(loaded: list[Loaded], base_tensors: dict, name_map, *, sign: float,
           allow_missing: bool, base_label: str):
     """base tensor name -> [ops]; plus the list of skipped (adapter, module, reason)."""
-    from ...naming import resolve_modules
     plan: dict[str, list[Op]] = {}
     problems: list[tuple[str, str, str]] = []
     keys = list(base_tensors)
     owners: dict[str, str] = {}  # base tensor -> the adapter that replaces it
     for ai, ld in enumerate(loaded):
-        mapping, unmatched = resolve_modules(ld.adapter.modules, keys, name_map)
+        mapping, unmatched = _resolve(ld.adapter.modules, keys, name_map)
         for module in unmatched:
             problems.append((ai, module, f"has no target: no base tensor "
                                                 f"`{module}.weight` (nor one ending in it)"))
@@ -133,7 +132,7 @@ def make_plan(loaded: list[Loaded], base_tensors: dict, name_map, *, sign: float
             seen[target] = module
             m = ld.adapter.modules[module]
             info = m.info
-            wkey = target + ".weight"
+            wkey = target + getattr(info, "tensor_suffix", ".weight")
             dtype, shape = base_tensors[wkey]
             orient = _orientation(info, shape)
             why = None
@@ -189,6 +188,20 @@ def make_plan(loaded: list[Loaded], base_tensors: dict, name_map, *, sign: float
     for ai, _, _ in problems:
         loaded[ai].skipped += 1
     return plan, skipped
+
+
+def _resolve(modules, keys, name_map):
+    """``resolve_modules`` per base-tensor suffix: ``.weight``, or none for a LoRA on a
+    parameter (``experts.ExpertsModuleInfo``: the base tensor is the parameter itself)."""
+    from ...naming import resolve_modules
+    on_param = [m for m, mod in modules.items() if getattr(mod, "kind", "") == "experts"]
+    mapping, unmatched = resolve_modules([m for m in modules if m not in set(on_param)], keys,
+                                         name_map)
+    if on_param:
+        more, left = resolve_modules(on_param, keys, name_map, suffix="")
+        mapping.update(more)
+        unmatched += left
+    return mapping, unmatched
 
 
 def _plan_replacements(ai, ld, plan, base_tensors, name_map, problems, owners) -> None:
