@@ -30,11 +30,13 @@ from .. import console
 @click.option("--modules", "patterns", multiple=True, metavar="PATTERN",
               help="Only tensors whose module (or tensor) name matches this glob; repeatable.")
 @click.option("--skip-others", is_flag=True,
-              help="Leave out changed tensors that cannot be LoRA modules (norms, biases, "
-                   "embeddings; listed in the report) instead of failing.")
-@click.option("--embeddings", type=click.Choice(["other", "lora"]), default="other",
-              show_default=True, help="Changed embeddings: refused/skipped like other "
-                                      "non-LoRA tensors, or extracted as embedding modules.")
+              help="Leave out changed tensors that cannot be LoRA modules (norms, biases; "
+                   "listed in the report) instead of storing them as replacement entries.")
+@click.option("--embeddings", type=click.Choice(["full", "lora", "skip"]), default="full",
+              show_default=True, help="Changed embeddings: replacement entries (the changed "
+                                      "rows, or the whole tensor when more than half "
+                                      "changed), LoRA embedding modules, or left out "
+                                      "(listed).")
 @click.option("--layout", type=click.Choice(["auto", "out_in", "in_out"]), default="auto",
               show_default=True, help="Linear weight layout: from the base's config.json "
                                       "(GPT-2 Conv1D is in_out), or forced for every module.")
@@ -84,13 +86,15 @@ def extract_cmd(base, tuned, out, rank, fro, sv_ratio, cumulative, max_error, au
         result = extract(base, tuned, rank=rank, fro=fro, sv_ratio=sv_ratio,
                          cumulative=cumulative, max_error=max_error, auto_rank=auto_rank,
                          max_rank=max_rank, min_rank=min_rank, modules=list(patterns) or None,
-                         others="skip" if skip_others else "error", embeddings=embeddings,
+                         others="skip" if skip_others else "full", embeddings=embeddings,
                          layout=layout, dtype=dtype, seed=seed, progress=progress)
     report = dict(result.report, output=out)
     if out is not None:
         from ..adapter import save_adapter
         report["tensor_hash"] = save_adapter(result.adapter, out, overwrite=overwrite)
-        console.note(f"wrote {out} ({len(result.adapter.modules)} modules)")
+        n_rep = len(result.adapter.replacements)
+        console.note(f"wrote {out} ({len(result.adapter.modules)} modules"
+                     + (f", {n_rep} replacement entries" if n_rep else "") + ")")
     if as_json:
         console.print_json(report)
     else:
@@ -129,9 +133,19 @@ def render_extract(report: dict) -> None:
             ("error", f"relative {s['relative_error_overall']:.3g} overall, max "
                       f"{s['relative_error_max']:.3g} (||dW - BA||_F / ||dW||_F)")):
         c.print(f"  {key:<11} {value}", markup=False, highlight=False)
-    if report["others"]:
-        c.print(f"  skipped    {len(report['others'])} changed tensor(s) that are not LoRA "
-                "modules:", markup=False, highlight=False)
-        for o in report["others"]:
+    for action, label in (("replaced", "replaced"), ("replaced_rows", "rows"),
+                          ("skipped", "skipped")):
+        rows = [o for o in report["others"] if o["action"] == action]
+        if not rows:
+            continue
+        what = {"replaced": "stored whole (replacement entries)",
+                "replaced_rows": "changed rows stored (row replacement entries)",
+                "skipped": "left out"}[action]
+        c.print(f"  {label:<11}{len(rows)} changed tensor(s) that are not LoRA modules, "
+                f"{what}:", markup=False, highlight=False)
+        for o in rows:
+            rows_text = (f", {o['rows_changed']} of {o['shape'][0]} rows changed"
+                         if o.get("rows_changed") is not None else "")
             c.print(f"    {o['name']} {o['shape']} {o['dtype']} ({o['category']}, relative "
-                    f"change {fmt(o['relative_change'], 3)})", markup=False, highlight=False)
+                    f"change {fmt(o['relative_change'], 3)}{rows_text})", markup=False,
+                    highlight=False)
