@@ -10,8 +10,14 @@ from .. import console
 @click.command("extract")
 @click.argument("base", type=click.Path(exists=True, dir_okay=True))
 @click.argument("tuned", type=click.Path(exists=True, dir_okay=True))
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False),
-              help="Write the adapter here (loratool format). Without it, only the report.")
+@click.option("-o", "--output", "out", type=click.Path(),
+              help="Write the adapter here (a file; a directory for --to peft). Without it, "
+                   "only the report.")
+@click.option("--to", "to", type=click.Choice(["loratool", "peft", "kohya"]),
+              default="loratool", show_default=True,
+              help="Output format: loratool (format 1.1 with replacement entries), a PEFT "
+                   "directory (replacements as modules_to_save, biases, trainable tokens), "
+                   "or a kohya file (LoRA modules only: refused when something was replaced).")
 @click.option("--rank", type=click.IntRange(min=1), help="Fixed rank K for every module.")
 @click.option("--fro", type=click.FloatRange(0, 1, min_open=True),
               help="Smallest rank keeping fraction F of each delta's Frobenius norm.")
@@ -47,7 +53,7 @@ from .. import console
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def extract_cmd(base, tuned, out, rank, fro, sv_ratio, cumulative, max_error, auto_rank,
+def extract_cmd(base, tuned, out, to, rank, fro, sv_ratio, cumulative, max_error, auto_rank,
                 max_rank, min_rank, patterns, skip_others, embeddings, layout, dtype, seed,
                 overwrite, as_json, quiet):
     """Extract the LoRA adapter that turns BASE into TUNED (the inverse of merge).
@@ -62,6 +68,7 @@ def extract_cmd(base, tuned, out, rank, fro, sv_ratio, cumulative, max_error, au
       loratool extract base.safetensors tuned.safetensors --rank 32 -o adapter.safetensors
       loratool extract base/ merged-bf16/ --auto-rank --max-rank 64 -o adapter.safetensors
       loratool extract base.safetensors tuned.safetensors --max-error 0.01 --json
+      loratool extract base/ tuned/ --rank 16 --to peft -o peft_adapter/
     """
     from ..atomic import check_destination
     from ..ops.extract import extract
@@ -90,8 +97,12 @@ def extract_cmd(base, tuned, out, rank, fro, sv_ratio, cumulative, max_error, au
                          layout=layout, dtype=dtype, seed=seed, progress=progress)
     report = dict(result.report, output=out)
     if out is not None:
-        from ..adapter import save_adapter
-        report["tensor_hash"] = save_adapter(result.adapter, out, overwrite=overwrite)
+        saved = result.save(out, to=to, overwrite=overwrite)
+        report.update(format=to, notes=saved["notes"])
+        if "tensor_hash" in saved:
+            report["tensor_hash"] = saved["tensor_hash"]
+        for line in saved["notes"]:
+            console.note(line)
         n_rep = len(result.adapter.replacements)
         console.note(f"wrote {out} ({len(result.adapter.modules)} modules"
                      + (f", {n_rep} replacement entries" if n_rep else "") + ")")

@@ -28,6 +28,7 @@ Progress = Callable[[int, int], None]
 OTHERS = ("full", "skip")
 EMBEDDINGS = ("full", "lora", "skip")
 LAYOUTS = ("auto", LAYOUT_OUT_IN, LAYOUT_IN_OUT)
+TARGETS = ("loratool", "peft", "kohya")  # output formats (ExtractResult.save)
 DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "fp64": "F64"}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
@@ -49,6 +50,30 @@ class ExtractResult:
 
     def __iter__(self):
         return iter((self.adapter, self.report))
+
+    def save(self, path: str | os.PathLike, *, to: str = "loratool",
+             overwrite: bool = False) -> dict:
+        """Write the adapter in format ``to`` (``TARGETS``) through the format registry:
+        ``{"format", "tensor_hash" (loratool), "notes"}``. A format that cannot hold a
+        replacement entry or a module kind is refused before writing (LT306), naming them
+        and the extract options that leave them out.
+
+        Example::
+
+            result = extract("base.safetensors", "tuned.safetensors", rank=16)
+            result.save("adapter_dir", to="peft")   # loads with PeftModel.from_pretrained
+        """
+        _choice("to", to, TARGETS)
+        path = os.fspath(path)
+        if to == "loratool":
+            from ...adapter import save_adapter
+            return {"format": to, "notes": [],
+                    "tensor_hash": save_adapter(self.adapter, path, overwrite=overwrite)}
+        from ...interop import get_format
+        from ..convert import convert
+        _refuse_unwritable(self.adapter, to, get_format(to).CAPABILITIES)
+        report = convert(self.adapter, path, to=to, overwrite=overwrite)
+        return {"format": to, "notes": report.notes}
 
 
 @dataclass(frozen=True)
@@ -111,6 +136,25 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, *, rank: int | No
                     labels=(base, tuned), options=dict(
                         modules=list(modules) if modules else None, others=others,
                         embeddings=embeddings, layout=layout, dtype=dtype, seed=seed))
+
+
+def _refuse_unwritable(adapter, to: str, caps) -> None:
+    from ...errors import InteropError
+    reps = [] if caps.replacements else list(adapter.replacements)
+    kinds = sorted(n for n, m in adapter.modules.items() if m.kind not in caps.kinds)
+    if not reps and not kinds:
+        return
+    what = []
+    if reps:
+        what.append(f"{len(reps)} replaced tensor(s) (changed norms, biases, embeddings): "
+                    + ", ".join(reps[:12]) + (" ..." if len(reps) > 12 else ""))
+    if kinds:
+        what.append(f"{len(kinds)} module(s) of a kind it has no place for: "
+                    + ", ".join(kinds[:12]) + (" ..." if len(kinds) > 12 else ""))
+    raise InteropError(
+        f"the {to} format cannot hold {'; '.join(what)}. Leave them out with others='skip' "
+        "and embeddings='skip' (CLI --skip-others --embeddings skip; they are then listed as "
+        f"skipped), or write loratool or peft instead of {to}", code="LT306")
 
 
 def _choice(name, value, allowed) -> None:
@@ -306,4 +350,4 @@ def _report(labels, rule, options, rows, identical, changed_others, not_selected
     }
 
 
-__all__ = ["extract", "ExtractResult"]
+__all__ = ["extract", "ExtractResult", "TARGETS"]
