@@ -282,38 +282,95 @@ def test_pt_and_sharded_inputs_give_the_same_adapter(tmp_path):
 # --- what is not a LoRA module, layouts, errors -----------------------------------------------
 
 def _with_changed_norm(tmp_path):
+    """A low-rank change of a weight, and changed tensors that are not LoRA targets: a norm,
+    a bias, one embedding row, a whole second embedding; an unchanged bias and buffer."""
     g = _gen(7)
     base = {"l.q_proj.weight": torch.randn(20, 16, generator=g),
             "l.norm.weight": torch.ones(20), "l.q_proj.bias": torch.zeros(20),
-            "model.embed_tokens.weight": torch.randn(30, 16, generator=g)}
+            "l.k_proj.bias": torch.randn(20, generator=g),
+            "model.embed_tokens.weight": torch.randn(30, 16, generator=g),
+            "model.embed_positions.weight": torch.randn(6, 16, generator=g),
+            "l.steps": torch.arange(4)}
     tuned = dict(base)
     tuned["l.q_proj.weight"] = base["l.q_proj.weight"] + torch.randn(20, 1) @ torch.randn(1, 16)
     tuned["l.norm.weight"] = base["l.norm.weight"] * 1.01
-    tuned["model.embed_tokens.weight"] = base["model.embed_tokens.weight"] + 0.5
+    tuned["l.k_proj.bias"] = base["l.k_proj.bias"] + 0.25
+    emb = base["model.embed_tokens.weight"].clone()
+    emb[17] += 0.5
+    tuned["model.embed_tokens.weight"] = emb
+    tuned["model.embed_positions.weight"] = base["model.embed_positions.weight"] * 0.5
     bpath, tpath = tmp_path / "b.safetensors", tmp_path / "t.safetensors"
     save_file(base, bpath)
     save_file(tuned, tpath)
     return bpath, tpath
 
 
-def test_changed_norms_and_embeddings_are_refused_or_listed(tmp_path):
+def test_changed_non_lora_tensors_become_replacement_entries(tmp_path):
     bpath, tpath = _with_changed_norm(tmp_path)
-    with pytest.raises(LoraToolError) as e:
-        extract(bpath, tpath, rank=1)
-    assert e.value.code == "LT545"
-    assert "l.norm.weight [20] F32 (vector" in e.value.message
-    assert "model.embed_tokens.weight" in e.value.message and "l.q_proj.bias" not in \
-        e.value.message  # unchanged bias: not listed
-    adapter, report = extract(bpath, tpath, rank=1, others="skip")
+    adapter, report = extract(bpath, tpath, rank=1)
     assert list(adapter.modules) == ["l.q_proj"]
-    assert [(o["name"], o["category"]) for o in report["others"]] == [
-        ("l.norm.weight", "vector"), ("model.embed_tokens.weight", "embedding")]
+    # unchanged tensors (l.q_proj.bias, l.steps) produce nothing
+    assert sorted(adapter.replacements) == ["l.k_proj.bias", "l.norm.weight",
+                                            "model.embed_positions.weight",
+                                            "model.embed_tokens.weight"]
+    actions = {o["name"]: (o["category"], o["action"], o["rows_changed"])
+               for o in report["others"]}
+    assert actions == {"l.k_proj.bias": ("bias", "replaced", None),
+                       "l.norm.weight": ("vector", "replaced", None),
+                       "model.embed_positions.weight": ("embedding", "replaced", 6),
+                       "model.embed_tokens.weight": ("embedding", "replaced_rows", 1)}
+    rows = adapter.replacements["model.embed_tokens.weight"]
+    assert rows.index.tolist() == [17] and rows.value.shape == (1, 16)
+    assert report["summary"]["replaced"] == 4 and report["summary"]["skipped"] == 0
+    # written (format 1.1) and merged back: the replaced tensors exactly, the low-rank one
+    # within its reported error (+ fp32 rounding of the factors and of the merge)
+    out = tmp_path / "x.safetensors"
+    loratool.save_adapter(adapter, out)
+    assert loratool.validate([str(out)]).ok
+    back = tmp_path / "back.safetensors"
+    loratool.merge(bpath, [(str(out), 1.0)], output=back)
+    tuned, merged = load_file(tpath), load_file(back)
+    for name in tuned:
+        if name != "l.q_proj.weight":
+            assert torch.equal(merged[name], tuned[name]), name
+    r, t = report["modules"][0], tuned["l.q_proj.weight"].double()
+    tol = r["error"] + r["rounding_bound"] + 2.0 ** -24 * float(t.norm())
+    assert float((merged["l.q_proj.weight"].double() - t).norm()) <= tol
+
+
+def test_embeddings_and_others_options(tmp_path):
+    bpath, tpath = _with_changed_norm(tmp_path)
+    adapter, report = extract(bpath, tpath, rank=1, others="skip", embeddings="skip")
+    assert list(adapter.modules) == ["l.q_proj"] and adapter.replacements == {}
+    assert [(o["name"], o["action"]) for o in report["others"]] == [
+        ("l.k_proj.bias", "skipped"), ("l.norm.weight", "skipped"),
+        ("model.embed_positions.weight", "skipped"), ("model.embed_tokens.weight", "skipped")]
+    adapter, report = extract(bpath, tpath, rank=1, embeddings="skip")
+    assert sorted(adapter.replacements) == ["l.k_proj.bias", "l.norm.weight"]
+    assert report["summary"]["skipped"] == 2
     adapter, report = extract(bpath, tpath, rank=1, others="skip", embeddings="lora")
     emb = adapter.modules["model.embed_tokens"]
     assert emb.kind == "embedding" and emb.layout == "in_out"
     want = load_file(tpath)["model.embed_tokens.weight"].double() - \
         load_file(bpath)["model.embed_tokens.weight"].double()
     assert _rel(emb.delta(torch.float64), want) <= 1e-6
+    # only non-LoRA tensors changed: an adapter of replacement entries alone
+    adapter, _ = extract(bpath, tpath, rank=1, modules=["l.norm"])
+    assert adapter.modules == {} and list(adapter.replacements) == ["l.norm.weight"]
+
+
+def test_changed_non_float_tensors_are_refused_unless_skipped(tmp_path):
+    base = {"l.q_proj.weight": torch.zeros(4, 4), "l.steps": torch.arange(4)}
+    tuned = {"l.q_proj.weight": torch.ones(4, 4), "l.steps": torch.arange(4) + 1}
+    save_file(base, tmp_path / "b.safetensors")
+    save_file(tuned, tmp_path / "t.safetensors")
+    with pytest.raises(LoraToolError) as e:
+        extract(tmp_path / "b.safetensors", tmp_path / "t.safetensors", rank=1)
+    assert e.value.code == "LT545" and "l.steps [4] I64" in e.value.message
+    _, report = extract(tmp_path / "b.safetensors", tmp_path / "t.safetensors", rank=1,
+                        others="skip")
+    assert [(o["name"], o["category"], o["action"]) for o in report["others"]] == [
+        ("l.steps", "non-float", "skipped")]
 
 
 def test_gpt2_conv1d_layout_from_config(tmp_path):
@@ -361,9 +418,10 @@ def test_identical_checkpoints_and_bad_rules(tmp_path):
         with pytest.raises(LoraToolError) as e:
             extract(b, t, **kw)
         assert e.value.code == "LT530", kw
-    with pytest.raises(LoraToolError) as e:
-        extract(b, t, rank=1, others="keep")
-    assert e.value.code == "LT540"
+    for kw in ({"others": "keep"}, {"embeddings": "other"}):
+        with pytest.raises(LoraToolError) as e:
+            extract(b, t, rank=1, **kw)
+        assert e.value.code == "LT540"
 
 
 def test_modules_patterns_select(tmp_path):
@@ -414,9 +472,10 @@ def test_cli_usage_and_library_errors(tmp_path, run):
     r = run(bpath, tpath, "--rank", 2, "--fro", 0.5)
     assert r.exit_code == 2 and "(got --rank, --fro)" in r.output
     r = run(bpath, tpath, "--rank", 1)
-    assert r.exit_code == 1 and "Error: [LT545]" in r.stderr and "--skip-others" in r.stderr
-    r = run(bpath, tpath, "--rank", 1, "--skip-others")
-    assert r.exit_code == 0 and "l.norm.weight" in r.stdout
+    assert r.exit_code == 0 and "l.norm.weight" in r.stdout and "replacement entries" in \
+        r.stdout and "1 of 30 rows changed" in r.stdout
+    r = run(bpath, tpath, "--rank", 1, "--skip-others", "--embeddings", "skip")
+    assert r.exit_code == 0 and "left out" in r.stdout and "l.norm.weight" in r.stdout
     r = run("--help")
     assert r.exit_code == 0
     r = CliRunner().invoke(cli.main, ["extract", "--help"])

@@ -76,3 +76,57 @@ def source_options(f):
     for option in reversed(options):
         wrapper = option(wrapper)
     return wrapper
+
+
+_RULES = ("rank", "fro", "sv_ratio", "cumulative")
+_CERTIFIED_RULES = ("max_error", "auto_rank")
+
+
+def rank_rule_options(*, certified: bool = False):
+    """The rank rule of ``resize`` and ``extract``: --rank/--fro/--sv-ratio/--cumulative
+    (with ``certified``, also --max-error and --auto-rank, which need the true error of each
+    truncation) and the --max-rank/--min-rank clamps. Exactly one rule MUST be given (usage
+    error otherwise, exit 2); the values reach the command as keyword arguments of the
+    library's names (``rank``, ``fro``, ``sv_ratio``, ... ``max_rank``, ``min_rank``)."""
+    names = _RULES + (_CERTIFIED_RULES if certified else ())
+    options = [
+        click.option("--rank", type=click.IntRange(min=1), help="Fixed rank K for every module."),
+        click.option("--fro", type=click.FloatRange(0, 1, min_open=True),
+                     help="Smallest rank keeping fraction F of each delta's Frobenius norm."),
+        click.option("--sv-ratio", type=click.FloatRange(min=1),
+                     help="Keep singular values s_i >= s_max / R."),
+        click.option("--cumulative", type=click.FloatRange(0, 1, min_open=True),
+                     help="Smallest rank keeping fraction C of the sum of singular values"
+                          + (" (exact SVD of every tensor: slow on large ones)." if certified
+                             else ".")),
+    ]
+    if certified:
+        options += [
+            click.option("--max-error", type=click.FloatRange(0, 1, max_open=True),
+                         help="Smallest rank with ||dW - BA||_F <= E ||dW||_F (certified)."),
+            click.option("--auto-rank", is_flag=True,
+                         help="The singular values above the tuned dtype's rounding-noise "
+                              "floor (for adapters merged into bf16/fp16 checkpoints)."),
+        ]
+    options += [
+        click.option("--max-rank", type=click.IntRange(min=1),
+                     help="Upper bound on every module's rank."),
+        click.option("--min-rank", type=click.IntRange(min=1),
+                     help="Lower bound on every module's rank."),
+    ]
+
+    def decorate(f):
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            given = [n for n in names if kwargs[n] not in (None, False)]
+            if len(given) != 1:
+                flags = ["--" + n.replace("_", "-") for n in names]
+                raise click.UsageError(
+                    f"give exactly one of {', '.join(flags)}" + (
+                        f" (got {', '.join('--' + n.replace('_', '-') for n in given)})"
+                        if given else ""))
+            return f(*args, **kwargs)
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+    return decorate

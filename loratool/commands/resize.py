@@ -7,20 +7,12 @@ from contextlib import ExitStack
 import click
 
 from .. import console
-from ._options import source_options
+from ._options import rank_rule_options, source_options
 
 
 @click.command("resize")
 @click.argument("adapter", type=click.Path(exists=True, dir_okay=True))
-@click.option("--rank", type=click.IntRange(min=1), help="Fixed rank K for every module.")
-@click.option("--fro", type=click.FloatRange(0, 1, min_open=True),
-              help="Smallest rank keeping fraction F of each delta's Frobenius norm.")
-@click.option("--sv-ratio", type=click.FloatRange(min=1),
-              help="Keep singular values s_i >= s_max / R.")
-@click.option("--cumulative", type=click.FloatRange(0, 1, min_open=True),
-              help="Smallest rank keeping fraction C of the sum of singular values.")
-@click.option("--max-rank", type=click.IntRange(min=1), help="Upper bound on the new rank.")
-@click.option("--min-rank", type=click.IntRange(min=1), help="Lower bound on the new rank.")
+@rank_rule_options()
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False),
               help="Write the resized adapter here (loratool format). Without it, only the "
                    "report is printed.")

@@ -1,6 +1,5 @@
 """Reports of the low-rank operations: ``resize``, ``compose``, ``compare`` (with
-``--subspace``). ``extract``'s report, a resize-like table, belongs here too (its renderer
-still lives in ``commands/extract.py``)."""
+``--subspace``) and ``extract`` (a resize-like table)."""
 
 from __future__ import annotations
 
@@ -138,3 +137,53 @@ def render_subspace(report: dict) -> None:
     if report.get("plot"):
         fields.append(("plot", report["plot"]))
     print_fields(c, fields)
+
+
+def render_extract(report: dict) -> None:
+    """The report of ``extract``: per-module table, summary, changed non-LoRA tensors."""
+    from rich.table import Table
+    from rich.text import Text
+
+    c = out()
+    rule = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in report["rule"].items())
+    c.print(f"{report['base']} -> {report['tuned']}  extract ({rule})", style="bold",
+            markup=False, highlight=False)
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("module", "kind", "shape", "rank", "rel. error", "error", "retained",
+                "method", "reason"):
+        table.add_column(col, justify="right" if col in ("rank", "rel. error", "error",
+                                                          "retained") else "left",
+                         no_wrap=col == "module")
+    for r in report["modules"]:
+        table.add_row(Text(r["name"]), r["kind"] + (" (T)" if r["layout"] == "in_out" else ""),
+                      "x".join(map(str, r["shape"])), str(r["rank"]),
+                      fmt(r["relative_error"], 3), fmt(r["error"], 3),
+                      f"{r['retained']:.6f}", r["method"], Text(r["reason"]))
+    if report["modules"]:
+        c.print(table)
+    s = report["summary"]
+    ranks = _ranks(s["ranks"])
+    for key, value in (
+            ("modules", f"{s['modules']} extracted, {s['identical_weights']} weights "
+                        f"unchanged, {s['not_selected']} tensors not selected"),
+            ("ranks", ranks),
+            ("parameters", f"{s['parameters']:,}"),
+            ("error", f"relative {s['relative_error_overall']:.3g} overall, max "
+                      f"{s['relative_error_max']:.3g} (||dW - BA||_F / ||dW||_F)")):
+        c.print(f"  {key:<11} {value}", markup=False, highlight=False)
+    for action, label in (("replaced", "replaced"), ("replaced_rows", "rows"),
+                          ("skipped", "skipped")):
+        rows = [o for o in report["others"] if o["action"] == action]
+        if not rows:
+            continue
+        what = {"replaced": "stored whole (replacement entries)",
+                "replaced_rows": "changed rows stored (row replacement entries)",
+                "skipped": "left out"}[action]
+        c.print(f"  {label:<11}{len(rows)} changed tensor(s) that are not LoRA modules, "
+                f"{what}:", markup=False, highlight=False)
+        for o in rows:
+            rows_text = (f", {o['rows_changed']} of {o['shape'][0]} rows changed"
+                         if o.get("rows_changed") is not None else "")
+            c.print(f"    {o['name']} {o['shape']} {o['dtype']} ({o['category']}, relative "
+                    f"change {fmt(o['relative_change'], 3)}{rows_text})", markup=False,
+                    highlight=False)

@@ -5,8 +5,8 @@ each changed 2-D weight (and conv weight) gets its spectrum from ``engine`` (exa
 small matrices, a streamed randomized sketch for large ones) and a rank from ``ranks``; the
 result is an ``Adapter`` with balanced factors and scale 1, plus a report whose per-module
 error is computed, not estimated. Changed tensors that are not weights of a linear/conv layer
-(norms, biases, embeddings by default) are listed; until the format has full-tensor entries
-they make ``extract`` refuse unless ``others="skip"``.
+(norms, biases, embeddings by default) become replacement entries holding their tuned values
+(``others``), listed in the report; unchanged ones produce nothing.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from ...format import (KIND_CONV, KIND_EMBEDDING, KIND_LINEAR, LAYOUT_IN_OUT, LA
 
 Progress = Callable[[int, int], None]
 
-OTHERS = ("error", "skip")
-EMBEDDINGS = ("other", "lora")
+OTHERS = ("full", "skip")
+EMBEDDINGS = ("full", "lora", "skip")
 LAYOUTS = ("auto", LAYOUT_OUT_IN, LAYOUT_IN_OUT)
+TARGETS = ("loratool", "peft", "kohya")  # output formats (ExtractResult.save)
 DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "fp64": "F64"}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
@@ -44,10 +45,35 @@ class ExtractResult:
 
     adapter: object  # loratool.model.Adapter
     report: dict
-    others: list[dict] = field(default_factory=list)  # changed tensors not in the adapter
+    others: list[dict] = field(default_factory=list)  # changed non-LoRA tensors (replaced
+    # or skipped), as in the report
 
     def __iter__(self):
         return iter((self.adapter, self.report))
+
+    def save(self, path: str | os.PathLike, *, to: str = "loratool",
+             overwrite: bool = False) -> dict:
+        """Write the adapter in format ``to`` (``TARGETS``) through the format registry:
+        ``{"format", "tensor_hash" (loratool), "notes"}``. A format that cannot hold a
+        replacement entry or a module kind is refused before writing (LT306), naming them
+        and the extract options that leave them out.
+
+        Example::
+
+            result = extract("base.safetensors", "tuned.safetensors", rank=16)
+            result.save("adapter_dir", to="peft")   # loads with PeftModel.from_pretrained
+        """
+        _choice("to", to, TARGETS)
+        path = os.fspath(path)
+        if to == "loratool":
+            from ...adapter import save_adapter
+            return {"format": to, "notes": [],
+                    "tensor_hash": save_adapter(self.adapter, path, overwrite=overwrite)}
+        from ...interop import get_format
+        from ..convert import convert
+        _refuse_unwritable(self.adapter, to, get_format(to).CAPABILITIES)
+        report = convert(self.adapter, path, to=to, overwrite=overwrite)
+        return {"format": to, "notes": report.notes}
 
 
 @dataclass(frozen=True)
@@ -64,8 +90,8 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, *, rank: int | No
             fro: float | None = None, sv_ratio: float | None = None,
             cumulative: float | None = None, max_error: float | None = None,
             auto_rank: bool = False, max_rank: int | None = None, min_rank: int | None = None,
-            modules: list[str] | tuple[str, ...] | None = None, others: str = "error",
-            embeddings: str = "other", layout: str = "auto", dtype: str = "fp32",
+            modules: list[str] | tuple[str, ...] | None = None, others: str = "full",
+            embeddings: str = "full", layout: str = "auto", dtype: str = "fp32",
             seed: int = 0, progress: Progress | None = None) -> ExtractResult:
     """Extract the LoRA adapter whose merge into ``base`` best reproduces ``tuned``.
 
@@ -75,10 +101,12 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, *, rank: int | No
     ``auto_rank`` (the singular values above the tuned dtype's rounding-noise floor: the rank
     of an adapter merged into a bf16/fp16 checkpoint). ``max_rank``/``min_rank`` clamp.
     ``modules``: glob patterns over module names (tensor names without ``.weight``) and
-    tensor names; only matching tensors are compared. ``others``: what to do with changed
-    tensors that cannot be a LoRA module (``"error"`` lists them and refuses; ``"skip"`` leaves
-    them out and lists them in the report). ``embeddings="lora"`` extracts changed embeddings
-    as embedding modules instead. ``layout``: ``"auto"`` derives GPT-2 Conv1D layouts from the
+    tensor names; only matching tensors are compared. ``others``: changed tensors that cannot
+    be a LoRA module (norms, biases): ``"full"`` stores each as a replacement entry with its
+    tuned values (exact; non-float tensors are refused, LT545), ``"skip"`` leaves them out;
+    both list them in the report. ``embeddings``: changed embeddings as replacement entries
+    (``"full"``: the changed rows when at most half changed, else the whole tensor), as LoRA
+    embedding modules (``"lora"``) or left out and listed (``"skip"``). ``layout``: ``"auto"`` derives GPT-2 Conv1D layouts from the
     base's config.json; ``"out_in"``/``"in_out"`` set every linear module's layout. Factors are
     stored in ``dtype`` (fp32 default), balanced, with alpha = rank (scale 1).
 
@@ -108,6 +136,25 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, *, rank: int | No
                     labels=(base, tuned), options=dict(
                         modules=list(modules) if modules else None, others=others,
                         embeddings=embeddings, layout=layout, dtype=dtype, seed=seed))
+
+
+def _refuse_unwritable(adapter, to: str, caps) -> None:
+    from ...errors import InteropError
+    reps = [] if caps.replacements else list(adapter.replacements)
+    kinds = sorted(n for n, m in adapter.modules.items() if m.kind not in caps.kinds)
+    if not reps and not kinds:
+        return
+    what = []
+    if reps:
+        what.append(f"{len(reps)} replaced tensor(s) (changed norms, biases, embeddings): "
+                    + ", ".join(reps[:12]) + (" ..." if len(reps) > 12 else ""))
+    if kinds:
+        what.append(f"{len(kinds)} module(s) of a kind it has no place for: "
+                    + ", ".join(kinds[:12]) + (" ..." if len(kinds) > 12 else ""))
+    raise InteropError(
+        f"the {to} format cannot hold {'; '.join(what)}. Leave them out with others='skip' "
+        "and embeddings='skip' (CLI --skip-others --embeddings skip; they are then listed as "
+        f"skipped), or write loratool or peft instead of {to}", code="LT306")
 
 
 def _choice(name, value, allowed) -> None:
@@ -202,7 +249,8 @@ def _run(b, t, rule, targets, other_names, not_selected, *, others, dtype, seed,
          labels, options):
     from ...model import Adapter
     from .reader import Pair
-    from .build import build_module, compare_other, spectrum_for
+    from . import others as O
+    from .build import build_module, spectrum_for
     total = sum(Pair(x.name, b, t, x.dtype, x.shape).nbytes * 2 for x in targets) + sum(
         _nbytes(b.tensors[n]) * 2 for n in other_names)
     done = 0
@@ -215,14 +263,19 @@ def _run(b, t, rule, targets, other_names, not_selected, *, others, dtype, seed,
 
     from .engine import Scratch
     scratch = Scratch()
-    changed_others = []
+    changed_others, replacements = [], {}
     for name in other_names:
-        row = compare_other(b, t, name)
+        cat = O.category(name, b.tensors[name])
+        skip = options["embeddings"] == "skip" if cat == "embedding" else others == "skip"
+        row, rep = O.compare(b, t, name, keep=not skip)
         if row is not None:
             changed_others.append(row)
+        if rep is not None:
+            replacements[name] = rep
         advance(_nbytes(b.tensors[name]) * 2)
-    if changed_others and others == "error":
-        raise _others_error(changed_others)
+    lost = [r for r in changed_others if r["category"] == "non-float" and others != "skip"]
+    if lost:
+        raise O.refuse(lost)
     mods, rows, identical = {}, [], 0
     for i, x in enumerate(targets):
         pair = Pair(x.name, b, t, x.dtype, x.shape, scratch)
@@ -234,37 +287,24 @@ def _run(b, t, rule, targets, other_names, not_selected, *, others, dtype, seed,
             mods[x.module] = module
             rows.append(row)
         advance(pair.nbytes * 2)
-    if not mods:
+    if not mods and not replacements:
         raise OperationError(
             f"no weight differs between {labels[0]} and {labels[1]}"
             + (" among the selected modules" if options["modules"] else "")
-            + f" ({identical} compared, {len(changed_others)} other tensor(s) changed): "
-            "there is no adapter to extract", code="LT544")
+            + f" ({identical} compared, {len(changed_others)} other tensor(s) changed, all "
+            "skipped): there is no adapter to extract", code="LT544")
     from ..resize import most_common_rank
     default_alpha = most_common_rank(mods)
-    adapter = Adapter(modules=mods, alpha=float(default_alpha),
+    adapter = Adapter(modules=mods, alpha=float(default_alpha), replacements=replacements,
                       provenance=_provenance(labels, rule, options))
     report = _report(labels, rule, options, rows, identical, changed_others, not_selected,
-                     others, adapter)
+                     adapter)
     return ExtractResult(adapter, report, changed_others)
 
 
 def _nbytes(info) -> int:
     from ...stfile import DTYPE_SIZES
     return math.prod(info.shape) * DTYPE_SIZES[info.dtype]
-
-
-def _others_error(rows) -> OperationError:
-    lines = [f"{r['name']} {r['shape']} {r['dtype']} ({r['category']}, relative change "
-             f"{r['relative_change']:.3g})" for r in rows[:25]]
-    more = f"\n  ... and {len(rows) - 25} more" if len(rows) > 25 else ""
-    return OperationError(
-        f"{len(rows)} changed tensor(s) cannot be LoRA modules (norms, biases, embeddings, "
-        "non-float or other non-weight tensors) and the adapter format has no full-tensor "
-        "entries yet, so they would be lost:\n  " + "\n  ".join(lines) + more + "\npass "
-        "others='skip' (CLI --skip-others) to leave them out (they are listed in the report)"
-        + ("; embeddings can be extracted as LoRA with embeddings='lora' (--embeddings lora)"
-           if any(r["category"] == "embedding" for r in rows) else ""), code="LT545")
 
 
 def _provenance(labels, rule, options) -> str:
@@ -277,7 +317,7 @@ def _provenance(labels, rule, options) -> str:
     return f"loratool {__version__} extract {names} {args}"
 
 
-def _report(labels, rule, options, rows, identical, changed_others, not_selected, others,
+def _report(labels, rule, options, rows, identical, changed_others, not_selected,
             adapter) -> dict:
     norm2 = sum(r["norm"] ** 2 for r in rows)
     err2 = sum(r["error"] ** 2 for r in rows)
@@ -289,12 +329,15 @@ def _report(labels, rule, options, rows, identical, changed_others, not_selected
         "options": options,
         "modules": rows,
         "others": changed_others,
-        "others_action": "skipped" if changed_others else None,
         "not_selected": not_selected,
         "summary": {
             "modules": len(rows),
             "identical_weights": identical,
             "others_changed": len(changed_others),
+            "replaced": sum(r["action"] != "skipped" for r in changed_others),
+            "skipped": sum(r["action"] == "skipped" for r in changed_others),
+            "replacement_bytes": sum(r.value.numel() * r.value.element_size()
+                                     for r in adapter.replacements.values()),
             "not_selected": len(not_selected),
             "ranks": {str(k): v for k, v in sorted(Counter(r["rank"] for r in rows).items())},
             "parameters": sum(m.info.parameters for m in adapter.modules.values()),
@@ -307,4 +350,4 @@ def _report(labels, rule, options, rows, identical, changed_others, not_selected
     }
 
 
-__all__ = ["extract", "ExtractResult"]
+__all__ = ["extract", "ExtractResult", "TARGETS"]
