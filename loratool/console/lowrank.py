@@ -4,7 +4,7 @@ still lives in ``commands/extract.py``)."""
 
 from __future__ import annotations
 
-from .terminal import fmt, note, out, print_fields, table
+from .terminal import fmt, note, out, print_report, table
 
 
 def render_written(report: dict) -> None:
@@ -34,10 +34,8 @@ def render_resize(report: dict) -> None:
         t.add_row(Text(r["name"]), r["kind"], str(r["old_rank"]), str(r["new_rank"]),
                   f"{r['retained']:.6f}", fmt(r["residual"], 3), fmt(r["sv_max"], 4),
                   ", ".join(notes))
-    if report["modules"]:
-        c.print(t)
     s = report["summary"]
-    print_fields(c, [
+    print_report(c, t, report["modules"], [
         ("modules", f"{s['modules']} ({s['resized']} resized, {s['unchanged']} unchanged, "
                     f"{s['clamped']} clamped)"),
         ("ranks", f"{_ranks(s['ranks_before'])} -> {_ranks(s['ranks_after'])}"),
@@ -63,8 +61,6 @@ def render_compose(report: dict) -> None:
         if truncating:
             row += [f"{r['retained']:.6f}", fmt(r["residual"], 3)]
         t.add_row(*row)
-    if report["modules"]:
-        c.print(t)
     s = report["summary"]
     fields = [("modules", f"{s['modules']} ({s['in_all_inputs']} in every input; {s['exact']} "
                           f"exact, {s['truncated']} truncated)"),
@@ -73,7 +69,7 @@ def render_compose(report: dict) -> None:
     if "retained_overall" in s:
         fields.append(("retained", f"overall {s['retained_overall']:.6f}, min "
                                    f"{s['retained_min']:.6f} (fraction of the Frobenius norm)"))
-    print_fields(c, fields)
+    print_report(c, t, report["modules"], fields)
 
 
 def render_compare(report: dict) -> None:
@@ -95,10 +91,8 @@ def render_compare(report: dict) -> None:
         t.add_row(Text(r["name"]), fmt(r["norm_a"], 5), fmt(r["norm_b"], 5),
                   fmt(r["norm_ratio"], 5), fmt(r["cosine"], 6), fmt(r["rel_diff"], 4),
                   status)
-    if report["modules"]:
-        c.print(t)
     s = report["summary"]
-    print_fields(c, [
+    print_report(c, t, report["modules"], [
         ("modules", f"{s['common']} compared, {len(s['only_a'])} only in A, "
                     f"{len(s['only_b'])} only in B, {len(s['not_compared'])} not comparable"),
         ("cosine", f"{fmt(s['cosine'])} (whole adapter), mean {fmt(s['cosine_mean'])}, "
@@ -128,8 +122,6 @@ def render_subspace(report: dict) -> None:
             phi += " / " + fmt(s["output"]["phi_at_min"], 4)
             half += " / " + fmt(s["output"]["half_dim"], 4)
         t.add_row(Text(r["name"]), dims, phi, half, fmt(r["cosine"], 6), "")
-    if report["modules"]:
-        c.print(t)
     s = report["subspace"]
     fields = [("modules", f"{s['modules']} analyzed; phi(k,k) mean "
                           f"{fmt(s['phi_at_min_mean'], 4)}, min {fmt(s['phi_at_min_min'], 4)} "
@@ -137,4 +129,4 @@ def render_subspace(report: dict) -> None:
                           "0: orthogonal)")]
     if report.get("plot"):
         fields.append(("plot", report["plot"]))
-    print_fields(c, fields)
+    print_report(c, t, report["modules"], fields)
