@@ -4,7 +4,8 @@
   verbatim, between its rules-table markers;
 * the metadata table names every key of ``loratool.format``; the effective-rank epsilons match
   ``ops.inspect.EPS``; spec/README.md lists the spec files;
-* every CLI command whose module exists has ``--help`` text with an example.
+* every CLI command has ``--help`` text with an example (a command module that fails to
+  import fails here, whatever the way it breaks).
 """
 
 from __future__ import annotations

@@ -19,13 +19,13 @@ from .checkpoints import (render_convert, render_convert_dropped, render_dropped
 from .lowrank import (render_compare, render_compose, render_extract, render_resize,
                       render_subspace, render_written)
 from .terminal import (err, error, fmt, fmt_bytes, note, out, print_fields, print_json,
-                       progress, progress_callback, reset, table)
+                       print_report, progress, progress_callback, reset, table)
 
 __all__ = [
     "INSPECT_ROWS", "err", "error", "fmt", "fmt_bytes", "note", "out", "print_fields",
-    "print_json", "progress", "progress_callback", "render_amplification", "render_compare",
-    "render_compose", "render_convert", "render_convert_dropped", "render_dropped",
-    "render_extract", "render_gguf_merge", "render_inspect", "render_merge",
+    "print_json", "print_report", "progress", "progress_callback", "render_amplification",
+    "render_compare", "render_compose", "render_convert", "render_convert_dropped",
+    "render_dropped", "render_extract", "render_gguf_merge", "render_inspect", "render_merge",
     "render_merged_checkpoint", "render_resize", "render_subspace", "render_validate",
     "render_written", "reset", "table",
 ]

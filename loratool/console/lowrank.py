@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .terminal import fmt, note, out, print_fields, table
+from .terminal import fmt, note, out, print_report, table
 
 
 def render_written(report: dict) -> None:
@@ -33,10 +33,8 @@ def render_resize(report: dict) -> None:
         t.add_row(Text(r["name"]), r["kind"], str(r["old_rank"]), str(r["new_rank"]),
                   f"{r['retained']:.6f}", fmt(r["residual"], 3), fmt(r["sv_max"], 4),
                   ", ".join(notes))
-    if report["modules"]:
-        c.print(t)
     s = report["summary"]
-    print_fields(c, [
+    print_report(c, t, report["modules"], [
         ("modules", f"{s['modules']} ({s['resized']} resized, {s['unchanged']} unchanged, "
                     f"{s['clamped']} clamped)"),
         ("ranks", f"{_ranks(s['ranks_before'])} -> {_ranks(s['ranks_after'])}"),
@@ -62,8 +60,6 @@ def render_compose(report: dict) -> None:
         if truncating:
             row += [f"{r['retained']:.6f}", fmt(r["residual"], 3)]
         t.add_row(*row)
-    if report["modules"]:
-        c.print(t)
     s = report["summary"]
     fields = [("modules", f"{s['modules']} ({s['in_all_inputs']} in every input; {s['exact']} "
                           f"exact, {s['truncated']} truncated)"),
@@ -72,7 +68,7 @@ def render_compose(report: dict) -> None:
     if "retained_overall" in s:
         fields.append(("retained", f"overall {s['retained_overall']:.6f}, min "
                                    f"{s['retained_min']:.6f} (fraction of the Frobenius norm)"))
-    print_fields(c, fields)
+    print_report(c, t, report["modules"], fields)
 
 
 def render_compare(report: dict) -> None:
@@ -94,10 +90,8 @@ def render_compare(report: dict) -> None:
         t.add_row(Text(r["name"]), fmt(r["norm_a"], 5), fmt(r["norm_b"], 5),
                   fmt(r["norm_ratio"], 5), fmt(r["cosine"], 6), fmt(r["rel_diff"], 4),
                   status)
-    if report["modules"]:
-        c.print(t)
     s = report["summary"]
-    print_fields(c, [
+    print_report(c, t, report["modules"], [
         ("modules", f"{s['common']} compared, {len(s['only_a'])} only in A, "
                     f"{len(s['only_b'])} only in B, {len(s['not_compared'])} not comparable"),
         ("cosine", f"{fmt(s['cosine'])} (whole adapter), mean {fmt(s['cosine_mean'])}, "
@@ -127,8 +121,6 @@ def render_subspace(report: dict) -> None:
             phi += " / " + fmt(s["output"]["phi_at_min"], 4)
             half += " / " + fmt(s["output"]["half_dim"], 4)
         t.add_row(Text(r["name"]), dims, phi, half, fmt(r["cosine"], 6), "")
-    if report["modules"]:
-        c.print(t)
     s = report["subspace"]
     fields = [("modules", f"{s['modules']} analyzed; phi(k,k) mean "
                           f"{fmt(s['phi_at_min_mean'], 4)}, min {fmt(s['phi_at_min_min'], 4)} "
@@ -136,49 +128,38 @@ def render_subspace(report: dict) -> None:
                           "0: orthogonal)")]
     if report.get("plot"):
         fields.append(("plot", report["plot"]))
-    print_fields(c, fields)
+    print_report(c, t, report["modules"], fields)
 
 
 def render_extract(report: dict) -> None:
     """The report of ``extract``: per-module table, summary, changed non-LoRA tensors."""
-    from rich.table import Table
     from rich.text import Text
-
     c = out()
     rule = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in report["rule"].items())
     c.print(f"{report['base']} -> {report['tuned']}  extract ({rule})", style="bold",
             markup=False, highlight=False)
-    table = Table(show_edge=False, pad_edge=False)
-    for col in ("module", "kind", "shape", "rank", "rel. error", "error", "retained",
-                "method", "reason"):
-        table.add_column(col, justify="right" if col in ("rank", "rel. error", "error",
-                                                          "retained") else "left",
-                         no_wrap=col == "module")
+    t = table(("module", "kind", "shape", "rank", "rel. error", "error", "retained",
+               "method", "reason"), left=("module", "kind", "shape", "method", "reason"))
     for r in report["modules"]:
-        table.add_row(Text(r["name"]), r["kind"] + (" (T)" if r["layout"] == "in_out" else ""),
-                      "x".join(map(str, r["shape"])), str(r["rank"]),
-                      fmt(r["relative_error"], 3), fmt(r["error"], 3),
-                      f"{r['retained']:.6f}", r["method"], Text(r["reason"]))
-    if report["modules"]:
-        c.print(table)
+        t.add_row(Text(r["name"]), r["kind"] + (" (T)" if r["layout"] == "in_out" else ""),
+                  "x".join(map(str, r["shape"])), str(r["rank"]),
+                  fmt(r["relative_error"], 3), fmt(r["error"], 3),
+                  f"{r['retained']:.6f}", r["method"], Text(r["reason"]))
     s = report["summary"]
-    ranks = _ranks(s["ranks"])
-    for key, value in (
-            ("modules", f"{s['modules']} extracted, {s['identical_weights']} weights "
-                        f"unchanged, {s['not_selected']} tensors not selected"),
-            ("ranks", ranks),
-            ("parameters", f"{s['parameters']:,}"),
-            ("error", f"relative {s['relative_error_overall']:.3g} overall, max "
-                      f"{s['relative_error_max']:.3g} (||dW - BA||_F / ||dW||_F)")):
-        c.print(f"  {key:<11} {value}", markup=False, highlight=False)
-    for action, label in (("replaced", "replaced"), ("replaced_rows", "rows"),
-                          ("skipped", "skipped")):
+    print_report(c, t, report["modules"], [
+        ("modules", f"{s['modules']} extracted, {s['identical_weights']} weights "
+                    f"unchanged, {s['not_selected']} tensors not selected"),
+        ("ranks", _ranks(s["ranks"])),
+        ("parameters", f"{s['parameters']:,}"),
+        ("error", f"relative {s['relative_error_overall']:.3g} overall, max "
+                  f"{s['relative_error_max']:.3g} (||dW - BA||_F / ||dW||_F)")])
+    for action, label, what in (
+            ("replaced", "replaced", "stored whole (replacement entries)"),
+            ("replaced_rows", "rows", "changed rows stored (row replacement entries)"),
+            ("skipped", "skipped", "left out")):
         rows = [o for o in report["others"] if o["action"] == action]
         if not rows:
             continue
-        what = {"replaced": "stored whole (replacement entries)",
-                "replaced_rows": "changed rows stored (row replacement entries)",
-                "skipped": "left out"}[action]
         c.print(f"  {label:<11}{len(rows)} changed tensor(s) that are not LoRA modules, "
                 f"{what}:", markup=False, highlight=False)
         for o in rows:

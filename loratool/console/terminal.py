@@ -79,6 +79,14 @@ def print_fields(c, fields, *, width: int = 11) -> None:
         c.print(f"  {key:<{width}} {value}", markup=False, highlight=False)
 
 
+def print_report(c, t, rows, fields, *, width: int = 11) -> None:
+    """The usual end of an operation's report: the table ``t`` (unless there were no
+    ``rows``: a table of only its header says nothing), then the summary ``fields``."""
+    if rows:
+        c.print(t)
+    print_fields(c, fields, width=width)
+
+
 class _NullProgress:
     def advance(self, n: int) -> None:
         pass
