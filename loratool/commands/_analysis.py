@@ -63,7 +63,8 @@ def render_amplification(report: dict) -> None:
     for m in report["modules"]:
         a = m.get("amplification")
         if a is None:
-            table.add_row(Text(m["name"]), "-", "-", "-", "-", "-", "-", "DoRA: not analyzed")
+            why = "experts: not analyzed" if m.get("kind") == "experts" else "DoRA: not analyzed"
+            table.add_row(Text(m["name"]), "-", "-", "-", "-", "-", "-", why)
             continue
         table.add_row(Text(m["name"]), str(a["rank"]), _fmt(a["delta_norm"]),
                       _fmt(a["projection_norm"]), _fmt(a["base_norm"]),
