@@ -179,3 +179,23 @@ def test_square_experts_need_the_orientation(tmp_path):
     merge(c["base_path"], [(c["peft"], 1.0)], output=out, device="cpu",
           adapter_options={"fan_in_fan_out": True})
     assert _close(load_file(out), c["want"], c["base"]) == 2
+
+
+def test_a_parameter_that_does_not_fit_is_listed(case, tmp_path):
+    """A base whose down_proj has another shape: merge lists that module (LT411) and, with
+    --allow-missing, merges the others (gate_up_proj still equal to PEFT's)."""
+    key = "model.layers.0.mlp.experts.down_proj"
+    base = dict(case["base"])
+    base[key] = torch.zeros(base[key].shape[0], base[key].shape[1] + 1, base[key].shape[2])
+    bad = str(tmp_path / "bad.safetensors")
+    save_file(base, bad)
+    out = str(tmp_path / "m.safetensors")
+    with pytest.raises(LoraToolError) as e:
+        merge(bad, [(case["peft"], 1.0)], output=out, device="cpu")
+    assert e.value.code == "LT411" and f"`{key}`" in str(e.value)
+    assert "gate_up_proj" not in str(e.value)
+    report = merge(bad, [(case["peft"], 1.0)], output=out, device="cpu", allow_missing=True,
+                   allow_no_change=True)
+    assert [s["module"] for s in report.skipped] == [key]
+    want = {k: v for k, v in case["want"].items() if k != key}
+    _close({k: v for k, v in load_file(out).items() if k != key}, want, base)

@@ -117,20 +117,19 @@ def resolve(groups: dict[str, list], cfg: dict, entries: dict, options, path: st
         names = [perm for perm in itertools.permutations(found if shapes else cands, len(recs))
                  if all((r.depth, p) in fits for r, p in zip(recs, perm))]
         if shapes is not None and not names:
-            # Nothing fits: in PEFT's nesting order (the config's order, a guess only used to
-            # name the modules in the mismatch list that merge shows, LT411/LT305).
-            names = [tuple(reversed(cands[: len(recs)]))] if len(cands) >= len(recs) else []
-            for rec, (a, b), p in zip(recs, facts, names[0] if names else ()):
-                rec.parameter = p
+            names = [_best_effort(recs, cands, fits)]
+            if names[0] is None:
+                raise InteropError(f"module {mpath!r}: {len(recs)} parameter wrappers but "
+                                   f"target_parameters names {len(cands)} parameter(s) there",
+                                   code="LT305", path=path, module=mpath)
+            for rec, (a, b), p in zip(recs, facts, names[0]):
+                if (rec.depth, p) in fits:
+                    continue
                 mismatched.append(f"module {mpath + '.' + p!r} (PEFT target_parameters, lora_A "
                                   f"{list(a)}, lora_B {list(b)}) fits no base parameter "
                                   f"{list(found.get(p) or [])}")
                 fits[rec.depth, p] = _fit(cfg, f"{mpath}.{p}", a, b, None) or (
-                    1, a[0], 1.0, SCALING_STANDARD, (LAYOUT_OUT_IN,), True)
-            if not names:
-                raise InteropError(f"module {mpath!r}: {len(recs)} parameter wrappers but the "
-                                   f"base has {len(found)} targeted parameter(s) there",
-                                   code="LT305", path=path, module=mpath)
+                    1, a[0], 1.0, SCALING_STANDARD, (LAYOUT_UNKNOWN,), True)
         elif shapes is not None and len(names) > 1:
             raise InteropError(
                 f"module {mpath!r}: {len(recs)} nested parameter wrappers and parameters "
@@ -166,6 +165,18 @@ def resolve(groups: dict[str, list], cfg: dict, entries: dict, options, path: st
             out.append(rec)
     C.check_mismatches(mismatched, options, path)
     return out
+
+
+def _best_effort(recs, cands, fits):
+    """The assignment of parameters to wrappers when no full one fits the base: the one that
+    fits the most wrappers, ties broken by PEFT's nesting in the config's order (innermost
+    first). Only used to name the modules that ``merge`` then lists as not fitting (LT411)
+    and to merge the others (``--allow-missing``); None when there are too few names."""
+    if len(cands) < len(recs):
+        return None
+    config_order = tuple(reversed(cands[: len(recs)]))
+    perms = [config_order] + list(itertools.permutations(cands, len(recs)))
+    return max(perms, key=lambda perm: sum((r.depth, p) in fits for r, p in zip(recs, perm)))
 
 
 def _factors(rec, entries, path):
