@@ -140,12 +140,19 @@ def resolve(groups: dict[str, list], cfg: dict, entries: dict, options, path: st
         known = len(names) == 1
         for rec, (a, b) in zip(recs, facts):
             p = names[0][rec.depth] if known else None
-            fit = fits.get((rec.depth, p)) if p else next(
-                (f for (d, _), f in fits.items() if d == rec.depth), None)
-            if fit is None:  # no base: the config's rank does not divide lora_A's rows
-                raise InteropError(f"module {rec.name!r}: lora_A {list(a)} is not [E*r, in] for "
-                                   "the rank the config gives (r / rank_pattern)", code="LT305",
-                                   path=path, module=rec.name)
+            # without a base and with several candidates, the wrapper keeps its key path: its
+            # experts, rank and alpha must then not depend on which parameter it is
+            options_ = {fits[rec.depth, p]} if p else {
+                f for (d, _), f in fits.items() if d == rec.depth}
+            if len(options_) != 1:
+                raise InteropError(
+                    f"module {rec.name!r}: lora_A {list(a)} is not [E*r, in] for the rank the "
+                    "config gives (r / rank_pattern)" if not options_ else
+                    f"module {rec.name!r}: which of the parameters {', '.join(cands)} it adapts "
+                    "decides its rank and alpha (rank_pattern / alpha_pattern), and without a "
+                    "base that cannot be told; pass --base", code="LT305" if not options_
+                    else "LT309", path=path, module=rec.name)
+            fit = options_.pop()
             E, r, alpha, scaling, layouts, stacked = fit
             name = f"{mpath}.{p}" if p else rec.name
             if len(layouts) > 1:  # a square expert matrix: [E, in, out] or [E, out, in]?
