@@ -193,6 +193,10 @@ def test_square_experts_need_the_orientation(tmp_path):
     merge(c["base_path"], [(c["peft"], 1.0)], output=out, device="cpu",
           adapter_options={"fan_in_fan_out": True})
     assert _close(load_file(out), c["want"], c["base"]) == 2
+    # the base's config.json says gpt_oss, whose experts transformers marks is_transposed
+    _gpt_oss(hidden=16, inter=8).config.to_json_file(str(tmp_path / "config.json"))
+    merge(c["base_path"], [(c["peft"], 1.0)], output=out, device="cpu", overwrite=True)
+    assert _close(load_file(out), c["want"], c["base"]) == 2
 
 
 def test_a_parameter_that_does_not_fit_is_listed(case, tmp_path):

@@ -31,6 +31,10 @@ from ._peft_config import get_pattern_key
 from .base import ModuleRecord
 
 BASE_LAYER = ".base_layer"
+# model_type values whose experts transformers marks ``is_transposed`` ([E, in, out]), which is
+# what PEFT reads (``getattr(base_layer, "is_transposed", False)``); transformers 5.x. Other
+# model types with square expert matrices need the option: a newer one may be transposed too.
+TRANSPOSED_EXPERTS = frozenset({"gpt_oss", "aria", "ergo", "openai_privacy_filter"})
 
 
 @dataclass
@@ -156,14 +160,19 @@ def resolve(groups: dict[str, list], cfg: dict, entries: dict, options, path: st
             E, r, alpha, scaling, layouts, stacked = fit
             name = f"{mpath}.{p}" if p else rec.name
             if len(layouts) > 1:  # a square expert matrix: [E, in, out] or [E, out, in]?
-                if options.fan_in_fan_out is None:
+                if options.fan_in_fan_out is None and C.base_model_type(options) in \
+                        TRANSPOSED_EXPERTS:
+                    layouts = (LAYOUT_IN_OUT,)
+                elif options.fan_in_fan_out is None:
                     raise InteropError(
                         f"parameter {name!r}: each expert is {a[1]}x{a[1]}, so whether the base "
                         "stores it [E, out, in] or transposed [E, in, out] (transformers' "
                         "is_transposed experts, e.g. GptOss) cannot be told from shapes. Pass "
+                        "--base with the model's config.json beside it (GptOss-style models), "
                         "--fan-in-fan-out ([E, in, out]) or --no-fan-in-fan-out ([E, out, in])",
                         code="LT309", path=path, module=name)
-                layouts = (LAYOUT_IN_OUT if options.fan_in_fan_out else LAYOUT_OUT_IN,)
+                else:
+                    layouts = (LAYOUT_IN_OUT if options.fan_in_fan_out else LAYOUT_OUT_IN,)
             rec.name, rec.parameter = name, p or ""
             rec.kind, rec.layout, rec.stacked = KIND_EXPERTS, layouts[0], stacked
             rec.alpha, rec.scaling = float(alpha), scaling
