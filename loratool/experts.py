@@ -7,9 +7,10 @@ or transposed [in, out] (``in_out``, transformers' ``is_transposed`` experts suc
 A 2-D parameter is the one-expert case (PEFT's ``num_experts == 1``), stored [out, in].
 The base tensor is the parameter itself (``<module>``, no ``.weight`` suffix).
 
-For the merge, such a module offers the exact factor form of its delta in the base tensor's
-2-D view ``W.reshape(E, -1)``: the identity [E, E] times the flattened per-expert deltas. It
-is additive, so ``unmerge`` subtracts it the same way. The loratool format and the other
+The merge adds the per-expert deltas when it reaches the parameter (``merge_fn``); the other
+operations see the exact factor form of the delta in the base tensor's 2-D view
+``W.reshape(E, -1)``: the identity [E, E] times the flattened per-expert deltas. It is
+additive, so ``unmerge`` subtracts it the same way. The loratool format and the other
 writers have no such kind (yet): ``convert`` refuses it by name. No torch at import.
 """
 
@@ -121,6 +122,15 @@ class ExpertsLoraModule(LoraModule):
         dtype = dtype or torch.float64
         E = int(self.A.shape[0])
         return torch.eye(E, dtype=dtype), self.expert_deltas(dtype).reshape(E, -1)
+
+    def merge_fn(self, scale: float):
+        """The merge's ``fn`` update of the parameter's 2-D view ``W2`` [E, d1 * d2]:
+        ``W2 + scale * deltas``, the deltas made in W2's dtype (float64 on the exact path) only
+        when this parameter is merged, so a merge never holds them all."""
+        def apply(w2):
+            d = self.expert_deltas(w2.dtype).reshape(w2.shape).to(w2.device)
+            return w2.add(d, alpha=scale)
+        return apply
 
     def delta(self, dtype=None):
         """Dense delta in the parameter's shape."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 import os
 import re
 import struct
@@ -75,17 +76,15 @@ class Header:
 
 
 def _reject_duplicates(pairs):
-    seen = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ContainerError(f"header has the key {key!r} twice; each tensor name and "
-                                 "metadata key must appear once", code="LT004")
-        seen[key] = value
+    seen = dict(pairs)  # in C; a duplicate shows as fewer keys than pairs
+    if len(seen) != len(pairs):
+        keys = set()
+        for key, _ in pairs:
+            if key in keys:
+                raise ContainerError(f"header has the key {key!r} twice; each tensor name and "
+                                     "metadata key must appear once", code="LT004")
+            keys.add(key)
     return seen
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def parse_header_bytes(raw: bytes, *, path: str = "", data_size: int) -> tuple[dict, dict]:
@@ -129,7 +128,7 @@ def parse_header_bytes(raw: bytes, *, path: str = "", data_size: int) -> tuple[d
     tensors: list[TensorInfo] = []
     for name, entry in obj.items():
         tensors.append(_tensor_entry(name, entry, path))
-    tensors.sort(key=lambda t: (t.begin, t.end))
+    tensors.sort(key=_BY_OFFSETS)
     cursor = 0
     for t in tensors:
         if t.begin != cursor:
@@ -171,7 +170,28 @@ def _nests_deeper(raw: bytes, limit: int, chunk: int = 1 << 20) -> bool:
     return False
 
 
+_INT = {int}
+_BY_OFFSETS = operator.attrgetter("begin", "end")
+
+
 def _tensor_entry(name: str, entry, path: str) -> TensorInfo:
+    """The checked entry. One combined test first (a header has one entry per tensor: this
+    is inspect's per-tensor cost); anything it does not pass goes through ``_checked_entry``,
+    which applies the same rules one by one and names the one broken."""
+    if type(entry) is dict:
+        dtype, shape, off = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if (type(dtype) is str and dtype in DTYPE_SIZES and type(shape) is list
+                and len(shape) <= MAX_NDIM and type(off) is list and len(off) == 2
+                and type(off[0]) is int and type(off[1]) is int
+                and 0 <= off[0] <= off[1] < 2**63
+                and (not shape or (set(map(type, shape)) == _INT and min(shape) >= 0
+                                   and max(shape) < 2**63))
+                and math.prod(shape) * DTYPE_SIZES[dtype] == off[1] - off[0]):
+            return TensorInfo(name, dtype, tuple(shape), off[0], off[1])
+    return _checked_entry(name, entry, path)
+
+
+def _checked_entry(name: str, entry, path: str) -> TensorInfo:
     def bad(why: str, code: str = "LT006"):
         return ContainerError(f"tensor {name!r}: {why}", code=code, path=path)
 
@@ -184,12 +204,14 @@ def _tensor_entry(name: str, entry, path: str) -> TensorInfo:
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise bad(f"dtype {dtype!r} is not a safetensors dtype loratool can read "
                   f"({', '.join(DTYPE_SIZES)})")
-    if (not isinstance(shape, list) or len(shape) > MAX_NDIM
-            or not all(_is_int(d) and 0 <= d < 2**63 for d in shape)):
+    # type(x) is int (not isinstance): JSON gives exact ints, and bool is no dimension
+    if (type(shape) is not list or len(shape) > MAX_NDIM
+            or (shape and not (set(map(type, shape)) == _INT and min(shape) >= 0
+                               and max(shape) < 2**63))):
         raise bad(f"shape {shape!r} is not a list of at most {MAX_NDIM} non-negative integers")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(_is_int(o) and 0 <= o < 2**63 for o in offsets)
-            or offsets[0] > offsets[1]):
+    if (type(offsets) is not list or len(offsets) != 2
+            or type(offsets[0]) is not int or type(offsets[1]) is not int
+            or not 0 <= offsets[0] <= offsets[1] < 2**63):
         raise bad(f"data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end",
                   code="LT008")
     nbytes = math.prod(shape) * DTYPE_SIZES[dtype]  # Python ints: no overflow
@@ -221,8 +243,27 @@ def read_header(path: str | os.PathLike, *, max_header: int = MAX_HEADER_BYTES) 
                              path=path) from None
     except OSError as e:
         raise ContainerError(f"cannot read: {e.strerror or e}", code="LT001", path=path) from None
-    metadata, tensors = parse_header_bytes(raw, path=path, data_size=size - 8 - n)
+    metadata, tensors = _parse_once(raw, path, size - 8 - n)
     return Header(path, metadata, tensors, 8 + n, size, n)
+
+
+# One command reads the same header several times (``inspect``: the merged-checkpoint probe,
+# format detection, the reader; ``merge``: detection, the numpy loader's check, the reader).
+# The parse is the cost (json + a check per tensor), the read is not: the last header parsed
+# is kept, keyed by its exact bytes and data size, so a changed file is parsed again.
+_MEMO_MAX_BYTES = 32 << 20
+_parsed: tuple | None = None  # (raw, data size, metadata, tensors): replaced whole (threads)
+
+
+def _parse_once(raw: bytes, path: str, data_size: int) -> tuple[dict, dict]:
+    global _parsed
+    hit = _parsed
+    if hit is not None and hit[1] == data_size and hit[0] == raw:
+        metadata, tensors = hit[2], hit[3]
+    else:
+        metadata, tensors = parse_header_bytes(raw, path=path, data_size=data_size)
+        _parsed = (raw, data_size, metadata, tensors) if len(raw) <= _MEMO_MAX_BYTES else None
+    return dict(metadata), dict(tensors)  # callers may change their dicts; TensorInfo is frozen
 
 
 def read_bytes(header: Header, info: TensorInfo, f: BinaryIO | None = None) -> bytes:

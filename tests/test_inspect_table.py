@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 from click.testing import CliRunner
@@ -45,3 +46,26 @@ def test_small_table_has_no_more_line(tmp_path):
     assert "more;" not in r.stdout
     header = next(line for line in r.stdout.splitlines() if line.startswith("module"))
     assert header.split() == ["module", "kind", "in", "out", "rank", "alpha", "scale"]
+
+
+def test_inspect_parses_the_header_once(tmp_path, monkeypatch):
+    """The merged-checkpoint probe, format detection and the reader all read the header;
+    it is parsed once (issue 10 item 17), and a file changed on disk is parsed again."""
+    import loratool.stfile as S
+    from loratool import inspect
+    p = str(tmp_path / "a.safetensors")
+    _many(p, 5)
+    calls = []
+    real = S.parse_header_bytes
+    monkeypatch.setattr(S, "parse_header_bytes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(S, "_parsed", None)
+    assert inspect(p)["totals"]["modules"] == 5
+    assert len(calls) == 1
+    h = S.read_header(p)
+    h.metadata.clear()  # callers get their own dicts
+    h.tensors.clear()
+    assert inspect(p)["totals"]["modules"] == 5 and len(calls) == 1
+    other = str(tmp_path / "b.safetensors")
+    _many(other, 7)
+    os.replace(other, p)  # same path, new bytes
+    assert inspect(p)["totals"]["modules"] == 7 and len(calls) == 2

@@ -62,3 +62,38 @@ def test_tied_lora_merges_like_peft(tied, target):
     ids = torch.arange(10).reshape(1, 10)
     with torch.no_grad():
         assert torch.allclose(fresh(ids).logits, merged_peft(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])
+@pytest.mark.parametrize("out_ext", ["pt", "safetensors"])
+def test_tied_bin_base_with_config_applies_delta_once(tied, tmp_path, target, out_ext):
+    """A ``.bin`` base whose ``lm_head.weight`` and ``embed_tokens.weight`` share storage, with
+    ``tie_word_embeddings: true`` beside it: the config-based tie (``lm_head`` merged into the
+    embedding) and the storage-based one (a tied group gets every update of its members)
+    both apply; the delta must still be added exactly once, equal to merge_and_unload()."""
+    model = tied["model"]
+    state = model.state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    torch.save(state, str(tmp_path / "pytorch_model.bin"))  # keeps the shared storage
+    model.config.to_json_file(str(tmp_path / "config.json"))
+    pm = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=2, lora_alpha=4, target_modules=[target], init_lora_weights=False))
+    pm.eval()
+    pm.save_pretrained(str(tmp_path / "peft"), save_embedding_layers=False)
+    want = copy.deepcopy(pm).merge_and_unload().model.embed_tokens.weight.detach()
+    out = str(tmp_path / f"merged.{out_ext}")
+    report = merge(str(tmp_path / "pytorch_model.bin"), [(str(tmp_path / "peft"), 1.0)],
+                   output=out, device="cpu")
+    assert report.modules_merged == 1
+    notes = " ".join(report.notes)
+    assert "tie_word_embeddings" in notes and "share one storage" in notes
+    merged = (torch.load(out, weights_only=True) if out_ext == "pt" else load_file(out))
+    w0 = state["model.embed_tokens.weight"]
+    delta = want.double() - w0.double()
+    assert float(delta.abs().max()) > 1e-3
+    tol = 8 * 2.0**-24 * (w0.abs() + delta.abs().float()) + 1e-7
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        # once: twice would be off by the whole delta
+        assert bool(((merged[key] - want).abs() <= tol).all()), key
+    if out_ext == "pt":  # still one storage
+        assert merged["lm_head.weight"].data_ptr() == merged["model.embed_tokens.weight"].data_ptr()

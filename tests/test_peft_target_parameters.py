@@ -48,10 +48,20 @@ def _mixtral():
 CASES = {
     # name: (factory, LoraConfig kwargs)
     "gptoss": (_gpt_oss, dict(r=2, lora_alpha=6, target_modules=["q_proj"], target_parameters=[
-        "mlp.experts.gate_up_proj", "mlp.experts.down_proj"])),
+        "mlp.experts.gate_up_proj", "mlp.experts.down_proj"], rank_pattern={"gate_up_proj": 3},
+        alpha_pattern={"down_proj": 5})),
     "mixtral-rslora": (_mixtral, dict(r=3, lora_alpha=4, use_rslora=True, target_modules=[],
                                       target_parameters=["mlp.experts.down_proj"])),
 }
+
+
+def _rank_alpha(name: str, in_features: int) -> tuple[int, float]:
+    """(r, lora_alpha) PEFT gives a parameter of the case: by its patterns (gate_up_proj has
+    in = hidden = 16 in both tiny models, down_proj in = intermediate = 12)."""
+    cfg = CASES[name][1]
+    param = "gate_up_proj" if in_features == 16 else "down_proj"
+    return (cfg.get("rank_pattern", {}).get(param, cfg["r"]),
+            cfg.get("alpha_pattern", {}).get(param, cfg["lora_alpha"]))
 
 
 def _build(factory, kwargs, tmp):
@@ -114,15 +124,15 @@ def test_merge_equals_peft_and_unmerge_inverts(case):
 def test_inspect_shows_expert_modules(case):
     rows = {r["name"]: r for r in inspect(case["peft"])["modules"]}
     experts = {n: r for n, r in rows.items() if r["kind"] == "experts"}
-    if case["name"] == "gptoss":
-        # two parameters of one module: without a base the wrappers keep their key paths
-        assert set(experts) == {"model.layers.0.mlp.experts",
-                                "model.layers.0.mlp.experts.base_layer"}
-        assert {r["layout"] for r in experts.values()} == {"unknown"}
-    else:  # one targeted parameter: named from the config alone
-        assert set(experts) == {"model.layers.0.mlp.experts.down_proj"}
+    # without a base the shapes and the config's patterns still tell the parameters apart
+    # here (gptoss: rank 3 only divides gate_up_proj's lora_A rows); the orientation not
+    want = {"model.layers.0.mlp.experts." + t.rpartition(".")[2]
+            for t in CASES[case["name"]][1]["target_parameters"]}
+    assert set(experts) == want
+    assert {r["layout"] for r in experts.values()} == {"unknown"}
+    assert {r["parameter"] for r in experts.values()} == {n.rpartition(".")[2] for n in want}
     for r in experts.values():
-        assert r["experts"] == 3 and r["rank"] == CASES[case["name"]][1]["r"]
+        assert r["experts"] == 3 and r["rank"] == _rank_alpha(case["name"], r["in"])[0]
         assert r["parameters"] == 3 * r["rank"] * (r["in"] + r["out"])
 
 
@@ -145,8 +155,9 @@ def test_read_against_base_names_and_orients(case):
             if len(want_names) > 1 else 0
         key = "base_model.model.model.layers.0.mlp.experts" + ".base_layer" * depth
         A, B = stored[key + ".lora_A.weight"].double(), stored[key + ".lora_B.weight"].double()
-        E, r = param.shape[0], cfg["r"]
-        scale = cfg["lora_alpha"] / (r ** 0.5 if cfg.get("use_rslora") else r)
+        E, (r, alpha) = param.shape[0], _rank_alpha(case["name"], m.info.in_features)
+        scale = alpha / (r ** 0.5 if cfg.get("use_rslora") else r)
+        assert m.rank == r and m.scale == scale
         delta = m.delta()
         assert tuple(delta.shape) == tuple(param.shape)
         for e in range(E):  # expert e: lora_A rows e*r.., lora_B columns e, e+E, ...
@@ -171,6 +182,9 @@ def test_square_experts_need_the_orientation(tmp_path):
     c = _build(lambda: _gpt_oss(hidden=16, inter=8), dict(
         r=2, lora_alpha=4, target_modules=[], target_parameters=[
             "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]), tmp_path)
+    # one rank for both parameters: without a base the wrappers keep their key paths
+    assert {r["name"]: r["experts"] for r in inspect(c["peft"])["modules"]} == {
+        "model.layers.0.mlp.experts": 3, "model.layers.0.mlp.experts.base_layer": 3}
     out = str(tmp_path / "m.safetensors")
     with pytest.raises(LoraToolError) as e:
         merge(c["base_path"], [(c["peft"], 1.0)], output=out, device="cpu")
@@ -179,3 +193,27 @@ def test_square_experts_need_the_orientation(tmp_path):
     merge(c["base_path"], [(c["peft"], 1.0)], output=out, device="cpu",
           adapter_options={"fan_in_fan_out": True})
     assert _close(load_file(out), c["want"], c["base"]) == 2
+    # the base's config.json says gpt_oss, whose experts transformers marks is_transposed
+    _gpt_oss(hidden=16, inter=8).config.to_json_file(str(tmp_path / "config.json"))
+    merge(c["base_path"], [(c["peft"], 1.0)], output=out, device="cpu", overwrite=True)
+    assert _close(load_file(out), c["want"], c["base"]) == 2
+
+
+def test_a_parameter_that_does_not_fit_is_listed(case, tmp_path):
+    """A base whose down_proj has another shape: merge lists that module (LT411) and, with
+    --allow-missing, merges the others (gate_up_proj still equal to PEFT's)."""
+    key = "model.layers.0.mlp.experts.down_proj"
+    base = dict(case["base"])
+    base[key] = torch.zeros(base[key].shape[0], base[key].shape[1] + 1, base[key].shape[2])
+    bad = str(tmp_path / "bad.safetensors")
+    save_file(base, bad)
+    out = str(tmp_path / "m.safetensors")
+    with pytest.raises(LoraToolError) as e:
+        merge(bad, [(case["peft"], 1.0)], output=out, device="cpu")
+    assert e.value.code == "LT411" and f"`{key}`" in str(e.value)
+    assert "gate_up_proj" not in str(e.value)
+    report = merge(bad, [(case["peft"], 1.0)], output=out, device="cpu", allow_missing=True,
+                   allow_no_change=True)
+    assert [s["module"] for s in report.skipped] == [key]
+    want = {k: v for k, v in case["want"].items() if k != key}
+    _close({k: v for k, v in load_file(out).items() if k != key}, want, base)

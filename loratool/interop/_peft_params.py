@@ -31,6 +31,10 @@ from ._peft_config import get_pattern_key
 from .base import ModuleRecord
 
 BASE_LAYER = ".base_layer"
+# model_type values whose experts transformers marks ``is_transposed`` ([E, in, out]), which is
+# what PEFT reads (``getattr(base_layer, "is_transposed", False)``); transformers 5.x. Other
+# model types with square expert matrices need the option: a newer one may be transposed too.
+TRANSPOSED_EXPERTS = frozenset({"gpt_oss", "aria", "ergo", "openai_privacy_filter"})
 
 
 @dataclass
@@ -117,20 +121,19 @@ def resolve(groups: dict[str, list], cfg: dict, entries: dict, options, path: st
         names = [perm for perm in itertools.permutations(found if shapes else cands, len(recs))
                  if all((r.depth, p) in fits for r, p in zip(recs, perm))]
         if shapes is not None and not names:
-            # Nothing fits: in PEFT's nesting order (the config's order, a guess only used to
-            # name the modules in the mismatch list that merge shows, LT411/LT305).
-            names = [tuple(reversed(cands[: len(recs)]))] if len(cands) >= len(recs) else []
-            for rec, (a, b), p in zip(recs, facts, names[0] if names else ()):
-                rec.parameter = p
+            names = [_best_effort(recs, cands, fits)]
+            if names[0] is None:
+                raise InteropError(f"module {mpath!r}: {len(recs)} parameter wrappers but "
+                                   f"target_parameters names {len(cands)} parameter(s) there",
+                                   code="LT305", path=path, module=mpath)
+            for rec, (a, b), p in zip(recs, facts, names[0]):
+                if (rec.depth, p) in fits:
+                    continue
                 mismatched.append(f"module {mpath + '.' + p!r} (PEFT target_parameters, lora_A "
                                   f"{list(a)}, lora_B {list(b)}) fits no base parameter "
                                   f"{list(found.get(p) or [])}")
                 fits[rec.depth, p] = _fit(cfg, f"{mpath}.{p}", a, b, None) or (
-                    1, a[0], 1.0, SCALING_STANDARD, (LAYOUT_OUT_IN,), True)
-            if not names:
-                raise InteropError(f"module {mpath!r}: {len(recs)} parameter wrappers but the "
-                                   f"base has {len(found)} targeted parameter(s) there",
-                                   code="LT305", path=path, module=mpath)
+                    1, a[0], 1.0, SCALING_STANDARD, (LAYOUT_UNKNOWN,), True)
         elif shapes is not None and len(names) > 1:
             raise InteropError(
                 f"module {mpath!r}: {len(recs)} nested parameter wrappers and parameters "
@@ -141,23 +144,35 @@ def resolve(groups: dict[str, list], cfg: dict, entries: dict, options, path: st
         known = len(names) == 1
         for rec, (a, b) in zip(recs, facts):
             p = names[0][rec.depth] if known else None
-            fit = fits.get((rec.depth, p)) if p else next(
-                (f for (d, _), f in fits.items() if d == rec.depth), None)
-            if fit is None:  # no base: the config's rank does not divide lora_A's rows
-                raise InteropError(f"module {rec.name!r}: lora_A {list(a)} is not [E*r, in] for "
-                                   "the rank the config gives (r / rank_pattern)", code="LT305",
-                                   path=path, module=rec.name)
+            # without a base and with several candidates, the wrapper keeps its key path: its
+            # experts, rank and alpha must then not depend on which parameter it is
+            options_ = {fits[rec.depth, p]} if p else {
+                f for (d, _), f in fits.items() if d == rec.depth}
+            if len(options_) != 1:
+                raise InteropError(
+                    f"module {rec.name!r}: lora_A {list(a)} is not [E*r, in] for the rank the "
+                    "config gives (r / rank_pattern)" if not options_ else
+                    f"module {rec.name!r}: which of the parameters {', '.join(cands)} it adapts "
+                    "decides its rank and alpha (rank_pattern / alpha_pattern), and without a "
+                    "base that cannot be told; pass --base", code="LT305" if not options_
+                    else "LT309", path=path, module=rec.name)
+            fit = options_.pop()
             E, r, alpha, scaling, layouts, stacked = fit
             name = f"{mpath}.{p}" if p else rec.name
             if len(layouts) > 1:  # a square expert matrix: [E, in, out] or [E, out, in]?
-                if options.fan_in_fan_out is None:
+                if options.fan_in_fan_out is None and C.base_model_type(options) in \
+                        TRANSPOSED_EXPERTS:
+                    layouts = (LAYOUT_IN_OUT,)
+                elif options.fan_in_fan_out is None:
                     raise InteropError(
                         f"parameter {name!r}: each expert is {a[1]}x{a[1]}, so whether the base "
                         "stores it [E, out, in] or transposed [E, in, out] (transformers' "
                         "is_transposed experts, e.g. GptOss) cannot be told from shapes. Pass "
+                        "--base with the model's config.json beside it (GptOss-style models), "
                         "--fan-in-fan-out ([E, in, out]) or --no-fan-in-fan-out ([E, out, in])",
                         code="LT309", path=path, module=name)
-                layouts = (LAYOUT_IN_OUT if options.fan_in_fan_out else LAYOUT_OUT_IN,)
+                else:
+                    layouts = (LAYOUT_IN_OUT if options.fan_in_fan_out else LAYOUT_OUT_IN,)
             rec.name, rec.parameter = name, p or ""
             rec.kind, rec.layout, rec.stacked = KIND_EXPERTS, layouts[0], stacked
             rec.alpha, rec.scaling = float(alpha), scaling
@@ -166,6 +181,18 @@ def resolve(groups: dict[str, list], cfg: dict, entries: dict, options, path: st
             out.append(rec)
     C.check_mismatches(mismatched, options, path)
     return out
+
+
+def _best_effort(recs, cands, fits):
+    """The assignment of parameters to wrappers when no full one fits the base: the one that
+    fits the most wrappers, ties broken by PEFT's nesting in the config's order (innermost
+    first). Only used to name the modules that ``merge`` then lists as not fitting (LT411)
+    and to merge the others (``--allow-missing``); None when there are too few names."""
+    if len(cands) < len(recs):
+        return None
+    config_order = tuple(reversed(cands[: len(recs)]))
+    perms = [config_order] + list(itertools.permutations(cands, len(recs)))
+    return max(perms, key=lambda perm: sum((r.depth, p) in fits for r, p in zip(recs, perm)))
 
 
 def _factors(rec, entries, path):

@@ -8,6 +8,8 @@ Mapping to the canonical model (spec/interop.md, "PEFT"):
   ``magnitude``. Per-module alpha and rank come from ``alpha_pattern``/``rank_pattern`` resolved
   exactly as PEFT does (``get_pattern_key``: first key, in file order, that matches the module
   path as ``(.*\\.)?(key)$``); the rank is the shape's.
+  ``target_parameters`` (LoRA on MoE expert parameters): ``_peft_params``. The writer is in
+  ``_peft_save``.
 """
 
 from __future__ import annotations

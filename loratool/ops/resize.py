@@ -79,24 +79,22 @@ def byte_progress(progress: Progress | None, total: int) -> Callable[[int], None
 
 
 def refuse_dora(adapter: Adapter, label: str, operation: str) -> None:
-    """Variants whose update is not additive (DoRA: not linear in the factors) are refused
-    with LT531."""
-    experts = [n for n, m in adapter.modules.items() if m.variant.name == "param_lora"]
-    if experts:  # per-expert factors: resizing or composing them as one matrix would be wrong
-        more = f" and {len(experts) - 1} more" if len(experts) > 1 else ""
-        raise OperationError(
-            f"module {experts[0]!r}{more} of {label} is a LoRA on a parameter (PEFT "
-            f"target_parameters, one low-rank delta per expert): it cannot be {operation} "
-            "yet; merge it into the base with `loratool merge`", code="LT531",
-            module=experts[0])
-    dora = [n for n, m in adapter.modules.items() if not m.variant.additive]
-    if dora:
-        more = f" and {len(dora) - 1} more" if len(dora) > 1 else ""
-        raise OperationError(
-            f"module {dora[0]!r}{more} of {label} is DoRA (has lora_magnitude): its update "
-            f"renormalizes the whole base weight, so it cannot be {operation} in factored form; "
-            "merge it into the base with `loratool merge` instead", code="LT531",
-            module=dora[0])
+    """Modules whose factors are not one plain low-rank delta are refused with LT531: DoRA
+    (not additive: not linear in the factors) and LoRA on a parameter (per-expert factors:
+    resizing or composing them as one matrix would be wrong)."""
+    for refused, what in (
+            (lambda m: m.variant.name == "param_lora",
+             "is a LoRA on a parameter (PEFT target_parameters, one low-rank delta per "
+             f"expert): it cannot be {operation} yet"),
+            (lambda m: not m.variant.additive,
+             "is DoRA (has lora_magnitude): its update renormalizes the whole base weight, "
+             f"so it cannot be {operation} in factored form")):
+        names = [n for n, m in adapter.modules.items() if refused(m)]
+        if names:
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            raise OperationError(f"module {names[0]!r}{more} of {label} {what}; merge it into "
+                                 "the base with `loratool merge` instead", code="LT531",
+                                 module=names[0])
 
 
 def all_finite(t) -> bool:

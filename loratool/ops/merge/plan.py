@@ -153,6 +153,11 @@ def make_plan(loaded: list[Loaded], base_tensors: dict, name_map, *, sign: float
             if why is not None:
                 problems.append((ai, module, why))
                 continue
+            if getattr(m, "merge_fn", None) is not None:  # LoRA on a parameter (experts.py):
+                s = sign * ld.scale * m.scale  # its per-expert deltas are made when merged
+                plan.setdefault(wkey, []).append(Op("fn", s, ai, module, fn=m.merge_fn(s)))
+                ld.merged += 1
+                continue
             # Views of the adapter's own tensors; converted to float64 only while their base
             # tensor is merged, so memory does not grow with the adapter either.
             B2, A2 = m.factors()
