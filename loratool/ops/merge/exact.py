@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...errors import CheckpointError
 from ...numerics import FLOAT_NP, any_nonfinite, as_float, bf16_to_f32, round_into
 from .npadapter import as_f64
+from .plan import nonfinite_error
 
 # Rows per block: the float64 product of a block stays in the L2 cache through
 # matmul -> add -> round (16 rows measured 1.6-2x faster than 128 for the matmul, same bits).
@@ -316,8 +316,4 @@ def _check_block(dst, blk, ops, i, j, name, out_dtype) -> None:
                                                           | ~np.isfinite(delta))
     bad = int(produced.sum())
     if bad:
-        mods = sorted({op.module for op in ops})
-        raise CheckpointError(
-            f"merging into `{name}` produced {bad} NaN/Inf value(s) (modules "
-            f"{', '.join(mods[:5])}): the adapter has huge or non-finite values or the scale "
-            "is too large for the stored dtype; nothing was written", code="LT412")
+        raise nonfinite_error(name, bad, ops)

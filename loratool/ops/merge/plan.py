@@ -41,6 +41,16 @@ class Op:
                        vec=c(self.vec))
 
 
+def nonfinite_error(name: str, bad: int, ops) -> CheckpointError:
+    """LT412: merging ``ops`` into base tensor ``name`` produced ``bad`` NaN/Inf values where
+    the base held finite ones (every engine raises this one error)."""
+    mods = sorted({op.module for op in ops})
+    return CheckpointError(
+        f"merging into `{name}` produced {bad} NaN/Inf value(s) (modules "
+        f"{', '.join(mods[:5])}): the adapter has huge or non-finite values or the scale "
+        "is too large for the stored dtype; nothing was written", code="LT412")
+
+
 def _squeeze_tail(shape) -> tuple[int, ...]:
     shape = list(shape)
     while len(shape) > 2 and shape[-1] == 1:
