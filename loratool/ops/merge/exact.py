@@ -1,7 +1,13 @@
 """The exact CPU engine: ``W + sum_i s_i * L_i @ R_i`` evaluated in float64 and rounded once
 to the stored dtype, in numpy, blocked by rows and shared out to one worker per core.
 
-Two block kernels give the same bits:
+Three block kernels give the same bits:
+
+* ``_compiled_block`` (when the optional C extension ``loratool._fastmerge`` is built): the
+  rank-r product by numpy's matmul (the same float64 bits as the numpy kernels), then one
+  compiled pass reads W in its stored dtype, adds in float64 and rounds once, directly to the
+  output dtype. Any NaN/Inf or overflow in a block hands that block to ``_fast_block``, so
+  non-finite values are handled by exactly the numpy code.
 
 * ``_fast_block`` (one low-rank update with finite factors, the usual merge): W stays in its
   stored dtype (bf16 is widened to float32 per block); only the rank-r product is float64;
@@ -37,6 +43,25 @@ BLOCK_ROWS = 16
 REFERENCE_ELEMS = 1 << 18
 # |L| * |R| * rank below this cannot overflow float64, so the product needs no flag check.
 _SAFE_BOUND = 1e300
+# dtype codes of ``_fastmerge.add_round``
+_EXT_CODES = {"F64": 0, "F32": 1, "F16": 2, "BF16": 3}
+
+
+def _load_extension():
+    """``loratool._fastmerge`` or None (not built: no compiler at install time). With
+    ``LORATOOL_REQUIRE_EXT=1`` (CI) a missing extension is an ImportError."""
+    try:
+        from ... import _fastmerge
+    except ImportError as e:
+        if os.environ.get("LORATOOL_REQUIRE_EXT") == "1":
+            raise ImportError("LORATOOL_REQUIRE_EXT=1 but the compiled merge kernel "
+                              "loratool._fastmerge is not built (pip install -e . needs a C "
+                              f"compiler and the Python headers): {e}") from e
+        return None
+    return _fastmerge
+
+
+EXTENSION = _load_extension()
 
 
 def cores() -> int:
@@ -104,6 +129,7 @@ class _Tensor:
     ops: list
     name: str
     fast: bool
+    ext: object = None  # the compiled kernel's module, when used
 
 
 class _Scratch:
@@ -125,7 +151,9 @@ class NumpyExactEngine:
     array) and returns the bytes of the result. Row blocks go to one Python worker thread
     per core (numpy releases the GIL in its loops and in BLAS).
 
-    ``fast=False`` runs every block through the reference kernel (tests compare the two).
+    ``fast=False`` runs every block through the reference kernel (tests compare the two);
+    ``compiled=False`` never uses the compiled kernel, ``True`` requires it (default: when
+    built).
     """
 
     device = "cpu"
@@ -133,9 +161,12 @@ class NumpyExactEngine:
     pinned = False
 
     def __init__(self, workers: int | None = None, *, fast: bool = True,
-                 block_rows: int = BLOCK_ROWS):
+                 block_rows: int = BLOCK_ROWS, compiled: bool | None = None):
+        if compiled and EXTENSION is None:
+            raise RuntimeError("the compiled merge kernel loratool._fastmerge is not built")
         self.workers = workers or cores()
         self.fast = fast
+        self.ext = EXTENSION if compiled is not False else None
         self.block_rows = block_rows
         self._pool = None
         self._scratch: dict[int, _Scratch] = {}
@@ -163,7 +194,7 @@ class NumpyExactEngine:
                          None if op.L is None else as_f64(op.L) * op.scale, as_f64(op.R),
                          as_f64(op.vec)) for op in ops]
         job = _Tensor(w2, out.reshape(w2.shape), dtype, out_dtype, ops, name,
-                      self.fast and _fast_ok(ops))
+                      self.fast and _fast_ok(ops), self.ext)
         step = self.block_rows if job.fast else max(1, REFERENCE_ELEMS // max(cols, 1))
         blocks = -(-rows // step)
         k = min(self.workers, blocks)
@@ -186,7 +217,10 @@ class NumpyExactEngine:
         with _one_blas_thread():
             for i in range(lo, hi, step):
                 j = min(hi, i + step)
-                if not (job.fast and _fast_block(job, i, j, scratch)):
+                if not job.fast:
+                    _reference_block(job, i, j, scratch)
+                elif not (job.ext is not None and _compiled_block(job, i, j, scratch)
+                          or _fast_block(job, i, j, scratch)):
                     _reference_block(job, i, j, scratch)
 
 
@@ -201,6 +235,27 @@ def _fast_ok(ops) -> bool:
     with np.errstate(over="ignore", invalid="ignore"):
         bound = float(np.abs(L).max()) * float(np.abs(R).max()) * L.shape[1]
     return math.isfinite(bound) and bound < _SAFE_BOUND
+
+
+def _compiled_block(job: _Tensor, i: int, j: int, s: _Scratch) -> bool:
+    """Rows ``i:j`` by the compiled kernel; False (to be redone by ``_fast_block``) when a
+    result is NaN/Inf or overflows."""
+    op = job.ops[0]
+    cols = job.w2.shape[1]
+    m = j - i
+    d = s.get("d", m * cols, np.float64).reshape(m, cols)
+    np.matmul(op.L[i:j], op.R, out=d)
+    dst = job.o2[i:j]
+    if job.out_dtype != job.dtype:
+        return job.ext.add_round(job.w2[i:j], _EXT_CODES[job.dtype], d, dst,
+                                 _EXT_CODES[job.out_dtype])
+    # in place: W must survive a fall back to the numpy kernels
+    y = s.get("y", m * cols, FLOAT_NP[job.dtype]).reshape(m, cols)
+    code = _EXT_CODES[job.dtype]
+    if not job.ext.add_round(job.w2[i:j], code, d, y, code):
+        return False
+    dst[...] = y
+    return True
 
 
 def _fast_block(job: _Tensor, i: int, j: int, s: _Scratch) -> bool:
