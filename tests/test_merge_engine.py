@@ -184,3 +184,30 @@ def test_overflow_is_lt412_on_every_kernel(base, out):
             assert e.value.code == "LT412" and "8 NaN/Inf" in str(e.value)
         finally:
             engine.close()
+
+
+@pytest.mark.parametrize("out", ["BF16", "F16", "F32"])
+def test_nan_payloads_of_the_base_stay_nan(out):
+    """NaN patterns whose low bits would carry in bf16's integer rounding (a negative NaN
+    with mantissa bits all ones once rounded to +0.0): every kernel keeps a NaN, and they
+    agree bit for bit with the reference."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((3 * BLOCK_ROWS + 5, 32)).astype(np.float32)
+    bits = w.view(np.uint32)
+    spots = [(0, 0), (BLOCK_ROWS, 7), (2 * BLOCK_ROWS + 1, 31), (3 * BLOCK_ROWS + 4, 3)]
+    for (i, j), pattern in zip(spots, (0xFFFFFFFF, 0xFFFF8001, 0x7FFFFFFF, 0xFF800001)):
+        bits[i, j] = pattern
+    L, R = rng.standard_normal((w.shape[0], 4)), rng.standard_normal((4, 32))
+    ref = NumpyExactEngine(1, fast=False)
+    engines = _fast_engines(2)
+    try:
+        want = _run(ref, w, "F32", L, R, 0.1, out)
+        vals = want.view({"BF16": np.uint16, "F16": np.float16, "F32": np.float32}[out])
+        got_nan = np.isnan(vals) if out != "BF16" else (vals & 0x7FFF) > 0x7F80
+        assert [bool(got_nan[i, j]) for i, j in spots] == [True] * 4
+        assert int(got_nan.sum()) == 4
+        for label, engine in engines.items():
+            assert np.array_equal(_run(engine, w, "F32", L, R, 0.1, out), want), label
+    finally:
+        for e in (ref, *engines.values()):
+            e.close()

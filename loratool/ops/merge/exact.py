@@ -297,20 +297,27 @@ def _fast_block(job: _Tensor, i: int, j: int, s: _Scratch) -> bool:
     return _bf16_from_f32(dst, y, d, s)
 
 
+# float32 magnitudes from this one up round to Inf in bf16 (0x7F7F8000 is the midpoint
+# between the largest bf16 and Inf, a tie that goes to Inf's even pattern)
+_BF16_INF_FROM = float(np.array(0x7F7F8000, dtype=np.uint32).view(np.float32))
+
+
 def _bf16_from_f32(dst, y, x, s: _Scratch) -> bool:
     """``dst`` (bf16 bits) = RN_bf16(x), from y = RN_f32(x) (float64 ``x``)."""
+    # NaN/Inf, or a value that rounds to Inf: the reference kernel (canonical NaN, LT412).
+    # Two read-only reductions (NaN propagates through min/max); checked first, so that the
+    # integer rounding below never sees a NaN pattern (whose + 0x8000 could wrap around).
+    if not (-_BF16_INF_FROM < y.min() and y.max() < _BF16_INF_FROM):
+        return False
     bits = y.view(np.uint32)
     m = bits.size
     r = s.get("r", m, np.uint32).reshape(bits.shape)
     np.right_shift(bits, 16, out=r)
     r &= 1
     r += 0x7FFF
-    r += bits  # NaN bit patterns may wrap: they are caught below
-    r >>= 16
+    r += bits
+    np.right_shift(r, 16, out=dst, casting="unsafe")  # the rounded bf16 bits, stored
     t = s.get("t", m, np.uint32).reshape(bits.shape)
-    np.bitwise_and(r, 0x7F80, out=t)
-    if (t == 0x7F80).any():  # NaN/Inf: canonical NaN and the LT412 check are the reference's
-        return False
     np.bitwise_and(bits, 0xFFFF, out=t)
     ties = np.flatnonzero(t == 0x8000)
     if ties.size:
@@ -320,9 +327,8 @@ def _bf16_from_f32(dst, y, x, s: _Scratch) -> bool:
         ys = y.reshape(-1)[ties].astype(np.float64)
         moved = xs != ys
         fix = ties[moved]
-        r.reshape(-1)[fix] = (bits.reshape(-1)[fix] >> 16) + (
+        dst.reshape(-1)[fix] = (bits.reshape(-1)[fix] >> 16) + (
             np.abs(xs[moved]) > np.abs(ys[moved]))
-    np.copyto(dst, r, casting="unsafe")
     return True
 
 
