@@ -237,14 +237,19 @@ def _fast_ok(ops) -> bool:
     return math.isfinite(bound) and bound < _SAFE_BOUND
 
 
+def _product(job: _Tensor, i: int, j: int, s: _Scratch) -> np.ndarray:
+    """The float64 rank-r product of rows ``i:j`` (``s L @ R``), in the worker's scratch."""
+    op = job.ops[0]
+    d = s.get("d", (j - i) * job.w2.shape[1], np.float64).reshape(j - i, -1)
+    np.matmul(op.L[i:j], op.R, out=d)
+    return d
+
+
 def _compiled_block(job: _Tensor, i: int, j: int, s: _Scratch) -> bool:
     """Rows ``i:j`` by the compiled kernel; False (to be redone by ``_fast_block``) when a
     result is NaN/Inf or overflows."""
-    op = job.ops[0]
-    cols = job.w2.shape[1]
-    m = j - i
-    d = s.get("d", m * cols, np.float64).reshape(m, cols)
-    np.matmul(op.L[i:j], op.R, out=d)
+    m, cols = j - i, job.w2.shape[1]
+    d = _product(job, i, j, s)
     dst = job.o2[i:j]
     if job.out_dtype != job.dtype:
         return job.ext.add_round(job.w2[i:j], _EXT_CODES[job.dtype], d, dst,
@@ -261,11 +266,8 @@ def _compiled_block(job: _Tensor, i: int, j: int, s: _Scratch) -> bool:
 def _fast_block(job: _Tensor, i: int, j: int, s: _Scratch) -> bool:
     """Rows ``i:j`` by the fast kernel; False (output rows untouched or to be rewritten)
     when the block needs the reference kernel: an overflow, a NaN/Inf, a bf16 fix-up."""
-    op = job.ops[0]
-    cols = job.w2.shape[1]
-    m = j - i
-    d = s.get("d", m * cols, np.float64).reshape(m, cols)
-    np.matmul(op.L[i:j], op.R, out=d)
+    m, cols = j - i, job.w2.shape[1]
+    d = _product(job, i, j, s)
     w = job.w2[i:j]
     if job.dtype == "BF16":
         w = bf16_to_f32(w, out=s.get("w", m * cols, np.uint32).reshape(m, cols))
