@@ -58,6 +58,25 @@ def _merge_both(tmp_path, base, adapters, **kw):
     return out, reports
 
 
+def test_whole_merge_same_bytes_with_every_kernel(tmp_path):
+    """End to end (reader, engine, writer): the compiled kernel (when built), the numpy fast
+    kernel and the reference kernel write the same file (one adapter: the fast kernels run)."""
+    from loratool.ops.merge.exact import EXTENSION
+    base, peft_dir, kohya = _files(tmp_path, torch.bfloat16, torch.bfloat16)
+    kernels = [Engines(compiled=False), Engines(fast=False)]
+    if EXTENSION is not None:
+        kernels.append(Engines(compiled=True))
+    for out_dtype in ("keep", "fp16", "fp32"):
+        outs = set()
+        for k, engines in enumerate(kernels):
+            path = str(tmp_path / f"k{k}.safetensors")
+            run_with(engines, "merge", base, [(peft_dir, 0.7)], output=path,
+                     device="cpu", dtype=out_dtype)
+            outs.add(open(path, "rb").read())
+            os.remove(path)
+        assert len(outs) == 1, out_dtype
+
+
 @pytest.mark.parametrize("out_dtype", ["keep", "bf16", "fp16"])
 @pytest.mark.parametrize("base_dtype,adapter_dtype", [
     (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),

@@ -38,6 +38,7 @@ class Engines:
     numpy_loader: bool | None = None  # True: loratool files read by numpy (no torch)
     workers: int | None = None  # exact engine threads (default: one per core)
     fast: bool = True  # False: the exact engine's reference kernel for every block
+    compiled: bool | None = None  # the compiled kernel: False never, True required
 
 
 @dataclass
@@ -247,7 +248,8 @@ def _engine(engines: Engines, device: str, items, options):
     """(engine, whether the adapters are read by numpy); ``options``: the foreign readers'."""
     precision = engines.precision or ("fp64" if device == "cpu" else "fp32")
     if precision == "fp64":
-        engine = NumpyExactEngine(engines.workers, fast=engines.fast)
+        engine = NumpyExactEngine(engines.workers, fast=engines.fast,
+                                  compiled=engines.compiled)
     else:
         from .torch_engine import FastEngine
         engine = FastEngine(device)
