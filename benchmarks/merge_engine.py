@@ -2,9 +2,10 @@
 
 Times ``NumpyExactEngine.run`` on a [5632, 2048] tensor with a rank-16 update (the MLP
 projections of the merge benchmark's fixture), fp32 and bf16 bases kept in their dtype:
-the reference kernel (the engine before issue 11) against the fast kernel at several row
-block sizes, with 1 and 2 workers, and a plain copy of the tensor as the floor. Medians of
-``--repeats`` runs; ratios are against the reference kernel of the same run.
+the reference kernel (the engine before issue 11) against the numpy fast kernel at several
+row block sizes and the compiled kernel (``loratool._fastmerge``, when built) at 16 rows,
+with 1 and 2 workers, and a plain copy of the tensor as the floor. Medians of ``--repeats``
+runs; ratios are against the reference kernel of the same run.
 
     python benchmarks/merge_engine.py --repeats 7
 """
@@ -18,7 +19,7 @@ import time
 
 import numpy as np
 
-from loratool.ops.merge.exact import NumpyExactEngine
+from loratool.ops.merge.exact import BLOCK_ROWS, EXTENSION, NumpyExactEngine
 from loratool.ops.merge.plan import Op
 
 ROWS, COLS, RANK = 5632, 2048, 16
@@ -51,14 +52,16 @@ def main(argv=None) -> int:
         w32.copy()
         copies.append(time.perf_counter() - t0)
     print(f"copy of the fp32 tensor (floor): {statistics.median(copies) * 1e3:.0f} ms")
-    print("| base | workers | reference | " + " | ".join(f"fast, {b} rows" for b in args.blocks)
-          + " |")
-    print("|---|---:|---:|" + "---:|" * len(args.blocks))
+    compiled = [f"compiled, {BLOCK_ROWS} rows"] if EXTENSION is not None else []
+    heads = [f"numpy, {b} rows" for b in args.blocks] + compiled
+    print("| base | workers | reference | " + " | ".join(heads) + " |")
+    print("|---|---:|---:|" + "---:|" * len(heads))
     for dtype, w in bases.items():
         raw0 = np.frombuffer(w.tobytes(), dtype=np.uint8)
         for workers in (1, 2):
             engines = [NumpyExactEngine(workers, fast=False)] + [
-                NumpyExactEngine(workers, block_rows=b) for b in args.blocks]
+                NumpyExactEngine(workers, block_rows=b, compiled=False) for b in args.blocks
+            ] + [NumpyExactEngine(workers, compiled=True) for _ in compiled]
             try:
                 times = [_time(e, raw0, dtype, op, args.repeats) for e in engines]
             finally:

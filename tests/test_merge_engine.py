@@ -1,6 +1,6 @@
-"""The exact CPU engine on multi-block tensors: the fast kernel, the reference kernel, one
-worker and two workers give the same bits, and those bits are the correctly rounded
-``W + s L R`` computed independently in float64 with torch."""
+"""The exact CPU engine on multi-block tensors: the compiled kernel (when built), the numpy
+fast kernel, the reference kernel, one worker and two workers give the same bits, and those
+bits are the correctly rounded ``W + s L R`` computed independently in float64 with torch."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from loratool.errors import CheckpointError
-from loratool.ops.merge.exact import BLOCK_ROWS, REFERENCE_ELEMS, NumpyExactEngine
+import itertools
+import os
+
+from loratool.ops.merge.exact import BLOCK_ROWS, EXTENSION, REFERENCE_ELEMS, NumpyExactEngine
 from loratool.ops.merge.plan import Op
 
 ROWS, COLS, RANK = 4 * REFERENCE_ELEMS // 512 + 37, 512, 16  # 2085 rows: 5 reference blocks
@@ -17,6 +20,40 @@ NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 BITS = {"F32": np.uint32, "F16": np.uint16, "BF16": np.uint16}
 SCALE = 0.5  # dyadic: s L stays exact
+DTYPES = ("F32", "BF16", "F16")
+
+
+def _fast_engines(workers: int, **kw) -> dict:
+    """The numpy fast kernel and, when built, the compiled one (CI builds it:
+    ``LORATOOL_REQUIRE_EXT=1``, see test_extension_built_when_required)."""
+    out = {f"numpy-{workers}": NumpyExactEngine(workers, compiled=False, **kw)}
+    if EXTENSION is not None:
+        out[f"compiled-{workers}"] = NumpyExactEngine(workers, compiled=True, **kw)
+    return out
+
+
+def test_extension_built_when_required(monkeypatch):
+    if os.environ.get("LORATOOL_REQUIRE_EXT") == "1":
+        assert EXTENSION is not None
+    if EXTENSION is None:
+        with pytest.raises(RuntimeError):
+            NumpyExactEngine(1, compiled=True)
+        return
+    # finite blocks never reach the numpy kernels when the compiled one runs
+    from loratool.ops.merge import exact
+
+    def boom(*a):
+        raise AssertionError("numpy kernel used")
+    monkeypatch.setattr(exact, "_fast_block", boom)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5 * BLOCK_ROWS, 64)).astype(np.float32)
+    engine = NumpyExactEngine(2, compiled=True)
+    try:
+        for out in ("F32", "BF16", "F16"):
+            _run(engine, w, "F32", rng.standard_normal((w.shape[0], 4)),
+                 rng.standard_normal((4, 64)), 0.3, out)
+    finally:
+        engine.close()
 
 
 def _to_stored(x64: np.ndarray, dtype: str) -> np.ndarray:
@@ -83,7 +120,7 @@ def _run(engine, w_stored, base: str, L, R, scale, out: str) -> np.ndarray:
 def test_engines_bit_identical_and_correctly_rounded(base):
     w, L, R = _fixture(base)
     stored = _to_stored(w, base)
-    engines = {"fast-1": NumpyExactEngine(1), "fast-2": NumpyExactEngine(2),
+    engines = {**_fast_engines(1), **_fast_engines(2),
                "ref-1": NumpyExactEngine(1, fast=False), "ref-2": NumpyExactEngine(2, fast=False)}
     try:
         for out in ("F32", "BF16", "F16"):
@@ -100,23 +137,28 @@ def test_engines_bit_identical_and_correctly_rounded(base):
             engine.close()
 
 
-@pytest.mark.parametrize("base,out", [("F32", "F32"), ("BF16", "BF16"), ("F16", "F16"),
-                                      ("F32", "BF16"), ("BF16", "F32"), ("F16", "F32")])
-def test_fast_kernel_equals_reference_on_random_factors(base, out):
-    """Non-dyadic factors (the product rounds in float64): the kernels still agree, block
-    size and worker count do not change a bit."""
+@pytest.mark.parametrize("base,out", list(itertools.product(DTYPES, DTYPES)))
+def test_fast_kernels_equal_reference_on_random_factors(base, out):
+    """Non-dyadic factors (the product rounds in float64): every kernel agrees with the
+    reference, block size and worker count do not change a bit; values span subnormals to
+    near-overflow of the output dtype."""
     rng = np.random.default_rng(3)
-    w = torch.from_numpy(rng.standard_normal((ROWS, COLS)) * 0.05).to(TORCH[base]).double()
+    w = rng.standard_normal((ROWS, COLS)) * 0.05
+    # rows of tiny values (bf16/fp16 subnormals) and of large ones (near fp16's 65504)
+    w[:40] *= 2.0**-130 if base != "F16" else 2.0**-20
+    w[-40:] = rng.uniform(-6e4, 6e4, (40, COLS)) if "F16" in (base, out) else w[-40:] * 1e30
+    w = torch.from_numpy(w).to(TORCH[base]).double()
     stored = _to_stored(w.numpy(), base)
     L, R = rng.standard_normal((ROWS, RANK)) * 0.01, rng.standard_normal((RANK, COLS)) * 0.01
-    fast, ref = NumpyExactEngine(2), NumpyExactEngine(1, fast=False)
-    odd = NumpyExactEngine(2, block_rows=7)
+    L[:40] *= 2.0**-130 if base != "F16" else 2.0**-20
+    ref = NumpyExactEngine(1, fast=False)
+    engines = {**_fast_engines(2), **_fast_engines(1, block_rows=7)}
     try:
         want = _run(ref, stored, base, L, R, 1.3, out)
-        assert np.array_equal(_run(fast, stored, base, L, R, 1.3, out), want)
-        assert np.array_equal(_run(odd, stored, base, L, R, 1.3, out), want)
+        for label, engine in engines.items():
+            assert np.array_equal(_run(engine, stored, base, L, R, 1.3, out), want), label
     finally:
-        for e in (fast, ref, odd):
+        for e in (ref, *engines.values()):
             e.close()
 
 
@@ -131,8 +173,8 @@ def test_overflow_is_lt412_on_every_kernel(base, out):
     L = np.zeros((w.shape[0], 1))
     R = np.ones((1, 8))
     big = {"F32": 1e39, "F16": 1e5, "BF16": 1e39}[out]
-    for fast in (True, False):
-        engine = NumpyExactEngine(2, fast=fast)
+    engines = [NumpyExactEngine(2, fast=False), *_fast_engines(2).values()]
+    for engine in engines:
         try:
             assert _run(engine, stored, base, L, R, big, out).shape == w.shape  # all-zero L
             L2 = L.copy()
@@ -142,3 +184,30 @@ def test_overflow_is_lt412_on_every_kernel(base, out):
             assert e.value.code == "LT412" and "8 NaN/Inf" in str(e.value)
         finally:
             engine.close()
+
+
+@pytest.mark.parametrize("out", ["BF16", "F16", "F32"])
+def test_nan_payloads_of_the_base_stay_nan(out):
+    """NaN patterns whose low bits would carry in bf16's integer rounding (a negative NaN
+    with mantissa bits all ones once rounded to +0.0): every kernel keeps a NaN, and they
+    agree bit for bit with the reference."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((3 * BLOCK_ROWS + 5, 32)).astype(np.float32)
+    bits = w.view(np.uint32)
+    spots = [(0, 0), (BLOCK_ROWS, 7), (2 * BLOCK_ROWS + 1, 31), (3 * BLOCK_ROWS + 4, 3)]
+    for (i, j), pattern in zip(spots, (0xFFFFFFFF, 0xFFFF8001, 0x7FFFFFFF, 0xFF800001)):
+        bits[i, j] = pattern
+    L, R = rng.standard_normal((w.shape[0], 4)), rng.standard_normal((4, 32))
+    ref = NumpyExactEngine(1, fast=False)
+    engines = _fast_engines(2)
+    try:
+        want = _run(ref, w, "F32", L, R, 0.1, out)
+        vals = want.view({"BF16": np.uint16, "F16": np.float16, "F32": np.float32}[out])
+        got_nan = np.isnan(vals) if out != "BF16" else (vals & 0x7FFF) > 0x7F80
+        assert [bool(got_nan[i, j]) for i, j in spots] == [True] * 4
+        assert int(got_nan.sum()) == 4
+        for label, engine in engines.items():
+            assert np.array_equal(_run(engine, w, "F32", L, R, 0.1, out), want), label
+    finally:
+        for e in (ref, *engines.values()):
+            e.close()

@@ -66,6 +66,14 @@ class TensorSource:
         from ..tensors import read_tensor
         return read_tensor(self.header, self.header.tensors[name])
 
+    def get_numpy(self, name: str) -> np.ndarray:
+        """The stored tensor as numpy (BF16 as its uint16 bit pattern); safetensors only."""
+        if self.state is not None:
+            raise InteropError(f"{self.path} is a pickle: its tensors are read with torch",
+                               code="LT301", path=self.path)
+        from ..stfile import read_numpy
+        return read_numpy(self.header, self.header.tensors[name])
+
     def scalar(self, name: str) -> float:
         """A one-element numeric tensor (any float or integer dtype: diffusers writes kohya
         alphas as int64) as a Python float, read without torch for safetensors."""
@@ -168,19 +176,33 @@ def scan_plan(plan):
 
 
 def read_tensors(plan, record: ModuleRecord, path: str, options: ReaderOptions) -> dict:
-    """Role -> torch tensor of one planned module as stored, NaN/Inf-checked (unless
-    ``check_values`` is off)."""
+    """Role -> tensor of one planned module as stored (torch; numpy with ``options.numpy``),
+    NaN/Inf-checked (unless ``check_values`` is off)."""
     out = {}
     for role, key in record.tensors.items():
-        t = plan.source.get(key)
-        check_finite(t, key, path, record.name, options)
+        if options.numpy:
+            t = plan.source.get_numpy(key)
+            check_finite(t, key, path, record.name, options,
+                         dtype=plan.source.entries[key][0])
+        else:
+            t = plan.source.get(key)
+            check_finite(t, key, path, record.name, options)
         out[role] = t
     return out
 
 
-def check_finite(t, name: str, path: str, module: str | None, options: ReaderOptions) -> None:
-    if options.check_values and t.is_floating_point() and not bool(
-            t.isfinite().all()):
+def check_finite(t, name: str, path: str, module: str | None, options: ReaderOptions, *,
+                 dtype: str | None = None) -> None:
+    """LT209 when float tensor ``t`` holds NaN/Inf; a numpy ``t`` is checked on its stored
+    ``dtype`` (BF16 bits) by ``numerics``, without torch."""
+    if not options.check_values:
+        return
+    if isinstance(t, np.ndarray):
+        from ..numerics import nonfinite_count
+        bad = nonfinite_count(t, dtype) > 0
+    else:
+        bad = t.is_floating_point() and not bool(t.isfinite().all())
+    if bad:
         raise TensorError(f"tensor {name!r} holds NaN or Inf values", code="LT209", path=path,
                           module=module)
 

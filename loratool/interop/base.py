@@ -55,7 +55,9 @@ class ReaderOptions:
     detection; ``defer_base_mismatch``: modules whose base tensor has another shape are read
     (``merge`` lists them with the other modules it cannot merge) instead of refused;
     ``base_is_residual``: the base given to ``merge`` is the residual model of a PiSSA/OLoRA/
-    ... initialised adapter (``Adapter.init``).
+    ... initialised adapter (``Adapter.init``); ``numpy``: readers that go through
+    ``_common.read_tensors`` (PEFT, kohya) return the stored tensors of a safetensors file as
+    numpy arrays (BF16 as uint16 bit patterns), so ``merge`` never imports torch for them.
     """
 
     alpha: float | None = None
@@ -71,6 +73,7 @@ class ReaderOptions:
     permute_qk: bool | None = None
     defer_base_mismatch: bool = False
     base_is_residual: bool = False
+    numpy: bool = False
 
     @classmethod
     def of(cls, options: ReaderOptions | Mapping | None = None, **kwargs) -> ReaderOptions:
@@ -96,7 +99,7 @@ class ReaderOptions:
         if "base" in given:
             given["base"] = os.fspath(given["base"])
         for flag in ("allow_unknown", "check_values", "overwrite", "defer_base_mismatch",
-                     "base_is_residual"):
+                     "base_is_residual", "numpy"):
             if flag in given:
                 given[flag] = bool(given[flag])
         return dataclasses.replace(base, **given)

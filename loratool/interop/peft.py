@@ -355,13 +355,13 @@ class _Plan:
         return dict(sorted(out.items()))
 
     def replacements(self, options) -> dict[str, Replacement]:
-        import torch
         out = {}
         for target, name in self.full.items():
             t = self.source.get(name)
             C.check_finite(t, name, self.path, target, options)
             out[target] = Replacement(target, t)
         for target, (name, idx) in self.rows.items():
+            import torch  # here: an adapter without row replacements is read without torch
             t = self.source.get(name)
             C.check_finite(t, name, self.path, target, options)
             out[target] = Replacement(target, t, torch.tensor(idx, dtype=torch.int64))

@@ -9,13 +9,14 @@ guarantees are in spec/merge.md; this module implements them.
   once to the stored dtype, in numpy (``exact.NumpyExactEngine``). float64 ->
   bf16/fp16 goes through float32 rounded to odd, because a float64 -> bf16/fp16 conversion
   through float32 rounded to nearest rounds twice (torch's own ``.to`` does).
-* No torch unless needed: loratool-format adapters (no DoRA) are read as numpy arrays, so
-  ``merge`` on a safetensors base on the CPU never imports torch; foreign formats, DoRA,
-  ``.pt`` files and CUDA load torch. The engine is the same, so are the output bytes.
+* No torch unless needed: safetensors adapters (loratool, PEFT, kohya; no DoRA or
+  replacement entries) are read as numpy arrays, so ``merge`` on a safetensors base on the
+  CPU never imports torch; pickles, LyCORIS LoHa/LoKr, DoRA, replacements, ``.pt`` files and
+  CUDA load torch. The engine is the same, so are the output bytes.
 * Fast (CUDA): the same sum in float32 on the device; reading, transfer and writing overlap.
 
 The package, in the order a merge runs: ``options`` (arguments), ``job`` (``MergeJob`` and
-``run``), ``npadapter`` (loratool adapters as numpy), ``plan`` (base tensor -> updates),
+``run``), ``npadapter`` (safetensors adapters as numpy), ``plan`` (base tensor -> updates),
 ``provenance`` (adapter identity, ``loratool.merged`` records), ``exact`` and
 ``torch_engine`` (the engines), ``streaming`` and ``writers`` (the outputs).
 """

@@ -1,7 +1,13 @@
 """The exact CPU engine: ``W + sum_i s_i * L_i @ R_i`` evaluated in float64 and rounded once
 to the stored dtype, in numpy, blocked by rows and shared out to one worker per core.
 
-Two block kernels give the same bits:
+Three block kernels give the same bits:
+
+* ``_compiled_block`` (when the optional C extension ``loratool._fastmerge`` is built): the
+  rank-r product by numpy's matmul (the same float64 bits as the numpy kernels), then one
+  compiled pass reads W in its stored dtype, adds in float64 and rounds once, directly to the
+  output dtype. Any NaN/Inf or overflow in a block hands that block to ``_fast_block``, so
+  non-finite values are handled by exactly the numpy code.
 
 * ``_fast_block`` (one low-rank update with finite factors, the usual merge): W stays in its
   stored dtype (bf16 is widened to float32 per block); only the rank-r product is float64;
@@ -26,9 +32,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...errors import CheckpointError
 from ...numerics import FLOAT_NP, any_nonfinite, as_float, bf16_to_f32, round_into
 from .npadapter import as_f64
+from .plan import nonfinite_error
 
 # Rows per block: the float64 product of a block stays in the L2 cache through
 # matmul -> add -> round (16 rows measured 1.6-2x faster than 128 for the matmul, same bits).
@@ -37,6 +43,25 @@ BLOCK_ROWS = 16
 REFERENCE_ELEMS = 1 << 18
 # |L| * |R| * rank below this cannot overflow float64, so the product needs no flag check.
 _SAFE_BOUND = 1e300
+# dtype codes of ``_fastmerge.add_round``
+_EXT_CODES = {"F64": 0, "F32": 1, "F16": 2, "BF16": 3}
+
+
+def _load_extension():
+    """``loratool._fastmerge`` or None (not built: no compiler at install time). With
+    ``LORATOOL_REQUIRE_EXT=1`` (CI) a missing extension is an ImportError."""
+    try:
+        from ... import _fastmerge
+    except ImportError as e:
+        if os.environ.get("LORATOOL_REQUIRE_EXT") == "1":
+            raise ImportError("LORATOOL_REQUIRE_EXT=1 but the compiled merge kernel "
+                              "loratool._fastmerge is not built (pip install -e . needs a C "
+                              f"compiler and the Python headers): {e}") from e
+        return None
+    return _fastmerge
+
+
+EXTENSION = _load_extension()
 
 
 def cores() -> int:
@@ -104,6 +129,7 @@ class _Tensor:
     ops: list
     name: str
     fast: bool
+    ext: object = None  # the compiled kernel's module, when used
 
 
 class _Scratch:
@@ -125,7 +151,9 @@ class NumpyExactEngine:
     array) and returns the bytes of the result. Row blocks go to one Python worker thread
     per core (numpy releases the GIL in its loops and in BLAS).
 
-    ``fast=False`` runs every block through the reference kernel (tests compare the two).
+    ``fast=False`` runs every block through the reference kernel (tests compare the two);
+    ``compiled=False`` never uses the compiled kernel, ``True`` requires it (default: when
+    built).
     """
 
     device = "cpu"
@@ -133,9 +161,12 @@ class NumpyExactEngine:
     pinned = False
 
     def __init__(self, workers: int | None = None, *, fast: bool = True,
-                 block_rows: int = BLOCK_ROWS):
+                 block_rows: int = BLOCK_ROWS, compiled: bool | None = None):
+        if compiled and EXTENSION is None:
+            raise RuntimeError("the compiled merge kernel loratool._fastmerge is not built")
         self.workers = workers or cores()
         self.fast = fast
+        self.ext = EXTENSION if compiled is not False else None
         self.block_rows = block_rows
         self._pool = None
         self._scratch: dict[int, _Scratch] = {}
@@ -163,7 +194,7 @@ class NumpyExactEngine:
                          None if op.L is None else as_f64(op.L) * op.scale, as_f64(op.R),
                          as_f64(op.vec)) for op in ops]
         job = _Tensor(w2, out.reshape(w2.shape), dtype, out_dtype, ops, name,
-                      self.fast and _fast_ok(ops))
+                      self.fast and _fast_ok(ops), self.ext)
         step = self.block_rows if job.fast else max(1, REFERENCE_ELEMS // max(cols, 1))
         blocks = -(-rows // step)
         k = min(self.workers, blocks)
@@ -186,7 +217,10 @@ class NumpyExactEngine:
         with _one_blas_thread():
             for i in range(lo, hi, step):
                 j = min(hi, i + step)
-                if not (job.fast and _fast_block(job, i, j, scratch)):
+                if not job.fast:
+                    _reference_block(job, i, j, scratch)
+                elif not (job.ext is not None and _compiled_block(job, i, j, scratch)
+                          or _fast_block(job, i, j, scratch)):
                     _reference_block(job, i, j, scratch)
 
 
@@ -203,14 +237,37 @@ def _fast_ok(ops) -> bool:
     return math.isfinite(bound) and bound < _SAFE_BOUND
 
 
+def _product(job: _Tensor, i: int, j: int, s: _Scratch) -> np.ndarray:
+    """The float64 rank-r product of rows ``i:j`` (``s L @ R``), in the worker's scratch."""
+    op = job.ops[0]
+    d = s.get("d", (j - i) * job.w2.shape[1], np.float64).reshape(j - i, -1)
+    np.matmul(op.L[i:j], op.R, out=d)
+    return d
+
+
+def _compiled_block(job: _Tensor, i: int, j: int, s: _Scratch) -> bool:
+    """Rows ``i:j`` by the compiled kernel; False (to be redone by ``_fast_block``) when a
+    result is NaN/Inf or overflows."""
+    m, cols = j - i, job.w2.shape[1]
+    d = _product(job, i, j, s)
+    dst = job.o2[i:j]
+    if job.out_dtype != job.dtype:
+        return job.ext.add_round(job.w2[i:j], _EXT_CODES[job.dtype], d, dst,
+                                 _EXT_CODES[job.out_dtype])
+    # in place: W must survive a fall back to the numpy kernels
+    y = s.get("y", m * cols, FLOAT_NP[job.dtype]).reshape(m, cols)
+    code = _EXT_CODES[job.dtype]
+    if not job.ext.add_round(job.w2[i:j], code, d, y, code):
+        return False
+    dst[...] = y
+    return True
+
+
 def _fast_block(job: _Tensor, i: int, j: int, s: _Scratch) -> bool:
     """Rows ``i:j`` by the fast kernel; False (output rows untouched or to be rewritten)
     when the block needs the reference kernel: an overflow, a NaN/Inf, a bf16 fix-up."""
-    op = job.ops[0]
-    cols = job.w2.shape[1]
-    m = j - i
-    d = s.get("d", m * cols, np.float64).reshape(m, cols)
-    np.matmul(op.L[i:j], op.R, out=d)
+    m, cols = j - i, job.w2.shape[1]
+    d = _product(job, i, j, s)
     w = job.w2[i:j]
     if job.dtype == "BF16":
         w = bf16_to_f32(w, out=s.get("w", m * cols, np.uint32).reshape(m, cols))
@@ -242,20 +299,27 @@ def _fast_block(job: _Tensor, i: int, j: int, s: _Scratch) -> bool:
     return _bf16_from_f32(dst, y, d, s)
 
 
+# float32 magnitudes from this one up round to Inf in bf16 (0x7F7F8000 is the midpoint
+# between the largest bf16 and Inf, a tie that goes to Inf's even pattern)
+_BF16_INF_FROM = float(np.array(0x7F7F8000, dtype=np.uint32).view(np.float32))
+
+
 def _bf16_from_f32(dst, y, x, s: _Scratch) -> bool:
     """``dst`` (bf16 bits) = RN_bf16(x), from y = RN_f32(x) (float64 ``x``)."""
+    # NaN/Inf, or a value that rounds to Inf: the reference kernel (canonical NaN, LT412).
+    # Two read-only reductions (NaN propagates through min/max); checked first, so that the
+    # integer rounding below never sees a NaN pattern (whose + 0x8000 could wrap around).
+    if not (-_BF16_INF_FROM < y.min() and y.max() < _BF16_INF_FROM):
+        return False
     bits = y.view(np.uint32)
     m = bits.size
     r = s.get("r", m, np.uint32).reshape(bits.shape)
     np.right_shift(bits, 16, out=r)
     r &= 1
     r += 0x7FFF
-    r += bits  # NaN bit patterns may wrap: they are caught below
-    r >>= 16
+    r += bits
+    np.right_shift(r, 16, out=dst, casting="unsafe")  # the rounded bf16 bits, stored
     t = s.get("t", m, np.uint32).reshape(bits.shape)
-    np.bitwise_and(r, 0x7F80, out=t)
-    if (t == 0x7F80).any():  # NaN/Inf: canonical NaN and the LT412 check are the reference's
-        return False
     np.bitwise_and(bits, 0xFFFF, out=t)
     ties = np.flatnonzero(t == 0x8000)
     if ties.size:
@@ -265,9 +329,8 @@ def _bf16_from_f32(dst, y, x, s: _Scratch) -> bool:
         ys = y.reshape(-1)[ties].astype(np.float64)
         moved = xs != ys
         fix = ties[moved]
-        r.reshape(-1)[fix] = (bits.reshape(-1)[fix] >> 16) + (
+        dst.reshape(-1)[fix] = (bits.reshape(-1)[fix] >> 16) + (
             np.abs(xs[moved]) > np.abs(ys[moved]))
-    np.copyto(dst, r, casting="unsafe")
     return True
 
 
@@ -316,8 +379,4 @@ def _check_block(dst, blk, ops, i, j, name, out_dtype) -> None:
                                                           | ~np.isfinite(delta))
     bad = int(produced.sum())
     if bad:
-        mods = sorted({op.module for op in ops})
-        raise CheckpointError(
-            f"merging into `{name}` produced {bad} NaN/Inf value(s) (modules "
-            f"{', '.join(mods[:5])}): the adapter has huge or non-finite values or the scale "
-            "is too large for the stored dtype; nothing was written", code="LT412")
+        raise nonfinite_error(name, bad, ops)

@@ -23,7 +23,7 @@ from .exact import NumpyExactEngine
 from .npadapter import header_allows_numpy
 from .options import (DTYPE_CHOICES, default_output, normalize_adapters, output_format_for,
                       resolve_device)
-from .plan import Loaded, load_item, make_plan
+from .plan import Loaded, load_item, make_plan, reader_options
 from .provenance import (adapter_identity, adapter_record, checkpoint_metadata, match_unmerge,
                          merge_records, new_record)
 from .streaming import Counts, stream_file
@@ -38,6 +38,7 @@ class Engines:
     numpy_loader: bool | None = None  # True: loratool files read by numpy (no torch)
     workers: int | None = None  # exact engine threads (default: one per core)
     fast: bool = True  # False: the exact engine's reference kernel for every block
+    compiled: bool | None = None  # the compiled kernel: False never, True required
 
 
 @dataclass
@@ -130,7 +131,8 @@ def run(job: MergeJob) -> MergeReport:
     if fmt == "pt":
         check_destination(sidecar_path(dest), overwrite=True, inputs=inputs)
     device = resolve_device(job.device)
-    engine, use_numpy = _engine(job.engines, device, items)
+    engine, use_numpy = _engine(job.engines, device, items,
+                                reader_options("foreign", base, name_map, job.adapter_options))
     precision = engine.precision
 
     source = None
@@ -242,22 +244,24 @@ def tie_plan(plan: dict, tied, fmt: str) -> list[str]:
     return notes
 
 
-def _engine(engines: Engines, device: str, items):
-    """(engine, whether loratool adapters are read by numpy)."""
+def _engine(engines: Engines, device: str, items, options):
+    """(engine, whether the adapters are read by numpy); ``options``: the foreign readers'."""
     precision = engines.precision or ("fp64" if device == "cpu" else "fp32")
     if precision == "fp64":
-        engine = NumpyExactEngine(engines.workers, fast=engines.fast)
+        engine = NumpyExactEngine(engines.workers, fast=engines.fast,
+                                  compiled=engines.compiled)
     else:
         from .torch_engine import FastEngine
         engine = FastEngine(device)
     # Loading the adapters as numpy arrays (no torch) when the engine is the exact one and
-    # every adapter is a loratool file without DoRA; the engine, and so every output byte,
-    # is the same either way.
+    # every adapter is a safetensors file (loratool, PEFT, kohya) without DoRA or replacement
+    # entries; the engine, and so every output byte, is the same either way.
     can = precision == "fp64" and all(
-        isinstance(src, str) and header_allows_numpy(src) for src, _ in items)
+        isinstance(src, str) and header_allows_numpy(src, options) for src, _ in items)
     if engines.numpy_loader and not can:
-        raise OperationError("the numpy loader needs the exact CPU path and loratool-format "
-                             "adapter files without DoRA", code="LT522")
+        raise OperationError("the numpy loader needs the exact CPU path and safetensors "
+                             "adapter files (loratool, PEFT, kohya) without DoRA or "
+                             "replacement entries", code="LT522")
     use_numpy = can if engines.numpy_loader is None else engines.numpy_loader
     return engine, use_numpy
 

@@ -1,6 +1,8 @@
-"""loratool-format adapters (without DoRA) as numpy arrays: ``merge`` reads them without
-importing torch; the merge engine only needs, per module, the two factors as float arrays,
-the scale and the header's ``ModuleInfo`` (see ``NpModule``)."""
+"""Safetensors adapters (loratool, PEFT, kohya; without DoRA or replacement entries) as numpy
+arrays: ``merge`` reads them without importing torch; the merge engine only needs, per
+module, the two factors as float arrays, the scale and a ``ModuleInfo`` (see ``NpModule``).
+The adapter identity is computed from the stored bytes and equals
+``provenance.adapter_identity`` of the same adapter loaded with torch."""
 
 from __future__ import annotations
 
@@ -47,20 +49,36 @@ class NpAdapter:
     modules: dict
     identity: str
     source_format: str = "loratool"
+    init: dict | None = None  # ``Adapter.init``: the recorded base-changing initialisation
 
 
-def header_allows_numpy(path: str) -> bool:
-    """True when ``path`` is a loratool-format adapter without DoRA modules or replacements
-    (header only)."""
-    from ...interop.native import read_info as read_loratool_info
-    from ...interop import detect_format
+# Formats whose readers take ``ReaderOptions(numpy=True)`` (``interop._common.read_tensors``).
+_FOREIGN = ("peft", "kohya")
+
+
+def header_allows_numpy(path: str, options=None) -> bool:
+    """True when ``path`` is a safetensors adapter (loratool, PEFT or kohya) without DoRA
+    modules or replacements (headers only). ``options``: the ``ReaderOptions`` the foreign
+    reader gets (base, name map...)."""
+    from ...guards import is_pickle
+    from ...interop import detect_format, get_format
+    from ...interop.base import ReaderOptions
     try:
-        if detect_format(path) != "loratool":
+        fmt = detect_format(path)
+        if fmt == "loratool":
+            info = get_format(fmt).read_info(path)
+        elif fmt in _FOREIGN:
+            if fmt == "peft":
+                from ...interop.peft import locate
+                path = locate(path)[1]
+            if is_pickle(path):
+                return False
+            info = get_format(fmt).read_info(path, options or ReaderOptions())
+        else:
             return False
-        info = read_loratool_info(path)
     except Exception:  # noqa: BLE001 - the torch path reports the problem with its own error
         return False
-    # Replacement entries (format 1.1) take the torch path, which reads them.
+    # DoRA and replacement entries (format 1.1) take the torch path, which reads them.
     return not info.replacements and not any(m.magnitude for m in info.modules.values())
 
 
@@ -86,4 +104,44 @@ def load_numpy(path: str) -> NpAdapter:
     table = {n: {"kind": m.info.kind, "layout": m.info.layout, "scale": float(m.scale)}
              for n, m in modules.items()}
     doc = F.canonical_json({"modules": table, "tensor_hash": digest})
-    return NpAdapter(modules, "sha256:" + hashlib.sha256(doc.encode("ascii")).hexdigest())
+    return NpAdapter(modules, "sha256:" + hashlib.sha256(doc.encode("ascii")).hexdigest(),
+                     init=info.init)
+
+
+_STORED = {np.dtype(np.float16): "F16", np.dtype(np.uint16): "BF16",
+           np.dtype(np.float32): "F32", np.dtype(np.float64): "F64"}
+
+
+def load_foreign_numpy(path: str, fmt: str, options):
+    """A PEFT or kohya safetensors adapter as an ``NpAdapter``: the format's own reader with
+    ``numpy=True`` (every check it makes, NaN/Inf by ``numerics``), then float arrays for the
+    engine. Returns ``(NpAdapter, LoadResult)`` (the result's notes and dropped tensors)."""
+    from ...interop import get_format
+    from ...model import ModuleInfo
+    from ...stfile import tensor_hash
+    result = get_format(fmt).load_report(path, options.replace(numpy=True))
+    ad = result.adapter
+    modules, stored = {}, []
+    for name, m in ad.modules.items():
+        parts = {F.ROLE_A: m.A, F.ROLE_B: m.B, F.ROLE_BIAS: m.bias}
+        for role, a in parts.items():
+            if a is not None:
+                a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+                stored.append((F.tensor_name(name, role), _STORED[a.dtype], tuple(a.shape),
+                               a.reshape(-1).view(np.uint8)))
+        info = ModuleInfo(name, m.kind, m.layout, tuple(m.A.shape), tuple(m.B.shape),
+                          float(m.alpha), m.scaling, _STORED[m.A.dtype], False,
+                          m.bias is not None)
+        modules[name] = NpModule(info, _values(m.A), _values(m.B), _values(m.bias))
+    table = {n: {"kind": m.info.kind, "layout": m.info.layout, "scale": float(m.scale)}
+             for n, m in modules.items()}
+    doc = F.canonical_json({"modules": table, "tensor_hash": tensor_hash(stored)})
+    identity = "sha256:" + hashlib.sha256(doc.encode("ascii")).hexdigest()
+    return NpAdapter(modules, identity, fmt, ad.init), result
+
+
+def _values(a: np.ndarray | None) -> np.ndarray | None:
+    """Stored array -> its float values (BF16 bits widened to float32: exact)."""
+    if a is None:
+        return None
+    return bf16_to_f32(a) if a.dtype == np.uint16 else a

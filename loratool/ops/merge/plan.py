@@ -41,6 +41,16 @@ class Op:
                        vec=c(self.vec))
 
 
+def nonfinite_error(name: str, bad: int, ops) -> CheckpointError:
+    """LT412: merging ``ops`` into base tensor ``name`` produced ``bad`` NaN/Inf values where
+    the base held finite ones (every engine raises this one error)."""
+    mods = sorted({op.module for op in ops})
+    return CheckpointError(
+        f"merging into `{name}` produced {bad} NaN/Inf value(s) (modules "
+        f"{', '.join(mods[:5])}): the adapter has huge or non-finite values or the scale "
+        "is too large for the stored dtype; nothing was written", code="LT412")
+
+
 def _squeeze_tail(shape) -> tuple[int, ...]:
     shape = list(shape)
     while len(shape) > 2 and shape[-1] == 1:
@@ -91,13 +101,23 @@ def load_item(item, base: str, name_map, adapter_options: dict | None = None, *,
           numpy: bool = False):
     """(adapter, label, format, dropped tensor names, reader notes) of one adapter."""
     from ...interop import detect_format, reader_for
-    from ...interop.base import ReaderOptions
-    if numpy:  # a loratool file without DoRA (checked by the caller): no torch
-        from .npadapter import load_numpy
-        return load_numpy(item), item, "loratool", [], []
     if hasattr(item, "modules"):
         return item, "<in memory>", getattr(item, "source_format", "loratool"), [], []
     fmt = detect_format(item)
+    opts = reader_options(fmt, base, name_map, adapter_options)
+    if numpy:  # a safetensors file without DoRA (checked by the caller): no torch
+        from .npadapter import load_foreign_numpy, load_numpy
+        if fmt == "loratool":
+            return load_numpy(item), item, fmt, [], []
+        adapter, result = load_foreign_numpy(item, fmt, opts)
+        return adapter, item, fmt, list(result.unknown), list(result.notes)
+    result = reader_for(item, opts).load_report(item, opts)
+    return result.adapter, item, fmt, list(result.unknown), list(result.notes)
+
+
+def reader_options(fmt: str, base: str, name_map, adapter_options: dict | None):
+    """The ``ReaderOptions`` ``merge`` reads an adapter of format ``fmt`` with."""
+    from ...interop.base import ReaderOptions
     # Foreign formats read names and layouts against the base (kohya names, PEFT's global
     # fan_in_fan_out flag); loratool files state both.
     # A module whose base tensor has another shape is listed with the others by make_plan
@@ -105,9 +125,7 @@ def load_item(item, base: str, name_map, adapter_options: dict | None = None, *,
     options = {} if fmt == "loratool" else {"base": base, "name_map": name_map or {},
                                             "defer_base_mismatch": True,
                                             **(adapter_options or {})}
-    opts = ReaderOptions.of(**options)
-    result = reader_for(item, opts).load_report(item, opts)
-    return result.adapter, item, fmt, list(result.unknown), list(result.notes)
+    return ReaderOptions.of(**options)
 
 
 def make_plan(loaded: list[Loaded], base_tensors: dict, name_map, *, sign: float,

@@ -9,9 +9,9 @@ import queue
 
 import numpy as np
 
-from ...errors import CheckpointError
 from ...numerics import FLOAT_NP
 from ...stfile import DTYPE_SIZES
+from .plan import nonfinite_error
 
 
 def check_finite(res, orig, name: str, ops) -> None:
@@ -23,11 +23,7 @@ def check_finite(res, orig, name: str, ops) -> None:
         return
     bad = int((~torch.isfinite(res) & torch.isfinite(orig.to(res.device))).sum())
     if bad:
-        mods = sorted({op.module for op in ops})
-        raise CheckpointError(
-            f"merging into `{name}` produced {bad} NaN/Inf value(s) (modules "
-            f"{', '.join(mods[:5])}): the adapter has huge or non-finite values or the scale "
-            "is too large for the stored dtype; nothing was written", code="LT412")
+        raise nonfinite_error(name, bad, ops)
 
 
 def apply_whole(w, ops) -> None:
