@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 
 from ..errors import InteropError, LoraToolError
-from ..format import KIND_CONV, KIND_LINEAR, LAYOUT_OUT_IN, MODULE_NAME_RE, SCALING_STANDARD
+from ..format import KIND_CONV, KIND_LINEAR, LAYOUT_OUT_IN, SCALING_STANDARD
 from ..model import Adapter, AdapterInfo
 from ..rules import Finding
 from ..variants import FullDiff, Lora, LycorisDora
@@ -99,66 +99,23 @@ class _Plan:
     def _names(self, loras, options) -> dict[str, str]:
         """LyCORIS name -> module path, as the kohya reader does: ``lora_unet_x_y`` ->
         ``unet.x_y`` and ``lycoris_x_y`` -> ``x_y``, dotted from the base when given."""
-        name_map = options.name_map or {}
-        shapes = C.base_shapes(options)
-        index: dict[str, set[str]] = {}
-        for key in shapes or ():
-            if key.endswith(".weight"):
-                path = key[: -len(".weight")]
-                index.setdefault(path.replace(".", "_"), set()).add(path)
-        out, self.base_keys = {}, {}
-        unmatched, ambiguous = [], []
-        for lora in loras:
+        def split(lora):
             if not lora.startswith(PREFIXES) or lora in PREFIXES:
                 raise InteropError(f"LyCORIS module name {lora[:80]!r} does not start with "
                                    "lora_ or lycoris_", code="LT307", path=self.path,
                                    module=lora[:80])
             if lora.startswith("lycoris_"):
                 rest = lora[len("lycoris_"):]
-                fallback, hits = rest, set(index.get(rest, ()))
-                part = None
-            else:
-                full = lora[len("lora_"):]
-                part, sep, rest = full.partition("_")
-                fallback = f"{part}.{rest}" if sep and rest else full
-                hits = index.get(full, set()) | {f"{part}.{p}" for p in index.get(rest, ())}
-            name = name_map.get(lora) or name_map.get(fallback)
-            if name is None and shapes is not None:
-                if len(hits) == 1:
-                    name = next(iter(hits))
-                elif hits:
-                    ambiguous.append(f"{lora} -> {', '.join(sorted(hits))}")
-                else:
-                    unmatched.append(lora)
-            name = name or fallback
-            if len(name) > C.MAX_MODULE_NAME or not MODULE_NAME_RE.match(name):
-                raise InteropError(f"LyCORIS module {lora[:80]!r} gives the module name "
-                                   f"{name[:80]!r}, which is not dot-separated segments of "
-                                   "letters, digits, '_' and '-'", code="LT307", path=self.path,
-                                   module=lora[:80])
-            if shapes is not None:
-                for cand in (name, name.partition(".")[2]):
-                    if cand + ".weight" in shapes:
-                        self.base_keys[lora] = cand + ".weight"
-                        break
-            out[lora] = name
-        if ambiguous:
-            raise InteropError(f"{len(ambiguous)} LyCORIS module(s) match several base tensors "
-                               "once underscores are read as dots; pass --map NAME=MODULE.PATH "
-                               "for each: " + "; ".join(ambiguous[:10]), code="LT307",
-                               path=self.path)
-        if shapes is not None:
-            self.details["names"] = "dotted from the base checkpoint"
-            if unmatched:
-                shown = ", ".join(unmatched[:8]) + (" ..." if len(unmatched) > 8 else "")
-                self.notes.append(f"{len(unmatched)} LyCORIS module(s) match no base tensor and "
-                                  f"keep underscored names: {shown}")
-        else:
-            self.details["names"] = "underscored (pass --base to recover dotted paths)"
-        if len(set(out.values())) != len(out):
-            raise InteropError("two LyCORIS modules map to the same module name; pass --map",
-                               code="LT307", path=self.path)
-        return out
+                return rest, [("", rest)]
+            full = lora[len("lora_"):]
+            part, sep, rest = full.partition("_")
+            return (f"{part}.{rest}" if sep and rest else full), [("", full), (f"{part}.", rest)]
+        resolved = C.UnderscoredNames(loras, options, split=split, fmt="LyCORIS",
+                                      path=self.path)
+        self.base_keys = resolved.base_keys
+        self.notes.extend(resolved.notes)
+        self.details["names"] = resolved.how
+        return resolved.names
 
     def info(self, lora: str):
         from ..lycoris.modules import (LycorisModuleInfo, describe, lora_shapes,
