@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 
 from ..errors import InteropError, LoraToolError
-from ..format import KIND_CONV, KIND_LINEAR, LAYOUT_OUT_IN, SCALING_STANDARD
+from ..format import KIND_CONV, KIND_LINEAR
 from ..model import Adapter, AdapterInfo
 from ..rules import Finding
 from ..variants import FullDiff, Lora, LycorisDora
@@ -118,32 +118,10 @@ class _Plan:
         return resolved.names
 
     def info(self, lora: str):
-        from ..lycoris.modules import (LycorisModuleInfo, describe, lora_shapes,
-                                       rank_is_exact, variant_for)
+        from ..lycoris.native import module_info
         rec = self.records[lora]
-        rank = self.ranks[lora]
-        a_shape, b_shape = lora_shapes(rec, rank)
-        facts = describe(rec, rank, rank_is_exact(rec))
-        facts["parameters"] = sum(_numel(self.source.entries[f"{lora}.{p}"][1])
-                                  for p in rec.tensors if p != "alpha")
-        dtypes = sorted({self.source.entries[f"{lora}.{p}"][0] for p in rec.tensors
-                         if p != "alpha"})
-        return LycorisModuleInfo(
-            self.names[lora], KIND_CONV if len(rec.shape) > 2 else KIND_LINEAR,
-            LAYOUT_OUT_IN, a_shape, b_shape, rec.scale * rank, SCALING_STANDARD,
-            dtypes[0] if len(dtypes) == 1 else "mixed", False, _has_bias(rec),
-            lycoris=facts, variant_name=variant_for(rec).name)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _has_bias(rec) -> bool:
-    return rec.tensors.get("diff_b") is not None
+        return module_info(self.names[lora], rec, {p: self.source.entries[f"{lora}.{p}"]
+                                                   for p in rec.tensors})
 
 
 def read_info(path: str, options: ReaderOptions) -> AdapterInfo:
@@ -158,8 +136,8 @@ def read_info(path: str, options: ReaderOptions) -> AdapterInfo:
 
 def load_report(path: str, options: ReaderOptions) -> LoadResult:
     """Every module in its plain-LoRA form (float64 factors, exact), the record kept."""
-    from ..lycoris import parse_module, to_lora
-    from ..lycoris.modules import LycorisLoraModule
+    from ..lycoris import parse_module
+    from ..lycoris.native import as_module
     from ..lycoris.records import Full
     plan = _Plan(path, options)
     modules, ranks = {}, []
@@ -173,17 +151,9 @@ def load_report(path: str, options: ReaderOptions) -> LoadResult:
         shape = head.shape if head.shape_known else None
         rec = parse_module(lora, tensors, shape=shape)
         name = plan.names[lora]
-        if isinstance(rec, Full):
-            A, B, bias = _identity_factors(rec)
-            alpha = float(A.shape[0])
-        else:
-            from dataclasses import replace
-            f = to_lora(replace(rec, dora=None) if rec.dora is not None else rec)
-            A, B, alpha, bias = f.down(), f.up(), f.alpha, None
-            ranks.append(f"{name}: {rec.family.value} -> rank {f.rank}")
-        kind = KIND_CONV if len(rec.shape) > 2 else KIND_LINEAR
-        modules[name] = LycorisLoraModule(name, kind, LAYOUT_OUT_IN, A, B, alpha,
-                                          SCALING_STANDARD, bias=bias, record=rec)
+        modules[name] = as_module(name, rec)
+        if not isinstance(rec, Full):
+            ranks.append(f"{name}: {rec.family.value} -> rank {modules[name].rank}")
     notes = list(plan.notes)
     if ranks:
         shown = "; ".join(ranks[:12]) + (f"; ... ({len(ranks)} in all)" if len(ranks) > 12
@@ -194,21 +164,6 @@ def load_report(path: str, options: ReaderOptions) -> LoadResult:
         m.alpha for m in modules.values()) or 1.0), extra_metadata=dict(plan.source.metadata),
         source_format=NAME)
     return LoadResult(adapter, notes, [])
-
-
-def _identity_factors(rec):
-    """A full diff as ``I @ diff`` on its smaller side: exact in the diff's own dtype."""
-    import torch
-    out, cols = rec.out_features, rec.columns
-    d2 = rec.diff.reshape(out, cols)
-    k = tuple(rec.shape[2:])
-    if out <= cols:
-        A = d2.reshape(out, *rec.shape[1:])
-        B = torch.eye(out, dtype=rec.diff.dtype).reshape(out, out, *[1] * len(k))
-    else:
-        A = torch.eye(cols, dtype=rec.diff.dtype).reshape(cols, *rec.shape[1:])
-        B = d2.reshape(out, cols, *[1] * len(k))
-    return A, B, rec.diff_b
 
 
 def load(path: str, options: ReaderOptions) -> Adapter:

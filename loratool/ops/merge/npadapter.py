@@ -60,8 +60,9 @@ def header_allows_numpy(path: str) -> bool:
         info = read_loratool_info(path)
     except Exception:  # noqa: BLE001 - the torch path reports the problem with its own error
         return False
-    # Replacement entries (format 1.1) take the torch path, which reads them.
-    return not info.replacements and not any(m.magnitude for m in info.modules.values())
+    # Replacement entries (format 1.1) and LyCORIS kinds (1.2) take the torch path.
+    return not info.replacements and not any(m.magnitude or getattr(m, "lycoris", None)
+                                             for m in info.modules.values())
 
 
 def load_numpy(path: str) -> NpAdapter:

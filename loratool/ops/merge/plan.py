@@ -102,9 +102,10 @@ def load_item(item, base: str, name_map, adapter_options: dict | None = None, *,
     # fan_in_fan_out flag); loratool files state both.
     # A module whose base tensor has another shape is listed with the others by make_plan
     # (LT411, honouring --allow-missing), the same for every format.
-    options = {} if fmt == "loratool" else {"base": base, "name_map": name_map or {},
-                                            "defer_base_mismatch": True,
-                                            **(adapter_options or {})}
+    # (a loratool file's LyCORIS module stored without its conv shape takes it from the base)
+    options = {"base": base} if fmt == "loratool" else {
+        "base": base, "name_map": name_map or {}, "defer_base_mismatch": True,
+        **(adapter_options or {})}
     opts = ReaderOptions.of(**options)
     result = reader_for(item, opts).load_report(item, opts)
     return result.adapter, item, fmt, list(result.unknown), list(result.notes)
