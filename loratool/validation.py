@@ -152,6 +152,9 @@ def check_header(header: Header) -> tuple[list[Finding], AdapterInfo | None]:
     infos: dict[str, ModuleInfo] = {}
     for module in sorted(groups):
         rec = records.get(module)
+        raw = (table or {}).get(module)
+        if rec is None and isinstance(raw, dict) and raw.get("kind") in F.LYCORIS_KINDS:
+            continue  # its broken record is reported (LT218); its roles are not lora_A/B
         if rec is not None and rec["kind"] in F.LYCORIS_KINDS:
             info = _check_lycoris(header, module, groups[module], rec, version, version_text,
                                   add)
