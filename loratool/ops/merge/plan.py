@@ -96,7 +96,8 @@ def load_item(item, base: str, name_map, adapter_options: dict | None = None, *,
         from .npadapter import load_numpy
         return load_numpy(item), item, "loratool", [], []
     if hasattr(item, "modules"):
-        return item, "<in memory>", getattr(item, "source_format", "loratool"), [], []
+        return (item, getattr(item, "source_label", None) or "<in memory>",
+                getattr(item, "source_format", "loratool"), [], [])
     fmt = detect_format(item)
     # Foreign formats read names and layouts against the base (kohya names, PEFT's global
     # fan_in_fan_out flag); loratool files state both.

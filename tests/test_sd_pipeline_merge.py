@@ -1,0 +1,199 @@
+"""Merging kohya and LyCORIS files into a diffusers pipeline directory in one command
+(``loratool.ops.merge.pipeline``): ``lora_unet_*`` goes to ``unet/``, ``lora_te_*`` to
+``text_encoder/``. Oracles: diffusers 0.42's ``load_lora_weights`` path
+(``lora_state_dict`` + ``load_lora_into_unet``/``load_lora_into_text_encoder``) and
+``fuse_lora`` for a kohya LoRA; lycoris-lora 4.1.3's module forward for a LoHa. The pipeline
+is built from configs (tiny UNet2DConditionModel + CLIPTextModel, ``save_pretrained``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from loratool.cli import main
+from loratool.errors import LoraToolError
+from loratool.ops.merge import merge, unmerge
+
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+
+UNET_TARGETS = ("attn1.to_q", "attn1.to_v", "attn2.to_k", "attn2.to_out.0")
+# diffusers 0.42's kohya path renames text-encoder attention LoRAs (self_attn q/k/v) to
+# legacy ``to_q_lora`` keys that CLIPTextModel then ignores (UNEXPECTED): it applies the MLP
+# ones, so those are the ones compared; the LoHa test covers a text-encoder k_proj
+TE_TARGETS = ("mlp.fc1", "mlp.fc2")
+
+
+def _unet():
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4,
+        out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12,
+        attention_head_dim=2, norm_num_groups=4).eval()
+
+
+def _text_encoder():
+    torch.manual_seed(1)
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=64, hidden_size=12, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16)).eval()
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd") / "pipe"
+    _unet().save_pretrained(root / "unet")
+    _text_encoder().save_pretrained(root / "text_encoder")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "scheduler": ["diffusers", "PNDMScheduler"]}))
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text("{}")
+    return root
+
+
+def _targets(model, suffixes):
+    return [n for n, m in model.named_modules() if n.endswith(suffixes)
+            and isinstance(m, torch.nn.Linear)]
+
+
+def _kohya(path, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for prefix, model, suffixes in (("lora_unet_", _unet(), UNET_TARGETS),
+                                    ("lora_te_", _text_encoder(), TE_TARGETS)):
+        for name in _targets(model, suffixes):
+            lin = model.get_submodule(name)
+            key = prefix + name.replace(".", "_")
+            sd[f"{key}.lora_down.weight"] = torch.randn(2, lin.in_features, generator=g) * 0.3
+            sd[f"{key}.lora_up.weight"] = torch.randn(lin.out_features, 2, generator=g) * 0.3
+            sd[f"{key}.alpha"] = torch.tensor(3.0)
+    save_file(sd, path)
+    return path
+
+
+def _diffusers_fused(path):
+    unet, te = _unet(), _text_encoder()
+    state, alphas = StableDiffusionPipeline.lora_state_dict(str(path))
+    StableDiffusionPipeline.load_lora_into_unet(state, network_alphas=alphas, unet=unet)
+    StableDiffusionPipeline.load_lora_into_text_encoder(state, network_alphas=alphas,
+                                                        text_encoder=te)
+    unet.fuse_lora()
+    out = {}
+    for comp, model in (("unet", unet), ("text_encoder", te)):
+        if comp == "text_encoder":
+            from peft.tuners.tuners_utils import BaseTunerLayer
+            for m in model.modules():
+                if isinstance(m, BaseTunerLayer):
+                    m.merge()
+        for name, mod in model.named_modules():
+            if hasattr(mod, "base_layer"):
+                out[f"{comp}/{name}.weight"] = mod.base_layer.weight.detach().clone()
+    return out
+
+
+def _weights(root, comp):
+    f = "diffusion_pytorch_model.safetensors" if comp == "unet" else "model.safetensors"
+    return load_file(os.path.join(root, comp, f))
+
+
+def test_kohya_lora_into_pipeline_equals_diffusers_fuse(pipe, tmp_path):
+    lora = _kohya(tmp_path / "kohya.safetensors")
+    out = tmp_path / "merged"
+    rep = merge(str(pipe), [str(lora)], output=str(out), device="cpu")
+    n_unet, n_te = len(_targets(_unet(), UNET_TARGETS)), len(_targets(_text_encoder(),
+                                                                     TE_TARGETS))
+    assert (n_unet, n_te) == (16, 4)
+    assert rep.output_format == "diffusers" and rep.modules_merged == n_unet + n_te
+    assert {a["component"] for a in rep.adapters} == {"unet", "text_encoder"}
+    assert sorted(os.listdir(out)) == sorted(os.listdir(pipe))  # every file is there
+    assert (out / "scheduler" / "scheduler_config.json").read_text() == "{}"
+    fused = _diffusers_fused(lora)
+    assert len(fused) == n_unet + n_te
+    for comp in ("unet", "text_encoder"):
+        merged, base = _weights(out, comp), _weights(pipe, comp)
+        changed = {k for k in base if not torch.equal(base[k], merged[k])}
+        assert changed == {k.split("/", 1)[1] for k in fused if k.startswith(comp + "/")}
+        for key in changed:
+            want, w0 = fused[f"{comp}/{key}"], base[key]
+            tol = 8 * 2.0**-24 * (w0.abs() + (want - w0).abs()) + 1e-7
+            assert bool(((merged[key] - want).abs() <= tol).all()), key
+    # and back
+    back = tmp_path / "back"
+    unmerge(str(out), [str(lora)], output=str(back), device="cpu")
+    for comp in ("unet", "text_encoder"):
+        b, w = _weights(back, comp), _weights(pipe, comp)
+        assert all(torch.allclose(b[k], w[k], rtol=0, atol=1e-6) for k in w)
+
+
+def test_loha_into_pipeline_equals_lycoris_forward(pipe, tmp_path):
+    from lycoris.modules.loha import LohaModule
+    unet, te = _unet(), _text_encoder()
+    # sd-scripts names the text encoder's modules by transformers 4 paths
+    # (``lora_te_text_model_encoder_...``); transformers 5 saves CLIPTextModel without the
+    # ``text_model.`` level: the name still finds its tensor
+    targets = {("lora_unet", unet, "down_blocks.0.attentions.0.proj_in"),
+               ("lora_unet", unet, "down_blocks.0.resnets.0.conv1"),
+               ("lora_te_text_model", te, "encoder.layers.1.self_attn.k_proj")}
+    sd, ref = {}, {}
+    g = torch.Generator().manual_seed(3)
+    for i, (prefix, model, path) in enumerate(sorted(targets, key=lambda t: t[2])):
+        orig = model.get_submodule(path)
+        W, b = orig.weight.detach().clone(), orig.bias.detach().clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mod = LohaModule(f"{prefix}_{path.replace('.', '_')}", orig, multiplier=1.0,
+                             lora_dim=2, alpha=1.0)
+        with torch.no_grad():
+            for p in mod.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        mod.apply_to()
+        x = (torch.randn(2, W.shape[1], 5, 5, generator=g) if W.dim() == 4
+             else torch.randn(3, W.shape[1], generator=g))
+        with torch.no_grad():
+            ref[path] = (x, orig(x), b)
+        sd.update({k: v.detach().clone().contiguous()
+                   for k, v in mod.state_dict(prefix=mod.lora_name + ".").items()})
+    loha = tmp_path / "loha.safetensors"
+    save_file(sd, loha)
+    out = tmp_path / "merged"
+    r = CliRunner().invoke(main, ["merge", str(pipe), str(loha), "-o", str(out),
+                                  "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["modules_merged"] == 3
+    for path, (x, y, b) in ref.items():
+        comp = "text_encoder" if path.startswith("encoder") else "unet"
+        W = _weights(out, comp)[path + ".weight"]
+        got = (F.conv2d(x, W, b, padding=W.shape[-1] // 2) if W.dim() == 4
+               else F.linear(x, W, b))
+        assert float((got - y).norm() / y.norm()) <= 1e-5, path
+
+
+def test_module_of_a_missing_part_is_refused_or_listed(pipe, tmp_path):
+    lora = _kohya(tmp_path / "k.safetensors")
+    sd = load_file(lora)
+    sd.update({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj." + p: v
+               for p, v in (("lora_down.weight", torch.ones(2, 12)),
+                            ("lora_up.weight", torch.ones(12, 2)), ("alpha", torch.tensor(2.)))})
+    save_file(sd, tmp_path / "te2.safetensors")
+    with pytest.raises(LoraToolError) as e:
+        merge(str(pipe), [str(tmp_path / "te2.safetensors")], output=str(tmp_path / "o"),
+              device="cpu")
+    assert e.value.code == "LT411" and "te2.text_model" in e.value.message
+    rep = merge(str(pipe), [str(tmp_path / "te2.safetensors")], output=str(tmp_path / "o"),
+                device="cpu", allow_missing=True)
+    assert rep.modules_merged == 20
+    assert any("te2.text_model" in n for n in rep.notes)
