@@ -197,3 +197,123 @@ def test_module_of_a_missing_part_is_refused_or_listed(pipe, tmp_path):
                 device="cpu", allow_missing=True)
     assert rep.modules_merged == 20
     assert any("te2.text_model" in n for n in rep.notes)
+
+
+# --- single-file (LDM) checkpoints -------------------------------------------------------------
+
+_RES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
+        "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut":
+        "skip_connection"}
+
+
+def _ldm_key(key: str, lpb: int, up_attn: set) -> str:
+    """The test's own diffusers -> LDM rule for a UNet with ``lpb`` layers per block (checked
+    against diffusers' convert_ldm_unet_checkpoint below)."""
+    p = key.split(".")
+    fixed = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2"}
+    for d, l in fixed.items():
+        if key.startswith(d + "."):
+            return l + key[len(d):]
+
+    def res(rest):
+        return ".".join([_RES.get(rest[0], rest[0])] + rest[1:])
+    if p[0] == "mid_block":
+        j = int(p[2])
+        if p[1] == "attentions":
+            return "middle_block.1." + ".".join(p[3:])
+        return f"middle_block.{2 * j}." + res(p[3:])
+    b = int(p[1])
+    if p[0] == "down_blocks":
+        if p[2] == "downsamplers":
+            return f"input_blocks.{(lpb + 1) * (b + 1)}.0.op." + ".".join(p[5:])
+        n = (lpb + 1) * b + int(p[3]) + 1
+        return (f"input_blocks.{n}.0." + res(p[4:]) if p[2] == "resnets"
+                else f"input_blocks.{n}.1." + ".".join(p[4:]))
+    if p[2] == "upsamplers":
+        return (f"output_blocks.{(lpb + 1) * b + lpb}.{2 if b in up_attn else 1}.conv."
+                + ".".join(p[5:]))
+    n = (lpb + 1) * b + int(p[3])
+    return (f"output_blocks.{n}.0." + res(p[4:]) if p[2] == "resnets"
+            else f"output_blocks.{n}.1." + ".".join(p[4:]))
+
+
+@pytest.fixture(scope="module")
+def ldm(pipe, tmp_path_factory):
+    """An SD 1.x single-file checkpoint of the pipeline: UNet under model.diffusion_model.,
+    text encoder under cond_stage_model.transformer.text_model. (transformers 4 names)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    unet = _weights(pipe, "unet")
+    up_attn = {int(k.split(".")[1]) for k in unet if k.startswith("up_blocks.")
+               and ".attentions." in k}
+    sd = {"model.diffusion_model." + _ldm_key(k, 1, up_attn): v for k, v in unet.items()}
+    back = convert_ldm_unet_checkpoint(sd, dict(_unet().config))  # diffusers' own rules
+    assert back.keys() == unet.keys() and all(torch.equal(back[k], unet[k]) for k in unet)
+    sd.update({"cond_stage_model.transformer.text_model." + k: v
+               for k, v in _weights(pipe, "text_encoder").items()})
+    path = tmp_path_factory.mktemp("ldm") / "sd15.safetensors"
+    save_file(sd, path)
+    return path, dict([(f"unet/{k}", "model.diffusion_model." + _ldm_key(k, 1, up_attn))
+                       for k in unet]
+                      + [(f"text_encoder/{k}", "cond_stage_model.transformer.text_model." + k)
+                         for k in _weights(pipe, "text_encoder")])
+
+
+def test_single_file_merge_maps_names_as_sd_scripts(pipe, ldm, tmp_path):
+    path, where = ldm
+    lora = _kohya(tmp_path / "kohya.safetensors")
+    loha = tmp_path / "loha.safetensors"
+    g = torch.Generator().manual_seed(9)
+    save_file({  # a LoHa on a resnet time_emb_proj (emb_layers.1 in the single file)
+        **{f"lora_unet_down_blocks_0_resnets_0_time_emb_proj.{p}": torch.randn(s, generator=g)
+           for p, s in (("hada_w1_a", (8, 2)), ("hada_w1_b", (2, 32)), ("hada_w2_a", (8, 2)),
+                        ("hada_w2_b", (2, 32)))},
+        "lora_unet_down_blocks_0_resnets_0_time_emb_proj.alpha": torch.tensor(1.0)}, loha)
+    single, multi = tmp_path / "single.safetensors", tmp_path / "multi"
+    rep = merge(str(path), [str(lora), str(loha)], output=str(single), device="cpu")
+    assert rep.modules_merged == 21 and not rep.skipped
+    assert any("mapped to the single-file (LDM) names" in n for n in rep.notes)
+    merge(str(pipe), [str(lora), str(loha)], output=str(multi), device="cpu")
+    got = load_file(single)
+    changed = 0
+    for comp in ("unet", "text_encoder"):
+        for k, v in _weights(multi, comp).items():
+            assert torch.equal(got[where[f"{comp}/{k}"]], v), k  # bit for bit
+            changed += not torch.equal(v, _weights(pipe, comp)[k])
+    assert changed == 21
+    assert got["model.diffusion_model.input_blocks.1.0.emb_layers.1.weight"].shape == (8, 32)
+
+
+def test_mapping_table_of_sd15_and_sdxl_block_layouts():
+    """The block layout sd-scripts converts (library/model_util.py: input_blocks.{3*i+j+1},
+    output_blocks.{3*i+j}, upsampler at .1 without attentions else .2), on the key names of
+    real SD 1.5 and SDXL UNets (two resnets per down block)."""
+    from loratool.ops.merge.sd_single import diffusers_to_ldm, unet_prefixes
+    sd15 = ["model.diffusion_model." + k + ".weight" for k in (
+        "input_blocks.1.0.in_layers.2", "input_blocks.1.1.proj_in", "input_blocks.2.1.proj_in",
+        "input_blocks.3.0.op", "input_blocks.4.1.proj_in", "input_blocks.6.0.op",
+        "input_blocks.9.0.op", "input_blocks.11.0.in_layers.2", "middle_block.1.proj_in",
+        "output_blocks.2.1.conv", "output_blocks.3.1.proj_in", "output_blocks.5.2.conv",
+        "output_blocks.11.1.proj_out")]
+    pre = unet_prefixes(sd15)
+    for d, l in (("down_blocks.0.attentions.1.proj_in", "input_blocks.2.1.proj_in"),
+                 ("down_blocks.1.attentions.0.proj_in", "input_blocks.4.1.proj_in"),
+                 ("down_blocks.3.resnets.1.conv1", "input_blocks.11.0.in_layers.2"),
+                 ("down_blocks.0.downsamplers.0.conv", "input_blocks.3.0.op"),
+                 ("up_blocks.0.upsamplers.0.conv", "output_blocks.2.1.conv"),
+                 ("up_blocks.1.upsamplers.0.conv", "output_blocks.5.2.conv"),
+                 ("up_blocks.3.attentions.2.proj_out", "output_blocks.11.1.proj_out"),
+                 ("mid_block.attentions.0.proj_in", "middle_block.1.proj_in"),
+                 ("mid_block.resnets.1.time_emb_proj", "middle_block.2.emb_layers.1")):
+        assert diffusers_to_ldm(d, pre) == l, d
+    sdxl = ["model.diffusion_model." + k + ".weight" for k in (
+        "input_blocks.3.0.op", "input_blocks.4.1.proj_in", "input_blocks.6.0.op",
+        "input_blocks.8.1.proj_in", "output_blocks.2.1.proj_in", "output_blocks.2.2.conv",
+        "output_blocks.5.2.conv", "output_blocks.8.0.in_layers.2")]
+    pre = unet_prefixes(sdxl)
+    for d, l in (("down_blocks.1.attentions.0.proj_in", "input_blocks.4.1.proj_in"),
+                 ("down_blocks.2.attentions.1.proj_in", "input_blocks.8.1.proj_in"),
+                 ("up_blocks.0.attentions.2.proj_in", "output_blocks.2.1.proj_in"),
+                 ("up_blocks.0.upsamplers.0.conv", "output_blocks.2.2.conv"),
+                 ("up_blocks.2.resnets.2.conv1", "output_blocks.8.0.in_layers.2")):
+        assert diffusers_to_ldm(d, pre) == l, d

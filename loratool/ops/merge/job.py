@@ -147,11 +147,15 @@ def run(job: MergeJob) -> MergeReport:
             base_tensors = {t.name: (t.dtype, t.shape) for t in source.tensors}
             metadata = dict(source.metadata)
         records = merge_records(metadata, path=base)
+        from .sd_single import is_ldm
+        # a single-file SD checkpoint: adapters name diffusers paths, mapped below (read
+        # without the base, whose LDM names they would not find)
+        ldm = kind != KIND_SHARDED and is_ldm(base_tensors)
 
         loaded = []
         for src, scale in items:
             adapter, label, sfmt, dropped, reader_notes = load_item(
-                src, base, name_map, job.adapter_options, numpy=use_numpy)
+                src, None if ldm else base, name_map, job.adapter_options, numpy=use_numpy)
             identity = adapter.identity if use_numpy else adapter_identity(adapter)
             loaded.append(Loaded(label, sfmt, adapter, scale, identity, dropped=dropped,
                                  notes=reader_notes))
@@ -167,7 +171,10 @@ def run(job: MergeJob) -> MergeReport:
         from .._tied import tied_names
         tied_map, tied_notes = tied_names(base, base_tensors, loaded, name_map)
         residual_notes += tied_notes
-        plan, skipped = make_plan(loaded, base_tensors, {**tied_map, **(name_map or {})},
+        sd_map = _ldm_names(base_tensors, loaded, job.allow_missing, residual_notes) \
+            if ldm else {}
+        plan, skipped = make_plan(loaded, base_tensors,
+                                  {**tied_map, **sd_map, **(name_map or {})},
                                   sign=1.0 if op == "merge" else -1.0,
                                   allow_missing=job.allow_missing, base_label=base)
         if not plan and not job.allow_no_change:
@@ -223,6 +230,23 @@ def run(job: MergeJob) -> MergeReport:
         replacements_merged=sum(ld.replaced for ld in loaded),
         dropped=[{"adapter": ld.source, "tensor": t} for ld in loaded
                  for t in (ld.dropped or [])])
+
+
+def _ldm_names(base_tensors, loaded, allow_missing: bool, notes: list) -> dict:
+    """sd-scripts' diffusers/LDM name mapping into a single-file SD checkpoint."""
+    from .sd_single import name_map
+    names = {n for ld in loaded for n in ld.adapter.modules}
+    mapping, fused = name_map(base_tensors, sorted(names))
+    if mapping:
+        notes.append(f"{len(mapping)} module(s) mapped to the single-file (LDM) names as "
+                     "sd-scripts does")
+    if fused and not allow_missing:
+        raise CheckpointError(
+            f"{len(fused)} module(s) adapt q/k/v of the second text encoder ("
+            + ", ".join(fused[:5]) + "), which a single-file SDXL checkpoint stores fused in "
+            "one in_proj_weight (OpenCLIP): merge into a diffusers pipeline directory, or "
+            "pass --allow-missing to skip them (listed in the report)", code="LT411")
+    return mapping
 
 
 def tie_plan(plan: dict, tied, fmt: str) -> list[str]:
