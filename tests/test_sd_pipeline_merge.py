@@ -317,3 +317,33 @@ def test_mapping_table_of_sd15_and_sdxl_block_layouts():
                  ("up_blocks.0.upsamplers.0.conv", "output_blocks.2.2.conv"),
                  ("up_blocks.2.resnets.2.conv1", "output_blocks.8.0.in_layers.2")):
         assert diffusers_to_ldm(d, pre) == l, d
+
+
+def test_sdxl_style_ldm_unet_names_into_pipeline(pipe, tmp_path):
+    """sd-scripts' SDXL UNet keeps the LDM names (``lora_unet_input_blocks_1_1_...``): merged
+    into the pipeline's unet/ exactly as the same LoRA under diffusers names."""
+    lora = _kohya(tmp_path / "kohya.safetensors")
+    unet = _weights(pipe, "unet")
+    up_attn = {int(k.split(".")[1]) for k in unet if k.startswith("up_blocks.")
+               and ".attentions." in k}
+    renamed = {}
+    for path in _targets(_unet(), UNET_TARGETS):
+        old = "lora_unet_" + path.replace(".", "_")
+        new = "lora_unet_" + _ldm_key(path + ".weight", 1, up_attn)[: -len(".weight")].replace(
+            ".", "_")
+        renamed[old] = new
+    sd = load_file(lora)
+    ldm_named = {}
+    for k, v in sd.items():
+        mod, _, p = k.partition(".")
+        ldm_named[f"{renamed.get(mod, mod)}.{p}"] = v
+    assert any(k.startswith("lora_unet_output_blocks_") for k in ldm_named)
+    save_file(ldm_named, tmp_path / "ldm_named.safetensors")
+    a, b = tmp_path / "a", tmp_path / "b"
+    merge(str(pipe), [str(lora)], output=str(a), device="cpu")
+    rep = merge(str(pipe), [str(tmp_path / "ldm_named.safetensors")], output=str(b),
+                device="cpu")
+    assert rep.modules_merged == 20
+    for comp in ("unet", "text_encoder"):
+        wa, wb = _weights(a, comp), _weights(b, comp)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -64,7 +64,9 @@ def _route(job, comps: dict[str, str]):
     from ...interop.base import ReaderOptions
     from ...model import Adapter
     from .options import normalize_adapters
+    from .sd_single import ldm_index_of_diffusers
     taken = {seg: c for c in comps for seg in PARTS.get(c, (c,))}
+    ldm_unet = _ldm_index(comps, ldm_index_of_diffusers)
     if "unet" in comps:
         taken["unet"] = "unet"
     routed: dict[str, list] = {}
@@ -94,12 +96,21 @@ def _route(job, comps: dict[str, str]):
             sub = Adapter(modules=mods, alpha=adapter.alpha, extra_metadata=dict(
                 adapter.extra_metadata), source_format=adapter.source_format,
                 init=getattr(adapter, "init", None))
-            sub, _ = rename_modules(sub, {n: n.partition(".")[2] for n in mods})
+            # SDXL kohya names are the LDM paths of the UNet: their diffusers paths
+            sub, _ = rename_modules(sub, {n: (ldm_unet.get(n.partition(".")[2].replace(
+                ".", "_")) if comp in ("unet", "transformer") else None) or n.partition(".")[2]
+                for n in mods})
             sub.source_label = label
             routed.setdefault(comp, []).append((sub, scale))
             notes.append(f"{label}: {len(mods)} module(s) -> {comp}/")
         unrouted += [(label, n) for n, c in seen.items() if not c]
     return routed, notes, unrouted
+
+
+def _ldm_index(comps, build) -> dict[str, str]:
+    from ...checkpoint import list_tensors
+    weights = comps.get("unet")
+    return build(list_tensors(weights)) if weights else {}
 
 
 def run_pipeline(job):

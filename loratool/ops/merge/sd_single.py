@@ -170,3 +170,37 @@ def name_map(keys, module_names) -> tuple[dict[str, str], list[str]]:
                                              "self_attn_v_proj")):
             fused.append(name)
     return out, fused
+
+
+def ldm_index_of_diffusers(keys) -> dict[str, str]:
+    """{underscored LDM UNet path: diffusers path} for a diffusers UNet with ``keys``: what
+    SDXL kohya names (``lora_unet_input_blocks_4_1_proj_in``, sd-scripts' LDM-style UNet) mean
+    in a diffusers pipeline's ``unet/``."""
+    weights = [k[: -len(".weight")] for k in keys if k.endswith(".weight")]
+
+    def count(prefix):
+        return sorted({int(w[len(prefix):].split(".")[0]) for w in weights
+                       if w.startswith(prefix) and w[len(prefix):].split(".")[0].isdigit()})
+    lpb = len(count("down_blocks.0.resnets.")) or 1
+    step = lpb + 1
+    pre = dict(_FIXED)
+    for b in count("down_blocks."):
+        for j in count(f"down_blocks.{b}.resnets."):
+            pre[f"down_blocks.{b}.resnets.{j}."] = f"input_blocks.{step * b + j + 1}.0."
+        for j in count(f"down_blocks.{b}.attentions."):
+            pre[f"down_blocks.{b}.attentions.{j}."] = f"input_blocks.{step * b + j + 1}.1."
+        pre[f"down_blocks.{b}.downsamplers.0.conv."] = f"input_blocks.{step * (b + 1)}.0.op."
+    for b in count("up_blocks."):
+        attn = count(f"up_blocks.{b}.attentions.")
+        for j in count(f"up_blocks.{b}.resnets."):
+            pre[f"up_blocks.{b}.resnets.{j}."] = f"output_blocks.{step * b + j}.0."
+        for j in attn:
+            pre[f"up_blocks.{b}.attentions.{j}."] = f"output_blocks.{step * b + j}.1."
+        pre[f"up_blocks.{b}.upsamplers.0.conv."] = (
+            f"output_blocks.{step * b + lpb}.{2 if attn else 1}.conv.")
+    out = {}
+    for w in weights:
+        ldm = diffusers_to_ldm(w, pre)
+        if ldm is not None:
+            out[ldm.replace(".", "_")] = w
+    return out
