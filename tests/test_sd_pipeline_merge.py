@@ -22,7 +22,8 @@ from loratool.cli import main
 from loratool.errors import LoraToolError
 from loratool.ops.merge import merge, unmerge
 
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
+from test_interop_diffusers import _unet  # the tiny UNet of the diffusers tests
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
@@ -32,15 +33,6 @@ UNET_TARGETS = ("attn1.to_q", "attn1.to_v", "attn2.to_k", "attn2.to_out.0")
 # legacy ``to_q_lora`` keys that CLIPTextModel then ignores (UNEXPECTED): it applies the MLP
 # ones, so those are the ones compared; the LoHa test covers a text-encoder k_proj
 TE_TARGETS = ("mlp.fc1", "mlp.fc2")
-
-
-def _unet():
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4,
-        out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12,
-        attention_head_dim=2, norm_num_groups=4).eval()
 
 
 def _text_encoder():

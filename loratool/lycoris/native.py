@@ -25,7 +25,6 @@ KIND_ROLES: dict[str, frozenset[str]] = {
     "full": frozenset({"diff", "diff_b", "alpha"}),
 }
 _DOTTED = ("lora_down", "lora_up", "lora_mid")  # LyCORIS names them ``<role>.weight``
-RECORD_FIELDS = ("kind", "layout", "shape", "lycoris")
 
 
 def param_of(role: str) -> str:

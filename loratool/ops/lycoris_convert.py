@@ -11,11 +11,6 @@ from __future__ import annotations
 
 from ..errors import InteropError
 
-# --dtype: what the plain-LoRA factors are rounded to (once, to nearest even)
-DTYPES = ("fp64", "fp32", "fp16", "bf16")
-RULES = ("rank", "fro", "sv_ratio", "cumulative")
-
-
 def _torch_dtype(name: str):
     import torch
     return {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16,
