@@ -256,14 +256,18 @@ def test_single_file_merge_maps_names_as_sd_scripts(pipe, ldm, tmp_path):
     lora = _kohya(tmp_path / "kohya.safetensors")
     loha = tmp_path / "loha.safetensors"
     g = torch.Generator().manual_seed(9)
-    save_file({  # a LoHa on a resnet time_emb_proj (emb_layers.1 in the single file)
+    save_file({  # a LoHa on a resnet's time_emb_proj (emb_layers.1 in the single file) and
+        # on its 3x3 conv1 (in_layers.2), factors flattened as LyCORIS stores them
         **{f"lora_unet_down_blocks_0_resnets_0_time_emb_proj.{p}": torch.randn(s, generator=g)
            for p, s in (("hada_w1_a", (8, 2)), ("hada_w1_b", (2, 32)), ("hada_w2_a", (8, 2)),
                         ("hada_w2_b", (2, 32)))},
+        **{f"lora_unet_down_blocks_0_resnets_0_conv1.{p}": torch.randn(s, generator=g) * 0.3
+           for p, s in (("hada_w1_a", (8, 2)), ("hada_w1_b", (2, 72)), ("hada_w2_a", (8, 2)),
+                        ("hada_w2_b", (2, 72)))},
         "lora_unet_down_blocks_0_resnets_0_time_emb_proj.alpha": torch.tensor(1.0)}, loha)
     single, multi = tmp_path / "single.safetensors", tmp_path / "multi"
     rep = merge(str(path), [str(lora), str(loha)], output=str(single), device="cpu")
-    assert rep.modules_merged == 21 and not rep.skipped
+    assert rep.modules_merged == 22 and not rep.skipped
     assert any("mapped to the single-file (LDM) names" in n for n in rep.notes)
     merge(str(pipe), [str(lora), str(loha)], output=str(multi), device="cpu")
     got = load_file(single)
@@ -272,7 +276,7 @@ def test_single_file_merge_maps_names_as_sd_scripts(pipe, ldm, tmp_path):
         for k, v in _weights(multi, comp).items():
             assert torch.equal(got[where[f"{comp}/{k}"]], v), k  # bit for bit
             changed += not torch.equal(v, _weights(pipe, comp)[k])
-    assert changed == 21
+    assert changed == 22
     assert got["model.diffusion_model.input_blocks.1.0.emb_layers.1.weight"].shape == (8, 32)
 
 

@@ -240,6 +240,8 @@ def _ldm_names(base_tensors, loaded, allow_missing: bool, notes: list) -> dict:
     if mapping:
         notes.append(f"{len(mapping)} module(s) mapped to the single-file (LDM) names as "
                      "sd-scripts does")
+        for ld in loaded:  # LyCORIS conv factors stored flattened: the kernel from the base
+            _shape_from_base(ld.adapter, mapping, base_tensors)
     if fused and not allow_missing:
         raise CheckpointError(
             f"{len(fused)} module(s) adapt q/k/v of the second text encoder ("
@@ -247,6 +249,19 @@ def _ldm_names(base_tensors, loaded, allow_missing: bool, notes: list) -> dict:
             "one in_proj_weight (OpenCLIP): merge into a diffusers pipeline directory, or "
             "pass --allow-missing to skip them (listed in the report)", code="LT411")
     return mapping
+
+
+def _shape_from_base(adapter, mapping: dict, base_tensors: dict) -> None:
+    record_of = getattr(adapter, "modules", {})
+    for name, m in list(record_of.items()):
+        rec = getattr(m, "record", None)
+        target = base_tensors.get(mapping.get(name, "") + ".weight")
+        if rec is None or rec.shape_known or target is None or len(target[1]) < 3:
+            continue
+        from ...lycoris import parse_module
+        from ...lycoris.native import as_module
+        record_of[name] = as_module(name, parse_module(rec.name, dict(rec.tensors),
+                                                       shape=tuple(target[1])))
 
 
 def tie_plan(plan: dict, tied, fmt: str) -> list[str]:
