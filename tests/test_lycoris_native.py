@@ -325,6 +325,9 @@ def test_dtype_overflow_and_plain_sources_are_refused(tmp_path):
     with pytest.raises(LoraToolError) as e:
         convert(path, str(tmp_path / "p3.safetensors"), to="kohya", sv_ratio=2.0, rank=3)
     assert e.value.code == "LT530"
+    with pytest.raises(LoraToolError) as e:  # the native kinds keep LyCORIS's own dtypes
+        convert(path, str(tmp_path / "p4.safetensors"), to="loratool", dtype="fp16")
+    assert e.value.code == "LT304" and "--lycoris lora" in e.value.message
 
 
 def test_cli_truncation_and_dtype(tmp_path):

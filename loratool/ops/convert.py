@@ -127,6 +127,11 @@ def convert(src: str | os.PathLike | Adapter, dst: str | os.PathLike, *, to: str
     # LyCORIS modules stay LyCORIS for the LyCORIS writer and, unless told, the loratool one
     keep = to == "lycoris" or (to == "loratool" and lycoris == "native")
     variants = set(target.CAPABILITIES.variants)
+    if keep and dtype and not any(v is not None for v in rule.values()):
+        raise InteropError(f"--dtype rounds plain-LoRA factors; the {to} format keeps LyCORIS "
+                           "modules with their own tensors" + (": add --lycoris lora" if
+                                                                to == "loratool" else ""),
+                           code="LT304")
     if any(v is not None for v in rule.values()) or dense_svd or dtype or not keep:
         from .lycoris_convert import to_plain
         notes += to_plain(adapter, rule=rule, dense_svd=dense_svd, dtype=dtype,
