@@ -74,6 +74,19 @@ def test_lycoris_loratool_lycoris_is_bit_exact_and_merges_alike(case, tmp_path):
     merge(base, [path], output=str(m1), device="cpu")
     merge(base, [native], output=str(m2), device="cpu")
     assert _same_bits(load_file(m1), load_file(m2))
+    if case[0] in ("loha", "lokr-dora"):  # one file's merge is the other's to unmerge
+        from loratool.ops.merge import unmerge
+        if "dora" in case[0]:
+            with pytest.raises(LoraToolError) as e:
+                unmerge(str(m1), [native], output=str(tmp_path / "u.safetensors"),
+                        device="cpu")
+            assert e.value.code == "LT414"
+        else:
+            rep = unmerge(str(m1), [native], output=str(tmp_path / "u.safetensors"),
+                          device="cpu")
+            assert not any("forced" in n for n in rep.notes)  # the merge record matched
+            u, w = load_file(tmp_path / "u.safetensors"), load_file(base)
+            assert all(torch.allclose(u[k], w[k], rtol=0, atol=1e-12) for k in w)
 
 
 def test_shape_from_base_generic_names_and_half_dtypes(tmp_path):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from ...errors import CheckpointError
+from ...errors import CheckpointError, OperationError
 
 MODEL_INDEX = "model_index.json"
 # component folder -> the first segments of the module names it takes
@@ -118,6 +118,9 @@ def run_pipeline(job):
     from ...atomic import AtomicDir, TEMP_PREFIX, check_destination
     from .job import MergeJob, run
     base = os.path.normpath(os.fspath(job.base))
+    if job.output_format is not None:
+        raise OperationError("a pipeline directory is written as a pipeline directory; give "
+                             "-o a directory name and no --output-format", code="LT522")
     comps = components(base)
     if not comps:
         raise CheckpointError(f"{base} has {MODEL_INDEX} but no component with weights",
