@@ -103,7 +103,7 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"],
                                               "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="loratool",
-                      message="%(prog)s %(version)s (adapter format 1.1)")
+                      message="%(prog)s %(version)s (adapter format 1.2)")
 def main():
     """loratool: inspect, validate, merge, resize, compose and convert LoRA adapters.
 

@@ -9,11 +9,13 @@ import re
 from .errors import MetadataError
 
 FORMAT_NAME = "loratool.adapter"
-FORMAT_VERSION = (1, 1)  # the newest version this library reads and writes
+FORMAT_VERSION = (1, 2)  # the newest version this library reads and writes
 # Writers write the lowest version that expresses the file: 1.0 unless it has replacement
-# entries (1.1), so that files a 1.0 reader can read keep saying so (spec section 9).
+# entries (1.1) or LyCORIS modules (1.2), so that files an older reader can read keep saying
+# so (spec section 9).
 FORMAT_VERSION_STR = "1.0"
 FORMAT_VERSION_REPLACEMENTS = "1.1"
+FORMAT_VERSION_LYCORIS = "1.2"
 
 # Metadata keys (all values are strings, as safetensors requires).
 NAMESPACE = "loratool."
@@ -61,6 +63,9 @@ KIND_LINEAR = "linear"
 KIND_CONV = "conv"
 KIND_EMBEDDING = "embedding"
 KINDS = (KIND_LINEAR, KIND_CONV, KIND_EMBEDDING)
+# LyCORIS kinds (format 1.2, spec section 4.2): the module's tensors are LyCORIS's own.
+LYCORIS_KINDS = ("locon", "loha", "lokr", "full")
+ALL_KINDS = KINDS + LYCORIS_KINDS
 
 LAYOUT_OUT_IN = "out_in"  # base weight stored [out, in] (torch.nn.Linear)
 LAYOUT_IN_OUT = "in_out"  # base weight stored [in, out] (GPT-2 Conv1D, fan_in_fan_out; embeddings)
@@ -79,7 +84,13 @@ ROLE_REPLACE = "replace"
 ROLE_REPLACE_ROWS = "replace_rows"
 ROLE_REPLACE_INDEX = "replace_index"
 REPLACEMENT_ROLES = (ROLE_REPLACE, ROLE_REPLACE_ROWS, ROLE_REPLACE_INDEX)
-ALL_ROLES = ROLES + REPLACEMENT_ROLES
+# Roles of the LyCORIS kinds (format 1.2): LyCORIS's parameter names, ``lora_*.weight``
+# without ``.weight`` (a role holds no dot). Which kind takes which: spec section 4.2.
+LYCORIS_ROLES = ("alpha", "dora_scale", "lora_down", "lora_up", "lora_mid",
+                 "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                 "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                 "lokr_t2", "diff", "diff_b")
+ALL_ROLES = ROLES + REPLACEMENT_ROLES + LYCORIS_ROLES
 
 ADAPTER_DTYPES = ("F16", "BF16", "F32", "F64")
 

@@ -58,6 +58,12 @@ RULES: dict[str, tuple[str, str]] = {
                     "replace_index of one index per row, and names no module"),
     "LT215": (MUST, "replace_index holds distinct non-negative row indices"),
     "LT216": (MUST, "replacement entries appear only in files of format version 1.1 or later"),
+    # LyCORIS kinds (format 1.2)
+    "LT217": (MUST, "LyCORIS kinds appear only in files of format version 1.2 or later"),
+    "LT218": (MUST, "a LyCORIS-kind record has layout out_in, no alpha field, an optional "
+                    "shape of 2 to 5 positive integers and an optional lycoris object of "
+                    "strings"),
+    "LT219": (MUST, "a module's tensor roles are those of its kind"),
     # LyCORIS modules (spec/lycoris.md; loratool.lycoris.codes names them)
     "LT230": (MUST, "a LyCORIS module's parameter names identify exactly one family"),
     "LT231": (MUST, "the LyCORIS family is one loratool reads (LoCon, LoHa, LoKr, full); IA3, "

@@ -152,7 +152,14 @@ def check_header(header: Header) -> tuple[list[Finding], AdapterInfo | None]:
     infos: dict[str, ModuleInfo] = {}
     for module in sorted(groups):
         rec = records.get(module)
-        info = _check_module(module, groups[module], rec, alpha, scaling, add)
+        raw = (table or {}).get(module)
+        if rec is None and isinstance(raw, dict) and raw.get("kind") in F.LYCORIS_KINDS:
+            continue  # its broken record is reported (LT218); its roles are not lora_A/B
+        if rec is not None and rec["kind"] in F.LYCORIS_KINDS:
+            info = _check_lycoris(header, module, groups[module], rec, version, version_text,
+                                  add)
+        else:
+            info = _check_module(module, groups[module], rec, alpha, scaling, add)
         if info is not None:
             infos[module] = info
 
@@ -234,8 +241,11 @@ def _record_problem(rec) -> tuple[str, str | None]:
     if not isinstance(rec, dict):
         return "LT107", "not a JSON object"
     kind, layout = rec.get("kind"), rec.get("layout")
-    if kind not in F.KINDS:
-        return "LT107", f"kind is {kind!r}; expected one of {', '.join(F.KINDS)}"
+    if kind not in F.ALL_KINDS:
+        return "LT107", f"kind is {kind!r}; expected one of {', '.join(F.ALL_KINDS)}"
+    if kind in F.LYCORIS_KINDS:
+        from .lycoris.native import record_problem
+        return "LT218", record_problem(rec)
     if layout not in F.LAYOUTS:
         return "LT107", f"layout is {layout!r}; expected one of {', '.join(F.LAYOUTS)}"
     if "alpha" in rec:
@@ -252,6 +262,11 @@ def _check_module(module, roles, rec, default_alpha, scaling, add) -> ModuleInfo
         _count[0] += 1
         add(code, f"module {module!r}: {message}", module)
 
+    foreign = sorted(set(roles) - set(F.ROLES))
+    if foreign and rec is not None:
+        err("LT219", f"kind {rec['kind']} has no role(s) {', '.join(foreign)} (LyCORIS roles "
+                     f"belong to the kinds {', '.join(F.LYCORIS_KINDS)})")
+        return None
     A, B = roles.get(F.ROLE_A), roles.get(F.ROLE_B)
     if A is None or B is None:
         missing = " and ".join(r for r in (F.ROLE_A, F.ROLE_B) if roles.get(r) is None)
@@ -309,6 +324,23 @@ def _check_module(module, roles, rec, default_alpha, scaling, add) -> ModuleInfo
         return None
     return ModuleInfo(module, kind, layout, tuple(a), tuple(b), float(alpha), scaling,
                       A.dtype, F.ROLE_MAGNITUDE in roles, F.ROLE_BIAS in roles)
+
+
+def _check_lycoris(header, module, roles, rec, version, version_text, add):
+    """A LyCORIS-kind module (format 1.2): the version (LT217), then its own rules."""
+    if version < (1, 2):
+        add("LT217", f"module {module!r} has the LyCORIS kind {rec['kind']}, which needs "
+                     f"{F.KEY_VERSION} 1.2 or later (the file says {version_text})", module)
+        return None
+    from .lycoris.native import check_module
+
+    def read_alpha():
+        from .numerics import bf16_to_f32
+        from .stfile import read_numpy
+        arr = read_numpy(header, roles["alpha"])
+        return float((bf16_to_f32(arr) if roles["alpha"].dtype == "BF16" else arr
+                      ).reshape(-1)[0].item())
+    return check_module(module, roles, rec, read_alpha, add)
 
 
 def _index_problem(header, info, f) -> str | None:

@@ -213,7 +213,7 @@ def test_python_m_loratool_version():
     res = subprocess.run([sys.executable, "-m", "loratool", "--version"], capture_output=True,
                          text=True, cwd=REPO, timeout=60)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == f"loratool {__version__} (adapter format 1.1)"
+    assert res.stdout.strip() == f"loratool {__version__} (adapter format 1.2)"
 
 
 NO_TORCH = """

@@ -80,7 +80,7 @@ def test_constants_quoted_by_the_spec():
     assert f"{F.MAX_HEADER_BYTES:,}" in text
     assert f"at most {MAX_JSON_DEPTH} levels" in text
     assert f"at most {MAX_NDIM} dimensions" in text
-    assert f'"{F.FORMAT_NAME}"' in text and f"format {F.FORMAT_VERSION_REPLACEMENTS}" in text
+    assert f'"{F.FORMAT_NAME}"' in text and f"format {F.FORMAT_VERSION_LYCORIS}" in text
     for name in (*F.KINDS, *F.LAYOUTS, *F.SCALINGS, *F.ALL_ROLES, *F.ADAPTER_DTYPES):
         assert f"`{name}`" in text, name
 

@@ -33,13 +33,24 @@ from ._options import source_options
 @click.option("--fro", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="LyCORIS sources: keep the smallest rank that retains this fraction of "
                    "each module's Frobenius norm.")
+@click.option("--sv-ratio", type=click.FloatRange(min=1), default=None,
+              help="LyCORIS sources: keep singular values s_i >= s_max / R (resize's rule).")
+@click.option("--cumulative", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="LyCORIS sources: smallest rank keeping fraction C of the sum of singular "
+                   "values (resize's rule).")
+@click.option("--dtype", type=click.Choice(["fp64", "fp32", "fp16", "bf16"]), default=None,
+              help="LyCORIS sources: dtype of the plain-LoRA factors (default fp64, exact).")
+@click.option("--lycoris", "lycoris", type=click.Choice(["native", "lora"]), default="native",
+              show_default=True,
+              help="With --to loratool: keep LyCORIS modules as the format's LyCORIS kinds "
+                   "(bit-exact, format 1.2) or write their plain-LoRA form.")
 @click.option("--dense-svd", is_flag=True,
               help="LyCORIS sources: factor full `diff` modules by a dense SVD (error "
                    "reported) instead of refusing them for plain-LoRA targets.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def convert_cmd(src, dst, to, base, gguf_type, permute_qk, name_map, rank, fro, dense_svd,
-                overwrite, as_json, source):
+def convert_cmd(src, dst, to, base, gguf_type, permute_qk, name_map, rank, fro, sv_ratio,
+                cumulative, dtype, lycoris, dense_svd, overwrite, as_json, source):
     """Convert an adapter between loratool, PEFT, kohya/sd-scripts, loralib, LyCORIS and
     GGUF (llama.cpp) formats.
 
@@ -56,6 +67,7 @@ def convert_cmd(src, dst, to, base, gguf_type, permute_qk, name_map, rank, fro, 
       loratool convert lora_sd.safetensors -o out.safetensors --base unet.safetensors
       loratool convert loha.safetensors -o peft_out/ --to peft --base unet.safetensors
       loratool convert lokr.safetensors -o lora.safetensors --to kohya --rank 64
+      loratool convert loha.safetensors -o out.safetensors --lycoris lora --dtype fp16
       loratool convert gpt2_lora.pt -o out.safetensors --alpha 32 --enable-lora 1,0,1 \\
           --fan-in-fan-out
       loratool convert peft_adapter/ -o adapter.gguf --to gguf --base llama/config.json
@@ -65,7 +77,8 @@ def convert_cmd(src, dst, to, base, gguf_type, permute_qk, name_map, rank, fro, 
     from ..ops.convert import convert
     report = convert(src, dst, to=to, overwrite=overwrite, base=base, gguf_type=gguf_type,
                      permute_qk=permute_qk, name_map=parse_map(name_map) or None,
-                     rank=rank, fro=fro, dense_svd=dense_svd, **source)
+                     rank=rank, fro=fro, sv_ratio=sv_ratio, cumulative=cumulative,
+                     dtype=dtype, lycoris=lycoris, dense_svd=dense_svd, **source)
     data = report.to_dict()
     if as_json:
         console.print_json(data)

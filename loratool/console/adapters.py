@@ -168,7 +168,8 @@ def render_amplification(report: dict) -> None:
     for m in report["modules"]:
         a = m.get("amplification")
         if a is None:
-            t.add_row(Text(m["name"]), "-", "-", "-", "-", "-", "-", "DoRA: not analyzed")
+            why = "experts: not analyzed" if m.get("kind") == "experts" else "DoRA: not analyzed"
+            t.add_row(Text(m["name"]), "-", "-", "-", "-", "-", "-", why)
             continue
         t.add_row(Text(m["name"]), str(a["rank"]), fmt(a["delta_norm"], 4),
                   fmt(a["projection_norm"], 4), fmt(a["base_norm"], 4),

@@ -24,7 +24,7 @@ import os
 
 from ..errors import InteropError
 from ..format import (KIND_CONV, KIND_EMBEDDING, KIND_LINEAR, LAYOUT_IN_OUT, LAYOUT_OUT_IN,
-                      MODULE_NAME_RE, SCALING_STANDARD)
+                      SCALING_STANDARD)
 from ..model import Adapter, AdapterInfo, LoraModule
 from . import _common as C
 from ..variants import Lora
@@ -171,66 +171,23 @@ class _Plan:
 
     def _names(self, loras, options) -> dict[str, str]:
         """kohya name -> canonical module path (see the module docstring)."""
-        name_map = options.name_map or {}
-        shapes = C.base_shapes(options)
-        index: dict[str, set[str]] = {}
-        if shapes is not None:
-            for key in shapes:
-                if key.endswith(".weight"):
-                    index.setdefault(underscored(key[: -len(".weight")]), set()).add(
-                        key[: -len(".weight")])
-        out: dict[str, str] = {}
-        self.base_keys: dict[str, str] = {}
-        unmatched, ambiguous = [], []
-        for lora in loras:
+        def split(lora):
             if not lora.startswith(PREFIX) or len(lora) == len(PREFIX):
                 raise InteropError(f"kohya module name {lora!r} does not start with "
                                    f"{PREFIX!r}; loratool reads sd-scripts names "
-                                   "(lora_unet_..., lora_te_...)", code="LT307", path=self.path,
-                                   module=lora)
+                                   "(lora_unet_..., lora_te_...)", code="LT307",
+                                   path=self.path, module=lora)
             full = lora[len(PREFIX):]
             part, sep, rest = full.partition("_")
             # Only sd-scripts' model parts become a dotted first segment: any other name is
             # kept verbatim (``lora_lm_head`` is ``lm_head``, never ``lm.head``).
             fallback = f"{part}.{rest}" if sep and rest and part in MODEL_PARTS else full
-            name = name_map.get(lora) or name_map.get(fallback)
-            if name is None and shapes is not None:
-                hits = index.get(full, set()) | {f"{part}.{p}" for p in index.get(rest, ())}
-                if len(hits) == 1:
-                    name = hits.pop()
-                elif hits:
-                    ambiguous.append(f"{lora} -> {', '.join(sorted(hits))}")
-                else:
-                    unmatched.append(lora)
-            name = name or fallback
-            if len(name) > C.MAX_MODULE_NAME or not MODULE_NAME_RE.match(name):
-                raise InteropError(f"kohya module {lora[:80]!r} gives the module name "
-                                   f"{name[:80]!r}, which is not dot-separated segments of "
-                                   "letters, digits, '_' and '-'", code="LT307", path=self.path,
-                                   module=lora[:80])
-            if shapes is not None:
-                for cand in (name, name.partition(".")[2]):
-                    if cand + ".weight" in shapes:
-                        self.base_keys[lora] = cand + ".weight"
-                        break
-            out[lora] = name
-        if ambiguous:
-            raise InteropError(f"{len(ambiguous)} kohya module(s) match several base tensors "
-                               "once underscores are read as dots; pass --map KOHYA_NAME="
-                               "MODULE.PATH for each: " + "; ".join(ambiguous[:10]),
-                               code="LT307", path=self.path)
-        if shapes is not None:
-            self.details["names"] = "dotted from the base checkpoint"
-            if unmatched:
-                shown = ", ".join(unmatched[:8]) + (" ..." if len(unmatched) > 8 else "")
-                self.notes.append(f"{len(unmatched)} kohya module(s) match no base tensor and "
-                                  f"keep underscored names: {shown}")
-        else:
-            self.details["names"] = "underscored (pass --base to recover dotted paths)"
-        if len(set(out.values())) != len(out):
-            raise InteropError("two kohya modules map to the same module name; pass --map",
-                               code="LT307", path=self.path)
-        return out
+            return fallback, [("", full), (f"{part}.", rest)]
+        resolved = C.UnderscoredNames(loras, options, split=split, fmt="kohya", path=self.path)
+        self.base_keys = resolved.base_keys
+        self.notes.extend(resolved.notes)
+        self.details["names"] = resolved.how
+        return resolved.names
 
     def check_unknown(self, options) -> list[str]:
         hints = sorted({what for n in self.unknown for key, what in _VARIANT_HINTS.items()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 
 from ..errors import InteropError, LoraToolError
-from ..format import KIND_CONV, KIND_LINEAR, LAYOUT_OUT_IN, MODULE_NAME_RE, SCALING_STANDARD
+from ..format import KIND_CONV, KIND_LINEAR
 from ..model import Adapter, AdapterInfo
 from ..rules import Finding
 from ..variants import FullDiff, Lora, LycorisDora
@@ -99,94 +99,29 @@ class _Plan:
     def _names(self, loras, options) -> dict[str, str]:
         """LyCORIS name -> module path, as the kohya reader does: ``lora_unet_x_y`` ->
         ``unet.x_y`` and ``lycoris_x_y`` -> ``x_y``, dotted from the base when given."""
-        name_map = options.name_map or {}
-        shapes = C.base_shapes(options)
-        index: dict[str, set[str]] = {}
-        for key in shapes or ():
-            if key.endswith(".weight"):
-                path = key[: -len(".weight")]
-                index.setdefault(path.replace(".", "_"), set()).add(path)
-        out, self.base_keys = {}, {}
-        unmatched, ambiguous = [], []
-        for lora in loras:
+        def split(lora):
             if not lora.startswith(PREFIXES) or lora in PREFIXES:
                 raise InteropError(f"LyCORIS module name {lora[:80]!r} does not start with "
                                    "lora_ or lycoris_", code="LT307", path=self.path,
                                    module=lora[:80])
             if lora.startswith("lycoris_"):
                 rest = lora[len("lycoris_"):]
-                fallback, hits = rest, set(index.get(rest, ()))
-                part = None
-            else:
-                full = lora[len("lora_"):]
-                part, sep, rest = full.partition("_")
-                fallback = f"{part}.{rest}" if sep and rest else full
-                hits = index.get(full, set()) | {f"{part}.{p}" for p in index.get(rest, ())}
-            name = name_map.get(lora) or name_map.get(fallback)
-            if name is None and shapes is not None:
-                if len(hits) == 1:
-                    name = next(iter(hits))
-                elif hits:
-                    ambiguous.append(f"{lora} -> {', '.join(sorted(hits))}")
-                else:
-                    unmatched.append(lora)
-            name = name or fallback
-            if len(name) > C.MAX_MODULE_NAME or not MODULE_NAME_RE.match(name):
-                raise InteropError(f"LyCORIS module {lora[:80]!r} gives the module name "
-                                   f"{name[:80]!r}, which is not dot-separated segments of "
-                                   "letters, digits, '_' and '-'", code="LT307", path=self.path,
-                                   module=lora[:80])
-            if shapes is not None:
-                for cand in (name, name.partition(".")[2]):
-                    if cand + ".weight" in shapes:
-                        self.base_keys[lora] = cand + ".weight"
-                        break
-            out[lora] = name
-        if ambiguous:
-            raise InteropError(f"{len(ambiguous)} LyCORIS module(s) match several base tensors "
-                               "once underscores are read as dots; pass --map NAME=MODULE.PATH "
-                               "for each: " + "; ".join(ambiguous[:10]), code="LT307",
-                               path=self.path)
-        if shapes is not None:
-            self.details["names"] = "dotted from the base checkpoint"
-            if unmatched:
-                shown = ", ".join(unmatched[:8]) + (" ..." if len(unmatched) > 8 else "")
-                self.notes.append(f"{len(unmatched)} LyCORIS module(s) match no base tensor and "
-                                  f"keep underscored names: {shown}")
-        else:
-            self.details["names"] = "underscored (pass --base to recover dotted paths)"
-        if len(set(out.values())) != len(out):
-            raise InteropError("two LyCORIS modules map to the same module name; pass --map",
-                               code="LT307", path=self.path)
-        return out
+                return rest, [("", rest)]
+            full = lora[len("lora_"):]
+            part, sep, rest = full.partition("_")
+            return (f"{part}.{rest}" if sep and rest else full), [("", full), (f"{part}.", rest)]
+        resolved = C.UnderscoredNames(loras, options, split=split, fmt="LyCORIS",
+                                      path=self.path)
+        self.base_keys = resolved.base_keys
+        self.notes.extend(resolved.notes)
+        self.details["names"] = resolved.how
+        return resolved.names
 
     def info(self, lora: str):
-        from ..lycoris.modules import (LycorisModuleInfo, describe, lora_shapes,
-                                       rank_is_exact, variant_for)
+        from ..lycoris.native import module_info
         rec = self.records[lora]
-        rank = self.ranks[lora]
-        a_shape, b_shape = lora_shapes(rec, rank)
-        facts = describe(rec, rank, rank_is_exact(rec))
-        facts["parameters"] = sum(_numel(self.source.entries[f"{lora}.{p}"][1])
-                                  for p in rec.tensors if p != "alpha")
-        dtypes = sorted({self.source.entries[f"{lora}.{p}"][0] for p in rec.tensors
-                         if p != "alpha"})
-        return LycorisModuleInfo(
-            self.names[lora], KIND_CONV if len(rec.shape) > 2 else KIND_LINEAR,
-            LAYOUT_OUT_IN, a_shape, b_shape, rec.scale * rank, SCALING_STANDARD,
-            dtypes[0] if len(dtypes) == 1 else "mixed", False, _has_bias(rec),
-            lycoris=facts, variant_name=variant_for(rec).name)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _has_bias(rec) -> bool:
-    return rec.tensors.get("diff_b") is not None
+        return module_info(self.names[lora], rec, {p: self.source.entries[f"{lora}.{p}"]
+                                                   for p in rec.tensors})
 
 
 def read_info(path: str, options: ReaderOptions) -> AdapterInfo:
@@ -201,8 +136,8 @@ def read_info(path: str, options: ReaderOptions) -> AdapterInfo:
 
 def load_report(path: str, options: ReaderOptions) -> LoadResult:
     """Every module in its plain-LoRA form (float64 factors, exact), the record kept."""
-    from ..lycoris import parse_module, to_lora
-    from ..lycoris.modules import LycorisLoraModule
+    from ..lycoris import parse_module
+    from ..lycoris.native import as_module
     from ..lycoris.records import Full
     plan = _Plan(path, options)
     modules, ranks = {}, []
@@ -216,17 +151,9 @@ def load_report(path: str, options: ReaderOptions) -> LoadResult:
         shape = head.shape if head.shape_known else None
         rec = parse_module(lora, tensors, shape=shape)
         name = plan.names[lora]
-        if isinstance(rec, Full):
-            A, B, bias = _identity_factors(rec)
-            alpha = float(A.shape[0])
-        else:
-            from dataclasses import replace
-            f = to_lora(replace(rec, dora=None) if rec.dora is not None else rec)
-            A, B, alpha, bias = f.down(), f.up(), f.alpha, None
-            ranks.append(f"{name}: {rec.family.value} -> rank {f.rank}")
-        kind = KIND_CONV if len(rec.shape) > 2 else KIND_LINEAR
-        modules[name] = LycorisLoraModule(name, kind, LAYOUT_OUT_IN, A, B, alpha,
-                                          SCALING_STANDARD, bias=bias, record=rec)
+        modules[name] = as_module(name, rec)
+        if not isinstance(rec, Full):
+            ranks.append(f"{name}: {rec.family.value} -> rank {modules[name].rank}")
     notes = list(plan.notes)
     if ranks:
         shown = "; ".join(ranks[:12]) + (f"; ... ({len(ranks)} in all)" if len(ranks) > 12
@@ -237,21 +164,6 @@ def load_report(path: str, options: ReaderOptions) -> LoadResult:
         m.alpha for m in modules.values()) or 1.0), extra_metadata=dict(plan.source.metadata),
         source_format=NAME)
     return LoadResult(adapter, notes, [])
-
-
-def _identity_factors(rec):
-    """A full diff as ``I @ diff`` on its smaller side: exact in the diff's own dtype."""
-    import torch
-    out, cols = rec.out_features, rec.columns
-    d2 = rec.diff.reshape(out, cols)
-    k = tuple(rec.shape[2:])
-    if out <= cols:
-        A = d2.reshape(out, *rec.shape[1:])
-        B = torch.eye(out, dtype=rec.diff.dtype).reshape(out, out, *[1] * len(k))
-    else:
-        A = torch.eye(cols, dtype=rec.diff.dtype).reshape(cols, *rec.shape[1:])
-        B = d2.reshape(out, cols, *[1] * len(k))
-    return A, B, rec.diff_b
 
 
 def load(path: str, options: ReaderOptions) -> Adapter:

@@ -17,13 +17,14 @@ from ..model import Adapter, AdapterInfo, LoraModule, Replacement
 from ..rules import Finding
 from ..stfile import Header, SafetensorsWriter, read_header
 from ..validation import check_header
-from ..variants import VARIANTS
+from ..variants import VARIANTS, FullDiff, LycorisDora
 from .base import DECLARED, FALLBACK, Capabilities, LoadResult, Probe, ReaderOptions
 
 NAME = "loratool"
 CAPABILITIES = Capabilities(kinds=frozenset({KIND_LINEAR, KIND_CONV, KIND_EMBEDDING}),
-                            variants=frozenset(VARIANTS), bias=True, rslora=True, per_module_alpha=True,
-                            replacements=True)
+                            variants=frozenset(VARIANTS) | {LycorisDora.name, FullDiff.name},
+                            bias=True, rslora=True, per_module_alpha=True,
+                            replacements=True, reads=frozenset({"base"}))
 
 
 def detect(probe: Probe) -> int:
@@ -87,8 +88,10 @@ def load(path: str, options: ReaderOptions | None = None) -> Adapter:
     options = options or ReaderOptions()
     info, raw, _ = read_tensors(path, check_values=options.check_values)
     tensors = {name: from_bytes(data, t.dtype, t.shape) for name, (t, data) in raw.items()}
-    modules = {}
+    modules = _load_lycoris(path, info, tensors, options)
     for name, m in info.modules.items():
+        if name in modules:
+            continue
         get = lambda role: tensors.get(F.tensor_name(name, role))  # noqa: E731
         modules[name] = LoraModule(name, m.kind, m.layout, get(F.ROLE_A), get(F.ROLE_B),
                                    m.alpha, m.scaling, get(F.ROLE_MAGNITUDE), get(F.ROLE_BIAS))
@@ -105,6 +108,33 @@ def load(path: str, options: ReaderOptions | None = None) -> Adapter:
                    base_model_hash=info.base_model_hash, provenance=info.provenance,
                    extra_metadata=dict(info.extra_metadata), source_format=NAME,
                    init=info.init)
+
+
+def _load_lycoris(path: str, info: AdapterInfo, tensors: dict, options) -> dict:
+    """The LyCORIS-kind modules (format 1.2), parsed from their own tensors. A module whose
+    record has no shape (conv factors stored flattened, converted without a base) takes its
+    shape from ``options.base`` when given, as the LyCORIS reader does."""
+    import json
+    lyco = [n for n, m in info.modules.items() if getattr(m, "lycoris", None)]
+    if not lyco:
+        return {}
+    from ..lycoris.native import load_module
+    from ._common import base_shapes
+    table = json.loads(read_header(path).metadata[F.KEY_MODULES])
+    shapes = (base_shapes(options) or {}) if any(
+        "shape" not in table[n] for n in lyco) else {}
+    out = {}
+    for name in lyco:
+        prefix = name + "."
+        roles = {n[len(prefix):]: t for n, t in tensors.items()
+                 if n.startswith(prefix) and "." not in n[len(prefix):]}
+        rec = table[name]
+        if "shape" not in rec:
+            shape = next((shapes[c + ".weight"] for c in (name, name.partition(".")[2])
+                          if c + ".weight" in shapes), None)
+            rec = rec if shape is None else {**rec, "shape": list(shape)}
+        out[name] = load_module(name, rec, roles)
+    return out
 
 
 def _check_index(index, target: str, path: str) -> None:
@@ -135,6 +165,11 @@ def canonical_tensors(adapter: Adapter) -> dict[str, object]:
     """Tensor name -> torch tensor, exactly as ``save`` writes them."""
     out = {}
     for name, m in adapter.modules.items():
+        if getattr(m, "record", None) is not None:  # a LyCORIS kind (1.2): its own tensors
+            from ..lycoris.native import native_entry
+            out.update({F.tensor_name(name, role): t
+                        for role, t in native_entry(name, m)[1].items()})
+            continue
         for role, t in ((F.ROLE_A, m.A), (F.ROLE_B, m.B), (F.ROLE_MAGNITUDE, m.magnitude),
                         (F.ROLE_BIAS, m.bias)):
             if t is not None:
@@ -160,7 +195,13 @@ def adapter_metadata(adapter: Adapter, tensor_hash: str) -> dict[str, str]:
                    for n, m in modules.items()}
     default_alpha = float(adapter.alpha)
     table = {}
+    lycoris = False
     for name, m in modules.items():
+        if getattr(m, "record", None) is not None:
+            from ..lycoris.native import native_entry
+            table[name] = native_entry(name, m)[0]
+            lycoris = True
+            continue
         rec = {"kind": m.kind, "layout": m.layout}
         if float(m.alpha) != default_alpha:
             rec["alpha"] = float(m.alpha)
@@ -169,8 +210,9 @@ def adapter_metadata(adapter: Adapter, tensor_hash: str) -> dict[str, str]:
     meta = {k: v for k, v in meta.items() if not k.startswith(F.NAMESPACE)}
     meta.update({
         F.KEY_FORMAT: F.FORMAT_NAME,
-        F.KEY_VERSION: (F.FORMAT_VERSION_REPLACEMENTS if adapter.replacements
-                         else F.FORMAT_VERSION_STR),
+        F.KEY_VERSION: (F.FORMAT_VERSION_LYCORIS if lycoris else
+                        F.FORMAT_VERSION_REPLACEMENTS if adapter.replacements
+                        else F.FORMAT_VERSION_STR),
         F.KEY_SCALING: scaling,
         F.KEY_ALPHA: F.format_number(default_alpha),
         F.KEY_TARGETS: F.canonical_json(sorted(modules)),

@@ -139,8 +139,10 @@ def _numerical_rank(S: torch.Tensor, shape) -> int:
 
 def _lokr(w1, w2) -> tuple[torch.Tensor, torch.Tensor]:
     """kron(L1 R1, L2 R2) = kron(L1, L2) @ kron(R1, R2) (mixed-product rule)."""
-    L1, R1 = _split(w1)
-    L2, R2 = _split(w2)
+    # torch.kron (torch 2.13, CPU) raises on strided input, even on a "contiguous" (n, 1)
+    # column of stride (1, n) as an SVD slice gives: copy to standard strides
+    L1, R1 = (t.clone(memory_format=torch.contiguous_format) for t in _split(w1))
+    L2, R2 = (t.clone(memory_format=torch.contiguous_format) for t in _split(w2))
     return torch.kron(L1, L2), torch.kron(R1, R2)
 
 

@@ -146,6 +146,19 @@ class LycorisLoraModule(LoraModule):
             "name", "kind", "layout", "a_shape", "b_shape", "alpha", "scaling", "dtype",
             "magnitude", "bias")}, lycoris=facts, variant_name=self.variant.name)
 
+    def with_tensors(self, **changes) -> LoraModule:
+        """A renamed module keeps its record; one whose factors, alpha or bias change is a
+        plain LoRA module from then on (the record would no longer describe it)."""
+        if set(changes) <= {"name"}:
+            from dataclasses import replace
+            return replace(self, **changes)
+        if not self.variant.additive:
+            raise ValueError(f"module {self.name!r}: {self.variant.described} has no "
+                             "plain-LoRA form to change")
+        fields = {f: getattr(self, f) for f in ("name", "kind", "layout", "A", "B", "alpha",
+                                                "scaling", "magnitude", "bias")}
+        return LoraModule(**{**fields, **changes})
+
 
 def merge_fn(rec: LycorisModule, shape, multiplier: float):
     """The merge of a module whose result depends on W (DoRA): 2-D W in, W' out (float64),
@@ -157,3 +170,19 @@ def merge_fn(rec: LycorisModule, shape, multiplier: float):
         W = w2.reshape(shape).cpu()  # the record's tensors are on the CPU
         return merged_weight(rec, W, multiplier).reshape(w2.shape).to(w2.device)
     return apply
+
+
+def identity_factors(rec: Full):
+    """A full diff as ``I @ diff`` on its smaller side: exact in the diff's own dtype.
+    Returns (A, B, bias)."""
+    import torch
+    out, cols = rec.out_features, rec.columns
+    d2 = rec.diff.reshape(out, cols)
+    k = tuple(rec.shape[2:])
+    if out <= cols:
+        A = d2.reshape(out, *rec.shape[1:])
+        B = torch.eye(out, dtype=rec.diff.dtype).reshape(out, out, *[1] * len(k))
+    else:
+        A = torch.eye(cols, dtype=rec.diff.dtype).reshape(cols, *rec.shape[1:])
+        B = d2.reshape(out, cols, *[1] * len(k))
+    return A, B, rec.diff_b

@@ -60,7 +60,9 @@ def _inside(child: str, parent: str) -> bool:
 
 def convert(src: str | os.PathLike | Adapter, dst: str | os.PathLike, *, to: str = "loratool",
             overwrite: bool = False, rank: int | None = None, fro: float | None = None,
-            dense_svd: bool = False, **options) -> ConvertReport:
+            sv_ratio: float | None = None, cumulative: float | None = None,
+            dense_svd: bool = False, dtype: str | None = None, lycoris: str = "native",
+            **options) -> ConvertReport:
     """Convert the adapter ``src`` (any format, detected) to format ``to`` at ``dst``.
 
     Options: ``alpha`` (loralib and config-less PEFT sources; the loralib target's lora_alpha),
@@ -71,9 +73,12 @@ def convert(src: str | os.PathLike | Adapter, dst: str | os.PathLike, *, to: str
     is a GGUF base or the base's ``config.json`` (architecture, head counts), ``gguf_type``
     the written tensor type (f32, f16, bf16, q8_0) and ``permute_qk`` overrides whether the
     q/k rows are permuted (architectures loratool does not know).
-    LyCORIS sources (spec/lycoris.md section 5) convert to their exact plain-LoRA form;
-    ``rank``/``fro`` truncate them (the retained Frobenius fraction is reported) and
-    ``dense_svd`` factors full ``diff`` modules by an SVD.
+    LyCORIS sources (spec/lycoris.md section 5) convert to their exact plain-LoRA form
+    (``to="loratool"`` keeps them as the format's LyCORIS kinds unless ``lycoris="lora"``);
+    one of ``rank``/``fro``/``sv_ratio``/``cumulative`` (the rules of ``resize``) truncates
+    them (the retained Frobenius fraction is reported), ``dense_svd`` factors full ``diff``
+    modules by an SVD and ``dtype`` (``fp64``, the default, ``fp32``, ``fp16``, ``bf16``) is
+    the dtype of the plain-LoRA factors.
 
     >>> import tempfile
     >>> out = tempfile.mkdtemp()
@@ -115,11 +120,26 @@ def convert(src: str | os.PathLike | Adapter, dst: str | os.PathLike, *, to: str
     if ignored:
         notes.append(f"ignored {', '.join(ignored)}: a {fmt} source"
                      f"{'' if to == fmt else f' and a {to} target'} do not use it")
-    if rank is not None or fro is not None or dense_svd:
-        from .lycoris_convert import reduce_lycoris
-        notes += reduce_lycoris(adapter, rank=rank, fro=fro, dense_svd=dense_svd)
+    if lycoris not in ("native", "lora"):
+        raise InteropError(f"lycoris={lycoris!r}: choose native (LyCORIS kinds of the loratool "
+                           "format) or lora (the plain-LoRA form)", code="LT301")
+    rule = dict(rank=rank, fro=fro, sv_ratio=sv_ratio, cumulative=cumulative)
+    # LyCORIS modules stay LyCORIS for the LyCORIS writer and, unless told, the loratool one
+    keep = to == "lycoris" or (to == "loratool" and lycoris == "native")
+    variants = set(target.CAPABILITIES.variants)
+    if keep and dtype and not any(v is not None for v in rule.values()):
+        raise InteropError(f"--dtype rounds plain-LoRA factors; the {to} format keeps LyCORIS "
+                           "modules with their own tensors" + (": add --lycoris lora" if
+                                                                to == "loratool" else ""),
+                           code="LT304")
+    if any(v is not None for v in rule.values()) or dense_svd or dtype or not keep:
+        from .lycoris_convert import to_plain
+        notes += to_plain(adapter, rule=rule, dense_svd=dense_svd, dtype=dtype,
+                          all_modules=not keep)
+        if not keep:
+            variants -= set(_WHY)
     refused = [(n, m.variant) for n, m in adapter.modules.items()
-               if m.variant.name not in target.CAPABILITIES.variants]
+               if m.variant.name not in variants]
     if refused:
         name, variant = refused[0]
         raise InteropError(f"module {name!r} has {variant.described}; the {to} format cannot "

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate the conformance vectors of loratool adapter format 1.1 (spec/adapter-format.md).
+"""Generate the conformance vectors of loratool adapter format 1.2 (spec/adapter-format.md).
 
     python spec/vectors/generate.py [OUTDIR]      # default: the folder of this script
 
@@ -31,6 +31,7 @@ import sys
 FORMAT = "loratool.adapter"
 VERSION = "1.0"
 VERSION_REPLACEMENTS = "1.1"  # the version a file with replacement entries declares
+VERSION_LYCORIS = "1.2"  # the version a file with a LyCORIS kind declares
 DTYPE_SIZES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I32": 4, "I64": 8}
 ROLES = ("lora_A", "lora_B", "lora_magnitude", "lora_bias")
 
@@ -171,6 +172,68 @@ class R:
         return row
 
 
+class L:
+    """One module of a LyCORIS kind (format 1.2, spec section 4.2): ``roles`` maps each role to
+    its shape; ``alpha`` is the value of the 0-d F32 ``alpha`` tensor (None: no tensor);
+    ``shape`` the base weight's shape written in the record (None: not written); ``facts``
+    the numbers the expected inspect report needs, worked out by hand from lycoris.md
+    sections 2-5 (plain-LoRA rank, its LyCORIS rank r, whether it is exact)."""
+
+    def __init__(self, name, kind, roles, *, shape, alpha=None, dtype="F32", seed=0,
+                 record_shape=True, ranks=(), plain_rank, r=None, exact=True, tucker=False,
+                 dora=None):
+        self.name, self.kind, self.roles, self.shape = name, kind, dict(roles), list(shape)
+        self.alpha, self.dtype, self.seed, self.record_shape = alpha, dtype, seed, record_shape
+        self.ranks, self.plain_rank, self.r, self.exact = list(ranks), plain_rank, r, exact
+        self.tucker, self.dora = tucker, dora
+        self.magnitude = self.bias = False
+        self.layout = "out_in"
+        self.lycoris_name = "lora_" + name.replace(".", "_")
+
+    def tensors(self) -> list[T]:
+        out = []
+        for i, (role, shape) in enumerate(sorted(self.roles.items())):
+            vals = _values(math.prod(shape), self.seed + i)
+            if role == "dora_scale":  # a norm: positive
+                vals = [1 + abs(v) for v in vals]
+            out.append(T(f"{self.name}.{role}", self.dtype, shape, encode(vals, self.dtype)))
+        if self.alpha is not None:
+            out.append(T(f"{self.name}.alpha", "F32", [], encode([self.alpha], "F32")))
+        return out
+
+    def record(self) -> dict:
+        rec = {"kind": self.kind, "layout": "out_in", "lycoris": {"name": self.lycoris_name}}
+        if self.record_shape:
+            rec["shape"] = self.shape
+        return rec
+
+    @property
+    def scale(self) -> float:
+        # alpha / r; alpha absent or 0 means alpha = r; no r (full, LoKr both full): 1
+        if self.r is None or not self.alpha:
+            return 1.0
+        return self.alpha / self.r
+
+    def inspect_row(self, scaling) -> dict:
+        params = sum(math.prod(s) for s in self.roles.values())
+        row_shape = self.shape if self.record_shape else [self.shape[0],
+                                                          math.prod(self.shape[1:])]
+        return {
+            "name": self.name, "kind": "conv" if len(row_shape) > 2 else "linear",
+            "layout": "out_in", "in": row_shape[1], "out": row_shape[0],
+            "kernel": row_shape[2:], "rank": self.plain_rank,
+            "alpha": self.scale * self.plain_rank, "scaling": "standard",
+            "scale": self.scale, "dtype": self.dtype, "dora": False,
+            "bias": "diff_b" in self.roles, "parameters": params,
+            "lycoris": {
+                "family": self.kind, "ranks": self.ranks, "plain_lora_rank": self.plain_rank,
+                "plain_lora_rank_exact": self.exact, "tucker": self.tucker, "dora": self.dora,
+                "shape": row_shape, "shape_known": self.record_shape,
+                "stored_alpha": self.alpha or None, "scale": self.scale,
+                "parameters": params},
+        }
+
+
 def linear(name=Q, out=4, inp=6, r=2, **kw) -> M:
     return M(name, "linear", "out_in", [r, inp], [out, r], **kw)
 
@@ -185,6 +248,9 @@ class Adapter:
         self.replacements = sorted(replacements, key=lambda r: r.target)
         if self.replacements and version == VERSION:
             version = VERSION_REPLACEMENTS
+        if any(isinstance(m, L) for m in self.modules) and version in (
+                VERSION, VERSION_REPLACEMENTS):
+            version = VERSION_LYCORIS
         self.alpha, self.scaling, self.version = alpha, scaling, version
         self.base_model, self.base_model_hash, self.provenance = (
             base_model, base_model_hash, provenance)
@@ -199,6 +265,9 @@ class Adapter:
     def metadata(self, tensors=None) -> dict[str, str]:
         table = {}
         for m in self.modules:
+            if isinstance(m, L):
+                table[m.name] = m.record()
+                continue
             rec = {"kind": m.kind, "layout": m.layout, **self.record_extra}
             if m.alpha is not None and float(m.alpha) != float(self.alpha):
                 rec["alpha"] = float(m.alpha)
@@ -228,6 +297,9 @@ class Adapter:
         """The expected ``loratool inspect --json`` report, ``path`` left out."""
         rows = []
         for m in self.modules:
+            if isinstance(m, L):
+                rows.append(m.inspect_row(self.scaling))
+                continue
             alpha = float(self.alpha if m.alpha is None else m.alpha)
             r = m.a_shape[0]
             scale = alpha / math.sqrt(r) if self.scaling == "rslora" else alpha / r
@@ -318,6 +390,40 @@ def _padded(text: str) -> bytes:
 SHA_BASE = "sha256:" + hashlib.sha256(b"loratool conformance vector base model").hexdigest()
 
 
+def lycoris_modules():
+    """(name, description, L): one module of each LyCORIS kind and variant."""
+    U = "unet.down_blocks.0.attentions.0.proj_in"
+    C = "unet.down_blocks.0.resnets.0.conv1"
+    yield ("lycoris_loha", "LoHa, linear: (w1_a w1_b) * (w2_a w2_b), r = 2, alpha 1",
+           L(U, "loha", {"hada_w1_a": [4, 2], "hada_w1_b": [2, 6], "hada_w2_a": [4, 2],
+                         "hada_w2_b": [2, 6]}, shape=[4, 6], alpha=1.0, seed=61,
+             ranks=[2, 2], plain_rank=4, r=2))
+    yield ("lycoris_loha_tucker_dora", "LoHa with Tucker cores on a 3x3 conv, DoRA "
+                                       "dora_scale (out, 1, 1, 1), BF16",
+           L(C, "loha", {"hada_w1_a": [2, 4], "hada_w1_b": [2, 3], "hada_t1": [2, 2, 3, 3],
+                         "hada_w2_a": [2, 4], "hada_w2_b": [2, 3], "hada_t2": [2, 2, 3, 3],
+                         "dora_scale": [4, 1, 1, 1]}, shape=[4, 3, 3, 3], alpha=2.0,
+             dtype="BF16", seed=63, ranks=[2, 2], plain_rank=4, r=2, tucker=True,
+             dora="out"))
+    yield ("lycoris_loha_conv_flat", "LoHa on a conv stored flattened (r, in*k*k), no shape "
+                                     "in the record: its 2-D form until a base gives the "
+                                     "kernel",
+           L(C, "loha", {"hada_w1_a": [4, 1], "hada_w1_b": [1, 27], "hada_w2_a": [4, 1],
+                         "hada_w2_b": [1, 27]}, shape=[4, 3, 3, 3], alpha=None, seed=65,
+             record_shape=False, ranks=[1, 1], plain_rank=1, r=1))
+    yield ("lycoris_locon_tucker", "LoCon with a Tucker core lora_mid on a 3x3 conv",
+           L(C, "locon", {"lora_down": [2, 3, 1, 1], "lora_mid": [2, 2, 3, 3],
+                          "lora_up": [4, 2, 1, 1]}, shape=[4, 3, 3, 3], alpha=4.0, seed=67,
+             ranks=[2], plain_rank=2, r=2, tucker=True))
+    yield ("lycoris_lokr", "LoKr: kron(w1, w2_a w2_b) with a full w1 (2, 2) and w2 of rank "
+                           "1: plain-LoRA rank rank(w1) * 1, known from the values only",
+           L(U, "lokr", {"lokr_w1": [2, 2], "lokr_w2_a": [2, 1], "lokr_w2_b": [1, 3]},
+             shape=[4, 6], alpha=1.0, seed=69, ranks=[1], plain_rank=2, r=1, exact=False))
+    yield ("lycoris_full", "full weight difference diff with diff_b, F16",
+           L(U, "full", {"diff": [4, 6], "diff_b": [4]}, shape=[4, 6], dtype="F16", seed=71,
+             plain_rank=4))
+
+
 def valid_vectors():
     """(name, description, Adapter, canonical): files every reader MUST accept."""
     yield ("linear_minimal", "two linear modules (layout out_in), required keys only",
@@ -369,6 +475,9 @@ def valid_vectors():
            Adapter([linear(Q, seed=41)], version="1.7",
                    extra_loratool={"loratool.future_option": "{\"mode\":\"fast\"}"},
                    record_extra={"dropout": 0.05}), False)
+    # Format 1.2: LyCORIS kinds, with their own tensors.
+    for name, desc, module in lycoris_modules():
+        yield (name, "1.2: " + desc, Adapter([module]), True)
     # Format 1.1: replacement entries.
     yield ("replace_full", "1.1: a LoRA module plus whole-tensor replacements (a PEFT "
                            "modules_to_save head and a trained bias)",
@@ -609,6 +718,35 @@ def invalid_vectors():
            mutated(rep, meta={"loratool.format_version": "1.0"}))
     yield ("nothing_to_apply", "LT108", "no module and no replacement entry",
            mutated(Adapter([]), tensors=[]))
+
+    # LT217 - LT219 and the LyCORIS rules on LyCORIS kinds (1.2).
+    loha = next(m for n, _, m in lycoris_modules() if n == "lycoris_loha")
+    ly = Adapter([loha])
+    U = loha.name
+    yield ("lycoris_in_version_1_1", "LT217", "a LyCORIS kind in a file that says 1.1",
+           mutated(ly, meta={"loratool.format_version": "1.1"}))
+    rec = loha.record()
+    yield ("lycoris_layout_in_out", "LT218", "a loha record with layout in_out",
+           mutated(ly, meta={"loratool.modules": canonical_json(
+               {U: dict(rec, layout="in_out")})}))
+    yield ("lycoris_record_alpha", "LT218", "a loha record with an alpha field",
+           mutated(ly, meta={"loratool.modules": canonical_json({U: dict(rec, alpha=2.0)})}))
+    yield ("lycoris_record_shape_zero", "LT218", "a loha record with shape [4, 0]",
+           mutated(ly, meta={"loratool.modules": canonical_json({U: dict(rec, shape=[4, 0])})}))
+    yield ("lycoris_kind_mismatch", "LT219", "LoHa tensors under a lokr record",
+           mutated(ly, meta={"loratool.modules": canonical_json({U: dict(rec, kind="lokr")})}))
+    yield ("lycoris_role_in_linear", "LT219", "a linear module with a hada_w1_a tensor",
+           mutated(base(), tensors=base().tensors() + [T(f"{Q}.hada_w1_a", "F32", [4, 2])]))
+    yield ("lycoris_missing_factor", "LT232", "a LoHa module without hada_w2_b",
+           mutated(ly, tensors=[t for t in ly.tensors() if not t.name.endswith("hada_w2_b")]))
+    yield ("lycoris_rank_mismatch", "LT234", "hada_w2_a (4, 2) but hada_w2_b (3, 6)",
+           mutated(ly, tensors=_with_tensor(ly, f"{U}.hada_w2_b", shape=[3, 6])))
+    yield ("lycoris_terms_differ", "LT236", "LoHa terms of shapes (4, 6) and (4, 5)",
+           mutated(ly, tensors=_with_tensor(ly, f"{U}.hada_w2_b", shape=[2, 5])))
+    yield ("lycoris_alpha_vector", "LT238", "alpha is a 2-vector",
+           mutated(ly, tensors=_with_tensor(ly, f"{U}.alpha", shape=[2])))
+    yield ("lycoris_shape_mismatch", "LT241", "record shape [4, 7] for a (4, 6) delta",
+           mutated(ly, meta={"loratool.modules": canonical_json({U: dict(rec, shape=[4, 7])})}))
 
     yield ("module_name_invalid", "LT213", "module name with brackets: model.layers[0].q_proj",
            Adapter([linear("model.layers[0].q_proj")]).file())

@@ -107,6 +107,9 @@ def run(job: MergeJob) -> MergeReport:
     from .gguf_base import is_gguf_base, run_gguf
     if is_gguf_base(base):
         return run_gguf(job)
+    from .pipeline import is_pipeline, run_pipeline
+    if is_pipeline(base):  # a diffusers pipeline: each module to its component's weights
+        return run_pipeline(job)
     if job.gguf_type is not None:
         raise OperationError("gguf_type (--gguf-type) applies to GGUF bases only",
                              code="LT522")
@@ -146,11 +149,15 @@ def run(job: MergeJob) -> MergeReport:
             base_tensors = {t.name: (t.dtype, t.shape) for t in source.tensors}
             metadata = dict(source.metadata)
         records = merge_records(metadata, path=base)
+        from .sd_single import is_ldm
+        # a single-file SD checkpoint: adapters name diffusers paths, mapped below (read
+        # without the base, whose LDM names they would not find)
+        ldm = kind != KIND_SHARDED and is_ldm(base_tensors)
 
         loaded = []
         for src, scale in items:
             adapter, label, sfmt, dropped, reader_notes = load_item(
-                src, base, name_map, job.adapter_options, numpy=use_numpy)
+                src, None if ldm else base, name_map, job.adapter_options, numpy=use_numpy)
             identity = adapter.identity if use_numpy else adapter_identity(adapter)
             loaded.append(Loaded(label, sfmt, adapter, scale, identity, dropped=dropped,
                                  notes=reader_notes))
@@ -166,7 +173,10 @@ def run(job: MergeJob) -> MergeReport:
         from .._tied import tied_names
         tied_map, tied_notes = tied_names(base, base_tensors, loaded, name_map)
         residual_notes += tied_notes
-        plan, skipped = make_plan(loaded, base_tensors, {**tied_map, **(name_map or {})},
+        sd_map = _ldm_names(base_tensors, loaded, job.allow_missing, residual_notes) \
+            if ldm else {}
+        plan, skipped = make_plan(loaded, base_tensors,
+                                  {**tied_map, **sd_map, **(name_map or {})},
                                   sign=1.0 if op == "merge" else -1.0,
                                   allow_missing=job.allow_missing, base_label=base)
         if not plan and not job.allow_no_change:
@@ -222,6 +232,38 @@ def run(job: MergeJob) -> MergeReport:
         replacements_merged=sum(ld.replaced for ld in loaded),
         dropped=[{"adapter": ld.source, "tensor": t} for ld in loaded
                  for t in (ld.dropped or [])])
+
+
+def _ldm_names(base_tensors, loaded, allow_missing: bool, notes: list) -> dict:
+    """sd-scripts' diffusers/LDM name mapping into a single-file SD checkpoint."""
+    from .sd_single import name_map
+    names = {n for ld in loaded for n in ld.adapter.modules}
+    mapping, fused = name_map(base_tensors, sorted(names))
+    if mapping:
+        notes.append(f"{len(mapping)} module(s) mapped to the single-file (LDM) names as "
+                     "sd-scripts does")
+        for ld in loaded:  # LyCORIS conv factors stored flattened: the kernel from the base
+            _shape_from_base(ld.adapter, mapping, base_tensors)
+    if fused and not allow_missing:
+        raise CheckpointError(
+            f"{len(fused)} module(s) adapt q/k/v of the second text encoder ("
+            + ", ".join(fused[:5]) + "), which a single-file SDXL checkpoint stores fused in "
+            "one in_proj_weight (OpenCLIP): merge into a diffusers pipeline directory, or "
+            "pass --allow-missing to skip them (listed in the report)", code="LT411")
+    return mapping
+
+
+def _shape_from_base(adapter, mapping: dict, base_tensors: dict) -> None:
+    record_of = getattr(adapter, "modules", {})
+    for name, m in list(record_of.items()):
+        rec = getattr(m, "record", None)
+        target = base_tensors.get(mapping.get(name, "") + ".weight")
+        if rec is None or rec.shape_known or target is None or len(target[1]) < 3:
+            continue
+        from ...lycoris import parse_module
+        from ...lycoris.native import as_module
+        record_of[name] = as_module(name, parse_module(rec.name, dict(rec.tensors),
+                                                       shape=tuple(target[1])))
 
 
 def tie_plan(plan: dict, tied, fmt: str) -> list[str]:

@@ -78,8 +78,10 @@ def header_allows_numpy(path: str, options=None) -> bool:
             return False
     except Exception:  # noqa: BLE001 - the torch path reports the problem with its own error
         return False
-    # DoRA and replacement entries (format 1.1) take the torch path, which reads them.
-    return not info.replacements and not any(m.magnitude for m in info.modules.values())
+    # DoRA, replacement entries (format 1.1) and LyCORIS kinds (1.2) take the torch path,
+    # which reads them.
+    return not info.replacements and not any(m.magnitude or getattr(m, "lycoris", None)
+                                             for m in info.modules.values())
 
 
 def load_numpy(path: str) -> NpAdapter:

@@ -102,7 +102,8 @@ def load_item(item, base: str, name_map, adapter_options: dict | None = None, *,
     """(adapter, label, format, dropped tensor names, reader notes) of one adapter."""
     from ...interop import detect_format, reader_for
     if hasattr(item, "modules"):
-        return item, "<in memory>", getattr(item, "source_format", "loratool"), [], []
+        return (item, getattr(item, "source_label", None) or "<in memory>",
+                getattr(item, "source_format", "loratool"), [], [])
     fmt = detect_format(item)
     opts = reader_options(fmt, base, name_map, adapter_options)
     if numpy:  # a safetensors file without DoRA (checked by the caller): no torch
@@ -122,9 +123,10 @@ def reader_options(fmt: str, base: str, name_map, adapter_options: dict | None):
     # fan_in_fan_out flag); loratool files state both.
     # A module whose base tensor has another shape is listed with the others by make_plan
     # (LT411, honouring --allow-missing), the same for every format.
-    options = {} if fmt == "loratool" else {"base": base, "name_map": name_map or {},
-                                            "defer_base_mismatch": True,
-                                            **(adapter_options or {})}
+    # (a loratool file's LyCORIS module stored without its conv shape takes it from the base)
+    options = {"base": base} if fmt == "loratool" else {
+        "base": base, "name_map": name_map or {}, "defer_base_mismatch": True,
+        **(adapter_options or {})}
     return ReaderOptions.of(**options)
 
 
