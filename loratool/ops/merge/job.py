@@ -88,6 +88,7 @@ class MergeReport:
     notes: list[str] = field(default_factory=list)
     replacements_merged: int = 0  # base tensors (or rows of them) replaced (format 1.1)
     dropped: list[dict] = field(default_factory=list)  # {"adapter", "tensor"}: not applied
+    fp8: dict | None = None  # merges into FP8 weights: retained delta (fp8_base.Fp8Base.report)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,6 +145,9 @@ def run(job: MergeJob) -> MergeReport:
             base_tensors = {t.name: (t.dtype, t.shape) for t in source.tensors}
             metadata = dict(source.metadata)
         records = merge_records(metadata, path=base)
+        from .fp8_base import prepare as prepare_fp8
+        fp8 = prepare_fp8(base, base_tensors, job.dtype,
+                          None if kind == KIND_SHARDED else source)
 
         loaded = []
         for src, scale in items:
@@ -200,6 +204,8 @@ def run(job: MergeJob) -> MergeReport:
         t_stream = time.perf_counter()
         if isinstance(engine, NumpyExactEngine):
             stack.callback(engine.close)  # its worker pool, however the streaming ends
+        if fp8 is not None:  # FP8 weights: dequantized, merged, requantized (fp8_base)
+            engine = fp8.wrap(engine)
         if kind == KIND_SHARDED:
             write_sharded(base, dest, plan, out_dtype, metadata, engine, counts, **kw)
         elif fmt == "safetensors":
@@ -207,6 +213,8 @@ def run(job: MergeJob) -> MergeReport:
         else:
             write_pickle(source, dest, plan, out_dtype, metadata, engine, counts, **kw)
         t_stream = time.perf_counter() - t_stream
+        if fp8 is not None:
+            notes += fp8.notes()
     return MergeReport(
         operation=op, base=base, output=dest, output_format=fmt, device=device,
         precision=precision, dtype=job.dtype,
@@ -219,7 +227,8 @@ def run(job: MergeJob) -> MergeReport:
         skipped=skipped, records=records, notes=notes,
         replacements_merged=sum(ld.replaced for ld in loaded),
         dropped=[{"adapter": ld.source, "tensor": t} for ld in loaded
-                 for t in (ld.dropped or [])])
+                 for t in (ld.dropped or [])],
+        fp8=None if fp8 is None else fp8.report())
 
 
 def tie_plan(plan: dict, tied, fmt: str) -> list[str]:
