@@ -320,3 +320,17 @@ def test_fp8_codes_are_in_rules_and_spec():
     for code, meaning in FP8_MERGE_CODES.items():
         assert f"| {code} | {meaning} |" in text, code
     assert F.CODE in FP8_MERGE_CODES
+
+
+def test_cli_reports_fp8(tmp_path):
+    from click.testing import CliRunner
+
+    from loratool.cli import main
+    base, path, ad, t, scales = _base(tmp_path)
+    out = tmp_path / "o.safetensors"
+    r = CliRunner().invoke(main, ["merge", base, path, "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert {x["name"] for x in rep["fp8"]["tensors"]} == {"a.weight", "b.weight", "c.weight"}
+    r = CliRunner().invoke(main, ["merge", base, path, "-o", str(out), "--overwrite"])
+    assert r.exit_code == 0 and "fp8:" in r.output and "kept" in r.output, r.output
