@@ -141,8 +141,8 @@ def make_plan(loaded: list[Loaded], base_tensors: dict, name_map, *, sign: float
             if orient is None:
                 why = _shape_hint(info, shape)
             elif dtype not in MERGEABLE_DTYPES + FP8_DTYPES:
-                why = (f"base tensor `{wkey}` is {dtype}; merging needs F16, BF16, F32, F64, "
-                       "F8_E4M3 or F8_E5M2 weights (dequantize the base first)")
+                why = (f"base tensor `{wkey}` is {dtype}; merging needs F16, BF16, F32 or F64 "
+                       "weights, or F8_E4M3/F8_E5M2 (dequantize the base first)")
             bkey = target + ".bias"
             if why is None and m.bias is not None:
                 if bkey not in base_tensors:
