@@ -131,6 +131,14 @@ GGUF_CODES: dict[str, tuple[str, str]] = {
                     "is not invertible)"),
 }
 
+# Codes of merges into FP8 safetensors bases (spec/merge.md sections 4.6 and 9); raised by
+# ``loratool.ops.merge.fp8_base``. Operation codes, not rules about a file.
+FP8_MERGE_CODES: dict[str, str] = {
+    "LT440": "an FP8 weight's scale cannot be used: not a float/E8M0 tensor, zero, negative "
+             "or non-finite values, a shape that is not one value, one per row or a grid of "
+             "128x128 blocks, or both `_scale` and `_scale_inv`",
+}
+
 
 @dataclass(frozen=True)
 class Finding:

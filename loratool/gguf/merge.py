@@ -6,9 +6,9 @@ delta = sum of scale * B @ A in float64 (transposed for token_embd), and the out
 copied byte for byte. All metadata is kept (a split base's ``split.*`` keys dropped: the
 output is one file) and the tensor order is the base's.
 
-Retained delta, per tensor and overall (spec/gguf.md): with eff = decode(out) - W,
-``retained = ||eff|| / ||delta||``, ``kept = <eff, delta> / ||delta||^2`` (the share of
-the delta's direction that survived) and ``rel_error = ||eff - delta|| / ||delta||``.
+Retained delta, per tensor and overall (spec/gguf.md; ``loratool.retained``): with
+eff = decode(out) - W, ``retained = ||eff|| / ||delta||``, ``kept = <eff, delta> /
+||delta||^2`` and ``rel_error = ||eff - delta|| / ||delta||``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import InteropError
+from ..retained import RetainedDelta, TensorMerge
 from . import codes as C
 from ._dep import require_gguf
 from ._io import atomic_path
@@ -33,18 +34,6 @@ KEEP = "keep"
 
 
 @dataclass(frozen=True)
-class TensorMerge:
-    name: str
-    base_type: str
-    out_type: str
-    delta_norm: float
-    change_norm: float       # ||decode(out) - W||
-    retained: float | None   # change_norm / delta_norm
-    kept: float | None       # <eff, delta> / ||delta||^2
-    rel_error: float | None  # ||eff - delta|| / ||delta||
-
-
-@dataclass(frozen=True)
 class MergeReport:
     path: str
     tensors: list[TensorMerge]
@@ -53,10 +42,6 @@ class MergeReport:
     kept: float | None
     rel_error: float | None
     parts: list[str] = field(default_factory=list)  # the base files read
-
-
-def _ratio(num: float, den: float) -> float | None:
-    return num / den if den > 0 else None
 
 
 def plan_merge(header: GGUFHeader, factors: Sequence[LoraFactors], *,
@@ -137,8 +122,7 @@ def merge_gguf(base: str | os.PathLike, out: str | os.PathLike,
     if not isinstance(arch_name, str):
         raise InteropError("general.architecture is missing", code=C.GGUF_ARCH,
                            path=header.path)
-    stats: list[TensorMerge] = []
-    sums = np.zeros(4)  # ||delta||^2, ||eff||^2, <eff, delta>, ||eff - delta||^2
+    stats = RetainedDelta()
     with atomic_path(out, overwrite=overwrite, inputs=header.parts) as tmp:
         w = gguf.GGUFWriter(tmp, arch_name)
         w.data_alignment = header.alignment
@@ -167,14 +151,8 @@ def merge_gguf(base: str | os.PathLike, out: str | os.PathLike,
             W = decode(raw, t.type_name)
             d = _delta(groups[name], W.shape)
             data = encode(W + d, types[name], what=name)
-            eff = decode(data, types[name]) - W
-            dn, cn = float(np.linalg.norm(d)), float(np.linalg.norm(eff))
-            inner, err = float(np.vdot(eff, d)), float(np.linalg.norm(eff - d))
-            stats.append(TensorMerge(name, t.type_name, types[name], dn, cn, _ratio(cn, dn),
-                                     _ratio(inner, dn * dn), _ratio(err, dn)))
-            sums += (dn * dn, cn * cn, inner, err * err)
+            stats.add(name, t.type_name, types[name], decode(data, types[name]) - W, d)
             w.write_tensor_data(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
         w.close()
-    dd, cc, ii, ee = (float(x) for x in sums)
-    return MergeReport(out, stats, len(header.tensors) - len(stats), _ratio(cc ** 0.5, dd ** 0.5),
-                       _ratio(ii, dd), _ratio(ee ** 0.5, dd ** 0.5), list(header.parts))
+    return MergeReport(out, stats.tensors, len(header.tensors) - len(stats.tensors),
+                       *stats.overall(), list(header.parts))

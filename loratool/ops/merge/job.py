@@ -89,6 +89,7 @@ class MergeReport:
     notes: list[str] = field(default_factory=list)
     replacements_merged: int = 0  # base tensors (or rows of them) replaced (format 1.1)
     dropped: list[dict] = field(default_factory=list)  # {"adapter", "tensor"}: not applied
+    fp8: dict | None = None  # merges into FP8 weights: retained delta (fp8_base.Fp8Base.report)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,6 +154,9 @@ def run(job: MergeJob) -> MergeReport:
         # a single-file SD checkpoint: adapters name diffusers paths, mapped below (read
         # without the base, whose LDM names they would not find)
         ldm = kind != KIND_SHARDED and is_ldm(base_tensors)
+        from .fp8_base import prepare as prepare_fp8
+        fp8 = prepare_fp8(base, base_tensors, job.dtype,
+                          None if kind == KIND_SHARDED else source)
 
         loaded = []
         for src, scale in items:
@@ -212,6 +216,8 @@ def run(job: MergeJob) -> MergeReport:
         t_stream = time.perf_counter()
         if isinstance(engine, NumpyExactEngine):
             stack.callback(engine.close)  # its worker pool, however the streaming ends
+        if fp8 is not None:  # FP8 weights: dequantized, merged, requantized (fp8_base)
+            engine = fp8.wrap(engine)
         if kind == KIND_SHARDED:
             write_sharded(base, dest, plan, out_dtype, metadata, engine, counts, **kw)
         elif fmt == "safetensors":
@@ -219,6 +225,8 @@ def run(job: MergeJob) -> MergeReport:
         else:
             write_pickle(source, dest, plan, out_dtype, metadata, engine, counts, **kw)
         t_stream = time.perf_counter() - t_stream
+        if fp8 is not None:
+            notes += fp8.notes()
     return MergeReport(
         operation=op, base=base, output=dest, output_format=fmt, device=device,
         precision=precision, dtype=job.dtype,
@@ -231,7 +239,8 @@ def run(job: MergeJob) -> MergeReport:
         skipped=skipped, records=records, notes=notes,
         replacements_merged=sum(ld.replaced for ld in loaded),
         dropped=[{"adapter": ld.source, "tensor": t} for ld in loaded
-                 for t in (ld.dropped or [])])
+                 for t in (ld.dropped or [])],
+        fp8=None if fp8 is None else fp8.report())
 
 
 def _ldm_names(base_tensors, loaded, allow_missing: bool, notes: list) -> dict:

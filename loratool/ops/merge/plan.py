@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ...errors import CheckpointError
+from .fp8_base import FP8_DTYPES
 
 MERGEABLE_DTYPES = ("F16", "BF16", "F32", "F64")
 _MAX_LISTED = 40
@@ -158,9 +159,9 @@ def make_plan(loaded: list[Loaded], base_tensors: dict, name_map, *, sign: float
             why = None
             if orient is None:
                 why = _shape_hint(info, shape)
-            elif dtype not in MERGEABLE_DTYPES:
+            elif dtype not in MERGEABLE_DTYPES + FP8_DTYPES:
                 why = (f"base tensor `{wkey}` is {dtype}; merging needs F16, BF16, F32 or F64 "
-                       "weights (dequantize the base first)")
+                       "weights, or F8_E4M3/F8_E5M2 (dequantize the base first)")
             bkey = target + ".bias"
             if why is None and m.bias is not None:
                 if bkey not in base_tensors:

@@ -149,17 +149,21 @@ def stream_file(source, dest: str, plan: dict, out_dtype: str | None, metadata: 
                  engine, counts: Counts, *, overwrite: bool, fsync: bool, tick) -> None:
     """Write ``source`` merged by ``plan`` to ``dest`` (safetensors), tensor by tensor: a
     reader thread, the merge on this thread, a writer thread, each on its own tensor."""
+    converts = getattr(engine, "converts", ())  # FP8 weights dequantized (fp8_base)
+
     def target_dtype(t):
-        if out_dtype is not None and t.dtype in MERGEABLE_DTYPES:
+        if out_dtype is not None and (t.dtype in MERGEABLE_DTYPES or t.name in converts):
             return out_dtype
         return t.dtype
 
-    entries = [(t.name, target_dtype(t), t.shape) for t in source.tensors]
-    work = [t for t in source.tensors if t.name in plan or target_dtype(t) != t.dtype]
+    drop = getattr(engine, "drop", ())  # their scales, then not written
+    tensors = [t for t in source.tensors if t.name not in drop]
+    entries = [(t.name, target_dtype(t), t.shape) for t in tensors]
+    work = [t for t in tensors if t.name in plan or target_dtype(t) != t.dtype]
     with StreamWriter(dest, entries, metadata, overwrite=overwrite, fsync=fsync) as writer, \
             _Prefetcher(source, work, pinned=engine.pinned, buffers=3) as reader, \
             _WriteThread(writer) as out:
-        for t in source.tensors:
+        for t in tensors:
             dt = target_dtype(t)
             done = functools.partial(tick, t.nbytes)  # progress counts written bytes
             if t.name not in plan and dt == t.dtype:

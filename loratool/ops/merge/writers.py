@@ -12,6 +12,7 @@ from ... import format as F
 from ...atomic import TEMP_PREFIX, AtomicDir, AtomicFile
 from ...checkpoint import (SafetensorsSource, find_index, read_index_json, shard_order,
                            sidecar_path, write_pickle_from_safetensors)
+from .fp8_base import strip_quantization_config
 from .streaming import stream_file
 
 
@@ -64,6 +65,10 @@ def write_sharded(base, dest, plan, out_dtype, metadata, engine, counts, *, over
                              counts, overwrite=False, fsync=fsync, tick=tick)
                 total_size += counts.written - before
         new_index = dict(index)
+        drop = getattr(engine, "drop", ())  # FP8 scales of a dequantized output (fp8_base)
+        if drop and isinstance(index.get("weight_map"), dict):
+            new_index["weight_map"] = {k: v for k, v in index["weight_map"].items()
+                                       if k not in drop}
         md = dict(index.get("metadata") or {}) if isinstance(index.get("metadata"), dict) else {}
         if "total_size" in md:
             md["total_size"] = total_size
@@ -78,6 +83,9 @@ def write_sharded(base, dest, plan, out_dtype, metadata, engine, counts, *, over
             if entry in skip or entry.startswith(TEMP_PREFIX):
                 continue
             src_path = os.path.join(root, entry)
+            if drop and entry == "config.json" and strip_quantization_config(
+                    src_path, os.path.join(tmp, entry)):
+                continue
             if os.path.isdir(src_path):
                 shutil.copytree(src_path, os.path.join(tmp, entry), symlinks=True)
             else:
