@@ -134,6 +134,18 @@ def test_inspect_shows_expert_modules(case):
     for r in experts.values():
         assert r["experts"] == 3 and r["rank"] == _rank_alpha(case["name"], r["in"])[0]
         assert r["parameters"] == 3 * r["rank"] * (r["in"] + r["out"])
+    # --stats: the Frobenius norm of all the experts' deltas, from the stored tensors
+    stored = load_file(case["peft"] + "/adapter_model.safetensors")
+    norms = {m["name"]: m["stats"]["norm"] for m in inspect(case["peft"], stats=True)["modules"]}
+    for name, row in experts.items():
+        depth = len(experts) - 1 - ["gate_up_proj", "down_proj"].index(row["parameter"]) \
+            if len(experts) > 1 else 0
+        key = "base_model.model.model.layers.0.mlp.experts" + ".base_layer" * depth
+        A, B = stored[key + ".lora_A.weight"].double(), stored[key + ".lora_B.weight"].double()
+        r, s = row["rank"], row["scale"]
+        want = sum(float((s * B[:, e::3] @ A[e * r:(e + 1) * r]).square().sum())
+                   for e in range(3)) ** 0.5
+        assert abs(norms[name] - want) <= 1e-12 * want
 
 
 def test_read_against_base_names_and_orients(case):
