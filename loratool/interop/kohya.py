@@ -27,6 +27,7 @@ from ..format import (KIND_CONV, KIND_EMBEDDING, KIND_LINEAR, LAYOUT_IN_OUT, LAY
                       SCALING_STANDARD)
 from ..model import Adapter, AdapterInfo, LoraModule
 from . import _common as C
+from ._underscored import UnderscoredNames
 from ..variants import Lora
 from ._peft_config import DIFFUSERS_METADATA
 from .base import NAMES, Capabilities, LoadResult, ModuleRecord, Probe, ReaderOptions
@@ -183,7 +184,7 @@ class _Plan:
             # kept verbatim (``lora_lm_head`` is ``lm_head``, never ``lm.head``).
             fallback = f"{part}.{rest}" if sep and rest and part in MODEL_PARTS else full
             return fallback, [("", full), (f"{part}.", rest)]
-        resolved = C.UnderscoredNames(loras, options, split=split, fmt="kohya", path=self.path)
+        resolved = UnderscoredNames(loras, options, split=split, fmt="kohya", path=self.path)
         self.base_keys = resolved.base_keys
         self.notes.extend(resolved.notes)
         self.details["names"] = resolved.how

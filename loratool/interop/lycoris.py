@@ -25,6 +25,7 @@ from ..model import Adapter, AdapterInfo
 from ..rules import Finding
 from ..variants import FullDiff, Lora, LycorisDora
 from . import _common as C
+from ._underscored import UnderscoredNames
 from .base import NAMES, Capabilities, LoadResult, Probe, ReaderOptions
 
 NAME = "lycoris"
@@ -110,7 +111,7 @@ class _Plan:
             full = lora[len("lora_"):]
             part, sep, rest = full.partition("_")
             return (f"{part}.{rest}" if sep and rest else full), [("", full), (f"{part}.", rest)]
-        resolved = C.UnderscoredNames(loras, options, split=split, fmt="LyCORIS",
+        resolved = UnderscoredNames(loras, options, split=split, fmt="LyCORIS",
                                       path=self.path)
         self.base_keys = resolved.base_keys
         self.notes.extend(resolved.notes)

@@ -23,7 +23,8 @@ The package, in the order a merge runs: ``options`` (arguments), ``job`` (``Merg
 
 from __future__ import annotations
 
-from .job import MergeJob, MergeReport, run
+from .job import MergeJob, MergeReport
+from .job import run as _run_checkpoint
 from .options import DEVICE_CHOICES, DTYPE_CHOICES, OUTPUT_FORMATS, parse_adapter_spec
 from .plan import MERGEABLE_DTYPES
 from .provenance import adapter_identity, merged_checkpoint_report
@@ -61,11 +62,21 @@ def merge(base, adapters, *, output=None, device: str = "auto", dtype: str = "ke
     ...       output=out).modules_merged
     8
     """
-    return run(MergeJob("merge", base, adapters, output=output, device=device, dtype=dtype,
+    return _run(MergeJob("merge", base, adapters, output=output, device=device, dtype=dtype,
                         name_map=name_map, allow_missing=allow_missing, overwrite=overwrite,
                         fsync=fsync, progress=progress, output_format=output_format,
                         adapter_options=adapter_options, gguf_type=gguf_type,
                         allow_no_change=allow_no_change))
+
+
+def _run(job: MergeJob):
+    """A diffusers pipeline directory is merged component by component (``pipeline``, which
+    runs a job per component); anything else is one checkpoint (``job.run``)."""
+    import os
+    from .pipeline import is_pipeline, run_pipeline
+    if is_pipeline(os.fspath(job.base)):
+        return run_pipeline(job)
+    return _run_checkpoint(job)
 
 
 def unmerge(merged, adapters, *, output=None, device: str = "auto", dtype: str = "keep",
@@ -86,7 +97,7 @@ def unmerge(merged, adapters, *, output=None, device: str = "auto", dtype: str =
     >>> os.path.basename(unmerge(merged, [("examples/adapter.safetensors", 0.8)]).output)
     'merged-unmerged.safetensors'
     """
-    return run(MergeJob("unmerge", merged, adapters, output=output, device=device,
+    return _run(MergeJob("unmerge", merged, adapters, output=output, device=device,
                         dtype=dtype, name_map=name_map, allow_missing=allow_missing,
                         overwrite=overwrite, fsync=fsync, progress=progress,
                         output_format=output_format, force=force,

@@ -108,9 +108,6 @@ def run(job: MergeJob) -> MergeReport:
     from .gguf_base import is_gguf_base, run_gguf
     if is_gguf_base(base):
         return run_gguf(job)
-    from .pipeline import is_pipeline, run_pipeline
-    if is_pipeline(base):  # a diffusers pipeline: each module to its component's weights
-        return run_pipeline(job)
     if job.gguf_type is not None:
         raise OperationError("gguf_type (--gguf-type) applies to GGUF bases only",
                              code="LT522")
