@@ -338,6 +338,20 @@ def test_changed_non_lora_tensors_become_replacement_entries(tmp_path):
     assert float((merged["l.q_proj.weight"].double() - t).norm()) <= tol
 
 
+def test_replacement_values_read_across_many_row_blocks(tmp_path, monkeypatch):
+    bpath, tpath = _with_changed_norm(tmp_path)
+    tuned = load_file(tpath)
+    emb = tuned["model.embed_tokens.weight"]
+    emb[3] -= 1.0  # a second changed row, in another block
+    save_file(tuned, tpath)
+    monkeypatch.setattr(reader, "BLOCK_ELEMENTS", 32)  # 2 rows of 16 per block
+    adapter, _ = extract(bpath, tpath, rank=1)
+    rows = adapter.replacements["model.embed_tokens.weight"]
+    assert rows.index.tolist() == [3, 17] and torch.equal(rows.value, emb[[3, 17]])
+    for name in ("model.embed_positions.weight", "l.norm.weight", "l.k_proj.bias"):
+        assert torch.equal(adapter.replacements[name].value, tuned[name])
+
+
 def test_embeddings_and_others_options(tmp_path):
     bpath, tpath = _with_changed_norm(tmp_path)
     adapter, report = extract(bpath, tpath, rank=1, others="skip", embeddings="skip")

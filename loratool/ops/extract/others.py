@@ -39,26 +39,25 @@ def category(name: str, info) -> str:
 def compare(b, t, name: str, *, keep: bool):
     """(report row, Replacement or None); (None, None) when the tensor is bit-identical.
 
-    ``keep``: store the tuned values (else the tensor is only listed, as skipped)."""
+    ``keep``: store the tuned values (else the tensor is only listed, as skipped). The
+    comparison copies nothing; the values of a changed tensor are read in a second pass
+    (only the blocks that hold changed rows, for a row replacement), so that an unchanged
+    embedding costs row blocks, not a copy of itself."""
     from .reader import Pair
     info = b.tensors[name]
     cat = category(name, info)
     numeric = cat != "non-float"
     pair = Pair(name, b, t, info.dtype, tuple(info.shape))
-    keep = keep and numeric
-    blocks, changed_rows = [], []
+    changed_rows = []
     d2 = w2 = 0.0
     for start, stop in pair.blocks():
         x, y, same = pair.read(start, stop)
-        if keep:
-            blocks.append(y.clone())  # the reader reuses its buffer
         if numeric:
             xb = x.to(torch.float64)
             w2 += float(torch.sum(xb * xb))
         if same:
             continue
-        rows = (_bits(x) != _bits(y)).any(dim=1).nonzero().flatten() + start
-        changed_rows.append(rows)
+        changed_rows.append((_bits(x) != _bits(y)).any(dim=1).nonzero().flatten() + start)
         if numeric:
             d = y.to(torch.float64) - xb
             d2 += float(torch.sum(d * d))
@@ -70,17 +69,26 @@ def compare(b, t, name: str, *, keep: bool):
            "relative_change": (math.sqrt(d2 / w2) if w2 > 0 else math.inf) if numeric
            else math.nan,
            "rows_changed": int(index.numel()) if len(info.shape) >= 2 else None}
-    if not keep:
+    if not (keep and numeric):
         return dict(row, action=SKIPPED), None
-    value = torch.cat(blocks).reshape(info.shape) if blocks else torch.empty(info.shape)
+    rows = cat == "embedding" and 2 * index.numel() <= info.shape[0]
+    parts = []
+    for start, stop in pair.blocks():
+        if rows:
+            sel = index[(index >= start) & (index < stop)]
+            if sel.numel():
+                parts.append(t.rows(name, start, stop)[sel - start])  # a copy
+        else:
+            parts.append(t.rows(name, start, stop).clone())  # the reader reuses its buffer
+    value = torch.cat(parts)
     if not bool(torch.isfinite(value).all()):
         raise OperationError(f"tensor {name!r} of the tuned checkpoint holds NaN or Inf; a "
                              "replacement entry cannot carry it (leave it out with "
                              "others='skip', CLI --skip-others)", code="LT543", module=name)
-    if cat == "embedding" and 2 * index.numel() <= info.shape[0]:
-        rep = Replacement(name, value[index].clone(), index)
-        return dict(row, action=REPLACED_ROWS), rep
-    return dict(row, action=REPLACED), Replacement(name, value)
+    if rows:
+        return dict(row, action=REPLACED_ROWS), Replacement(
+            name, value.reshape(-1, *info.shape[1:]), index)
+    return dict(row, action=REPLACED), Replacement(name, value.reshape(info.shape))
 
 
 def _bits(x):
