@@ -34,11 +34,6 @@ def resize_cmd(adapter, rank, fro, sv_ratio, cumulative, max_rank, min_rank, out
       loratool resize examples/adapter.safetensors --fro 0.9 --max-rank 8 --json
     """
     from ..ops.resize import resize
-    rules = [n for n, v in (("--rank", rank), ("--fro", fro), ("--sv-ratio", sv_ratio),
-                            ("--cumulative", cumulative)) if v is not None]
-    if len(rules) != 1:
-        raise click.UsageError("give exactly one of --rank, --fro, --sv-ratio, --cumulative"
-                               + (f" (got {', '.join(rules)})" if rules else ""))
     with ExitStack() as stack:
         report = resize(adapter, rank=rank, fro=fro, sv_ratio=sv_ratio, cumulative=cumulative,
                         max_rank=max_rank, min_rank=min_rank, output=out, overwrite=overwrite,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
-import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +35,6 @@ FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 # and the module names that are Conv1D in them (their lm_head and embeddings are not).
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 CONV1D_NAMES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
-_EMBEDDING_RE = re.compile(r"(embed|^wte$|^wpe$|^shared$)")
 
 
 @dataclass
@@ -198,6 +196,7 @@ def _check_match(b, t, base: str, tuned: str) -> None:
 
 def _classify(b, names, embeddings: str):
     """(targets: tensors that can be LoRA modules, others: every other selected tensor)."""
+    from .others import EMBEDDING_RE
     targets, others = [], []
     for name in names:
         info = b.tensors[name]
@@ -210,7 +209,7 @@ def _classify(b, names, embeddings: str):
             continue
         if len(shape) >= 3:
             targets.append(_Target(name, module, KIND_CONV, LAYOUT_OUT_IN, shape, info.dtype))
-        elif _EMBEDDING_RE.search(module.rpartition(".")[2]):
+        elif EMBEDDING_RE.search(module.rpartition(".")[2]):
             if embeddings == "lora":
                 targets.append(_Target(name, module, KIND_EMBEDDING, LAYOUT_IN_OUT, shape,
                                        info.dtype))

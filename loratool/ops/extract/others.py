@@ -11,6 +11,7 @@ rows with their indices. Unchanged tensors produce nothing.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -18,20 +19,21 @@ from ...errors import OperationError
 from ...model import Replacement
 
 REPLACED, REPLACED_ROWS, SKIPPED = "replaced", "replaced_rows", "skipped"
+# the last name segment of an embedding (LLaMA embed_tokens, GPT-2 wte/wpe, T5 shared)
+EMBEDDING_RE = re.compile(r"(embed|^wte$|^wpe$|^shared$)")
 _FLOAT = ("F64", "F32", "F16", "BF16")
 
 
 def category(name: str, info) -> str:
     """``bias``, ``vector`` (norm weights, per-channel scales), ``embedding``, ``non-float``
     or ``other``."""
-    from . import _EMBEDDING_RE
     if name.endswith(".bias"):
         return "bias"
     if info.dtype not in _FLOAT:
         return "non-float"
     if len(info.shape) <= 1:
         return "vector"
-    if _EMBEDDING_RE.search(name.removesuffix(".weight").rpartition(".")[2]):
+    if EMBEDDING_RE.search(name.removesuffix(".weight").rpartition(".")[2]):
         return "embedding"
     return "other"
 
