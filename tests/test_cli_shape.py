@@ -17,12 +17,8 @@ FORBIDDEN = ("loratool.adapter", "loratool.atomic", "loratool.checkpoint", "lora
              "loratool.interop.native", "loratool.interop.peft", "loratool.interop.kohya",
              "loratool.interop.loralib", "loratool.interop.lycoris", "loratool.interop.gguf",
              "loratool.gguf", "loratool.tensors")
-# Modules not yet in that shape, with the reason.
-EXCEPTIONS = {
-    # Another session (issue 13) owns extract and is moving its writing into the library
-    # (output=, as resize and compose do) and its renderer into loratool.console.lowrank.
-    "loratool.commands.extract",
-}
+# Modules not yet in that shape, with the reason (none today).
+EXCEPTIONS: set[str] = set()
 
 
 def _command_modules():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import click
 
 from .. import console
@@ -58,35 +60,19 @@ def extract_cmd(base, tuned, out, to, rank, fro, sv_ratio, cumulative, max_error
       loratool extract base.safetensors tuned.safetensors --max-error 0.01 --json
       loratool extract base/ tuned/ --rank 16 --to peft -o peft_adapter/
     """
-    from ..atomic import check_destination
     from ..ops.extract import extract
-    if out is not None:
-        check_destination(out, overwrite=overwrite, inputs=[base, tuned])
-    from contextlib import ExitStack
     with ExitStack() as stack:
-        bars = []
-
-        def progress(advance, total):
-            if not bars:  # the library knows the total once it has matched the tensors
-                bars.append(stack.enter_context(console.progress(total, "extract",
-                                                                 quiet=quiet)))
-            bars[0].advance(advance)
         result = extract(base, tuned, rank=rank, fro=fro, sv_ratio=sv_ratio,
                          cumulative=cumulative, max_error=max_error, auto_rank=auto_rank,
                          max_rank=max_rank, min_rank=min_rank, modules=list(patterns) or None,
                          others="skip" if skip_others else "full", embeddings=embeddings,
-                         layout=layout, dtype=dtype, seed=seed, progress=progress)
-    report = dict(result.report, output=out)
-    if out is not None:
-        saved = result.save(out, to=to, overwrite=overwrite)
-        report.update(format=to, notes=saved["notes"])
-        if "tensor_hash" in saved:
-            report["tensor_hash"] = saved["tensor_hash"]
-        for line in saved["notes"]:
-            console.note(line)
-        n_rep = len(result.adapter.replacements)
-        console.note(f"wrote {out} ({len(result.adapter.modules)} modules"
-                     + (f", {n_rep} replacement entries" if n_rep else "") + ")")
+                         layout=layout, dtype=dtype, seed=seed, output=out, to=to,
+                         overwrite=overwrite,
+                         progress=console.progress_callback(stack, "extract", quiet=quiet))
+    report = result.report
+    for line in report.get("notes", []):
+        console.note(line)
+    console.render_written(report)
     if as_json:
         console.print_json(report)
     else:

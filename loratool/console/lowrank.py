@@ -8,9 +8,16 @@ from .terminal import fmt, note, out, print_report, table
 
 def render_written(report: dict) -> None:
     """The stderr line of an operation that wrote an adapter (``output=``)."""
-    if report.get("output") is not None:
-        note(f"wrote {report['output']} ({len(report['modules'])} modules, "
-             f"{report['tensor_hash']})")
+    if report.get("output") is None:
+        return
+    parts = [f"{len(report['modules'])} modules"]
+    replaced = sum(o.get("action") in ("replaced", "replaced_rows")
+                   for o in report.get("others", ()))
+    if replaced:
+        parts.append(f"{replaced} replacement entries")
+    if report.get("tensor_hash"):
+        parts.append(report["tensor_hash"])
+    note(f"wrote {report['output']} ({', '.join(parts)})")
 
 
 def _ranks(histogram: dict) -> str:

@@ -90,7 +90,9 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, *, rank: int | No
             auto_rank: bool = False, max_rank: int | None = None, min_rank: int | None = None,
             modules: list[str] | tuple[str, ...] | None = None, others: str = "full",
             embeddings: str = "full", layout: str = "auto", dtype: str = "fp32",
-            seed: int = 0, progress: Progress | None = None) -> ExtractResult:
+            seed: int = 0, progress: Progress | None = None,
+            output: str | os.PathLike | None = None, to: str = "loratool",
+            overwrite: bool = False) -> ExtractResult:
     """Extract the LoRA adapter whose merge into ``base`` best reproduces ``tuned``.
 
     One rank rule: ``rank`` K; ``fro`` F (keep fraction F of each delta's Frobenius norm);
@@ -107,6 +109,10 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, *, rank: int | No
     embedding modules (``"lora"``) or left out and listed (``"skip"``). ``layout``: ``"auto"`` derives GPT-2 Conv1D layouts from the
     base's config.json; ``"out_in"``/``"in_out"`` set every linear module's layout. Factors are
     stored in ``dtype`` (fp32 default), balanced, with alpha = rank (scale 1).
+    ``output``: also write the adapter there in format ``to`` (``ExtractResult.save``; the
+    destination is checked before any work: never a file an input reads, LT502; exists
+    without ``overwrite``, LT503); the report then names it (``output``, ``format``,
+    ``notes``, and ``tensor_hash`` for loratool files).
 
     Example::
 
@@ -114,7 +120,6 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, *, rank: int | No
         report["modules"][0]["error"]   # ||dW - B A||_F of the float64 factors, computed
     """
     from .ranks import check_rule
-    from .reader import Checkpoint
     rule = check_rule(rank=rank, fro=fro, sv_ratio=sv_ratio, cumulative=cumulative,
                       max_error=max_error, auto_rank=auto_rank, max_rank=max_rank,
                       min_rank=min_rank)
@@ -122,7 +127,25 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, *, rank: int | No
     _choice("embeddings", embeddings, EMBEDDINGS)
     _choice("layout", layout, LAYOUTS)
     _choice("dtype", dtype, tuple(DTYPES))
+    _choice("to", to, TARGETS)
     base, tuned = os.fspath(base), os.fspath(tuned)
+    if output is not None:
+        from ...atomic import check_destination
+        check_destination(output, overwrite=overwrite, inputs=[base, tuned])
+    result = _extract(base, tuned, rule, modules, others, embeddings, layout, dtype, seed,
+                      progress)
+    result.report["output"] = None if output is None else os.fspath(output)
+    if output is not None:
+        saved = result.save(output, to=to, overwrite=overwrite)
+        result.report.update(format=to, notes=saved["notes"])
+        if "tensor_hash" in saved:
+            result.report["tensor_hash"] = saved["tensor_hash"]
+    return result
+
+
+def _extract(base: str, tuned: str, rule, modules, others: str, embeddings: str, layout: str,
+             dtype: str, seed: int, progress) -> ExtractResult:
+    from .reader import Checkpoint
     with Checkpoint(base) as b, Checkpoint(tuned) as t:
         _check_match(b, t, base, tuned)
         selected = [n for n in b.tensors if _selected(n, modules)]
