@@ -334,3 +334,13 @@ def test_cli_reports_fp8(tmp_path):
     assert {x["name"] for x in rep["fp8"]["tensors"]} == {"a.weight", "b.weight", "c.weight"}
     r = CliRunner().invoke(main, ["merge", base, path, "-o", str(out), "--overwrite"])
     assert r.exit_code == 0 and "fp8:" in r.output and "kept" in r.output, r.output
+
+
+def test_encode_in_row_chunks_gives_the_same_bytes(tmp_path, monkeypatch):
+    base, path, ad, t, scales = _base(tmp_path, seed=3, mag=1.0)  # saturating elements too
+    one = merge(base, [path], output=str(tmp_path / "one.safetensors"), device="cpu")
+    monkeypatch.setattr(F, "_CHUNK", 700)  # a.weight: rows of 200, chunks of 3 rows
+    many = merge(base, [path], output=str(tmp_path / "many.safetensors"), device="cpu")
+    assert open(tmp_path / "one.safetensors", "rb").read() == \
+        open(tmp_path / "many.safetensors", "rb").read()
+    assert one.fp8 == many.fp8
