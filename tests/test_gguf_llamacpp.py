@@ -15,7 +15,7 @@ float64 (the reference), within ``TOL`` (see ``test_llamacpp_logits``).
 With the same library, gguf.quants' quantizers (what our GGUF merges write) are compared
 bit for bit with ggml's C quantizers (``ggml_quantize_chunk``, as llama-quantize runs them).
 
-The llama.cpp tests need llama-cpp-python built from source (about 11+ minutes on 2 cores),
+The llama.cpp tests need llama-cpp-python built from source (11 to 56 minutes on 2 cores),
 so they run only with ``LORATOOL_LLAMACPP=1`` and ``llama_cpp`` importable; otherwise they
 are skipped with the reason. How to run them: docs/formats.md ("llama.cpp runtime test").
 The writer test below always runs.
