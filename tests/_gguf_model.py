@@ -1,12 +1,12 @@
-"""A tiny Hugging Face LLaMA written as a GGUF model file that llama.cpp loads, for the
-llama.cpp runtime test (tests/test_gguf_llamacpp.py).
+"""A tiny Hugging Face LLaMA (or Qwen2) written as a GGUF model file that llama.cpp loads,
+for the llama.cpp runtime test (tests/test_gguf_llamacpp.py).
 
-Written with the `gguf` package only, as llama.cpp's convert_hf_to_gguf.py lays a LLaMA out:
+Written with the `gguf` package only, as llama.cpp's convert_hf_to_gguf.py lays them out:
 the hyperparameter keys llama.cpp's loader reads, a stand-in SentencePiece ("llama")
 vocabulary (<unk>, <s>, </s>, the 256 byte tokens <0x00>..<0xFF>, then plain tokens) with
 scores, token types and bos/eos ids, and every tensor in F32 under its GGUF name, q/k rows
-permuted (``w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2)``, k with the
-kv head count). Independent of loratool's own GGUF code, which the test checks against it.
+permuted for LLaMA only (``w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1,
+2)``, k with the kv head count; Qwen2 is not permuted and has q/k/v biases). Independent of loratool's own GGUF code, which the test checks against it.
 """
 
 from __future__ import annotations
@@ -36,16 +36,18 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
         .reshape(w.shape)
 
 
-def write_llama_gguf(path: str, state: dict, config) -> dict[str, np.ndarray]:
-    """Write the LLaMA ``state`` (HF names -> float tensors or arrays) with ``config`` (a
-    transformers LlamaConfig) as an F32 GGUF model; returns GGUF name -> the array written."""
+def write_llama_gguf(path: str, state: dict, config, arch: str = "llama"
+                     ) -> dict[str, np.ndarray]:
+    """Write the ``state`` (HF names -> float tensors or arrays) with ``config`` (a
+    transformers LlamaConfig or Qwen2Config; ``arch`` "llama" or "qwen2") as an F32 GGUF
+    model; returns GGUF name -> the array written."""
     import gguf
 
     n_layers = config.num_hidden_layers
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_name("tiny-llama")
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name(f"tiny-{arch}")
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
@@ -73,9 +75,9 @@ def write_llama_gguf(path: str, state: dict, config) -> dict[str, np.ndarray]:
             continue
         arr = t.detach().float().numpy() if hasattr(t, "detach") else np.asarray(t)
         arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if name.endswith("q_proj.weight"):
+        if arch == "llama" and name.endswith("q_proj.weight"):
             arr = permute(arr, n_head)
-        elif name.endswith("k_proj.weight"):
+        elif arch == "llama" and name.endswith("k_proj.weight"):
             arr = permute(arr, n_kv)
         gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
         if gname is None:

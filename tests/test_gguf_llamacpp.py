@@ -1,7 +1,8 @@
-"""llama.cpp itself as the client of our GGUF files (spec/gguf.md section 8).
+"""llama.cpp itself as the client of our GGUF files (spec/gguf.md sections 4-5).
 
-A tiny LLaMA (transformers, seeded) is written as an F32 GGUF model (tests/_gguf_model.py)
-and a PEFT adapter on it (per-module rank and alpha, rsLoRA, embedding and lm_head; random
+A tiny LLaMA and a tiny Qwen2 (transformers, seeded; LLaMA's q/k rows are permuted in GGUF,
+Qwen2's are not) are written as F32 GGUF models (tests/_gguf_model.py)
+and a PEFT adapter on each (per-module rank and alpha, rsLoRA, embedding and lm_head; random
 non-zero lora_B) is turned into GGUF by ``loratool convert --to gguf`` and merged by
 ``loratool merge BASE.gguf ADAPTER``. llama.cpp (llama-cpp-python) computes the logits of
 
@@ -15,7 +16,7 @@ float64 (the reference), within ``TOL`` (see ``test_llamacpp_logits``).
 With the same library, gguf.quants' quantizers (what our GGUF merges write) are compared
 bit for bit with ggml's C quantizers (``ggml_quantize_chunk``, as llama-quantize runs them).
 
-The llama.cpp tests need llama-cpp-python built from source (about 11+ minutes on 2 cores),
+The llama.cpp tests need llama-cpp-python built from source (11 to 56 minutes on 2 cores),
 so they run only with ``LORATOOL_LLAMACPP=1`` and ``llama_cpp`` importable; otherwise they
 are skipped with the reason. How to run them: docs/formats.md ("llama.cpp runtime test").
 The writer test below always runs.
@@ -38,18 +39,19 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
            "embed_tokens", "lm_head"]
 
 
-def _config():
-    from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER,
-                       num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                       num_key_value_heads=KV_HEADS, max_position_embeddings=64,
-                       rms_norm_eps=1e-5, tie_word_embeddings=False)
+def _config(arch: str = "llama"):
+    from transformers import LlamaConfig, Qwen2Config
+    return (LlamaConfig if arch == "llama" else Qwen2Config)(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER,
+        num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+        max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
 
 
 def _model(cfg):
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
+    cls = LlamaForCausalLM if cfg.model_type == "llama" else Qwen2ForCausalLM
+    return cls(cfg).eval()
 
 
 def test_model_writer_against_gguf_reader(tmp_path):
@@ -124,7 +126,8 @@ def _llama_cpp():
 # f32 everywhere (weights, adapter, KV cache: type_k/type_v = GGML_TYPE_F32 = 0, no flash
 # attention), so llama.cpp and PyTorch differ only by float32 rounding in another order.
 # Measured (llama-cpp-python 0.3.36, x86-64 CPU): max |logit - HF float64| = 4e-6 (A),
-# 1.1e-5 (B), 8e-6 (C), 1.0e-5 for PyTorch's own float32, with logits up to 5.6 (float32
+# 1.1e-5 (B), 8e-6 (C), 1.0e-5 for PyTorch's own float32, with logits up to 5.6 (LLaMA;
+# Qwen2: 4e-6, 4e-6, 4e-6, 5e-6, logits up to 6.4) (float32
 # rounding of a 2-layer model: a few ulps of the largest activations). TOL is 4x PyTorch's
 # own float32 error bound asserted below, and 1/100 of the adapter's effect (5.5), so a
 # wrong scale, permutation or missing module cannot pass.
@@ -145,18 +148,20 @@ def _run_llama(llama_cpp, model_path: str, lora: str | None = None, scale: float
         llm.close()
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def built(request, tmp_path_factory):
+    # LLaMA (q/k rows permuted by the GGUF layout) and Qwen2 (not permuted; q/k/v biases)
     llama_cpp = _llama_cpp()
     import copy
 
     from loratool.cli import main
     from peft import LoraConfig, get_peft_model
-    d = tmp_path_factory.mktemp("llamacpp")
-    cfg = _config()
+    arch = request.param
+    d = tmp_path_factory.mktemp(f"llamacpp-{arch}")
+    cfg = _config(arch)
     cfg.save_pretrained(d / "base")
     base_model = _model(cfg)
-    write_llama_gguf(str(d / "base.gguf"), base_model.state_dict(), cfg)
+    write_llama_gguf(str(d / "base.gguf"), base_model.state_dict(), cfg, arch)
     lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, rank_pattern={"k_proj": 8},
                       alpha_pattern={"v_proj": 3, "down_proj": 16}, use_rslora=True)
     peft_model = get_peft_model(copy.deepcopy(base_model), lcfg)
@@ -172,7 +177,7 @@ def built(tmp_path_factory):
         hf64 = copy.deepcopy(peft_model).double()(ids).logits[0].numpy()
         base64 = copy.deepcopy(base_model).double()(ids).logits[0].numpy()
     merged = peft_model.merge_and_unload()
-    write_llama_gguf(str(d / "peft-merged.gguf"), merged.state_dict(), cfg)
+    write_llama_gguf(str(d / "peft-merged.gguf"), merged.state_dict(), cfg, arch)
     runner = CliRunner()
     r = runner.invoke(main, ["convert", str(d / "peft"), "-o", str(d / "adapter.gguf"),
                              "--to", "gguf", "--base", str(d / "base" / "config.json")])
@@ -184,7 +189,7 @@ def built(tmp_path_factory):
                              str(d / "merged-half.gguf")])
     assert r.exit_code == 0, r.output
     return {
-        "hf32": hf32, "hf64": hf64, "base64": base64,
+        "arch": arch, "hf32": hf32, "hf64": hf64, "base64": base64,
         "base": _run_llama(llama_cpp, str(d / "base.gguf")),
         "A": _run_llama(llama_cpp, str(d / "base.gguf"), str(d / "adapter.gguf")),
         "B": _run_llama(llama_cpp, str(d / "merged.gguf")),
@@ -200,7 +205,7 @@ def test_llamacpp_logits(built):
     err = {k: float(np.abs(built[k] - ref).max()) for k in ("A", "B", "C", "hf32")}
     base_err = float(np.abs(built["base"] - built["base64"]).max())
     effect = float(np.abs(ref - built["base64"]).max())
-    print(f"max |logit - HF float64|: {err}; base vs HF base {base_err:.2e}; "
+    print(f"{built['arch']}: max |logit - HF float64|: {err}; base vs HF base {base_err:.2e}; "
           f"adapter effect {effect:.3f}; max |logit| {np.abs(ref).max():.3f}")
     # PyTorch's own float32 logits are within TOL / 4 of float64, llama.cpp's base within
     # TOL of HF's base, and the adapter moves the logits by more than 100 TOL

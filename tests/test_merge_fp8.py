@@ -334,3 +334,34 @@ def test_cli_reports_fp8(tmp_path):
     assert {x["name"] for x in rep["fp8"]["tensors"]} == {"a.weight", "b.weight", "c.weight"}
     r = CliRunner().invoke(main, ["merge", base, path, "-o", str(out), "--overwrite"])
     assert r.exit_code == 0 and "fp8:" in r.output and "kept" in r.output, r.output
+
+
+def test_encode_in_row_chunks_gives_the_same_bytes(tmp_path, monkeypatch):
+    base, path, ad, t, scales = _base(tmp_path, seed=3, mag=1.0)  # saturating elements too
+    one = merge(base, [path], output=str(tmp_path / "one.safetensors"), device="cpu")
+    monkeypatch.setattr(F, "_CHUNK", 700)  # a.weight: rows of 200, chunks of 3 rows
+    many = merge(base, [path], output=str(tmp_path / "many.safetensors"), device="cpu")
+    assert open(tmp_path / "one.safetensors", "rb").read() == \
+        open(tmp_path / "many.safetensors", "rb").read()
+    assert one.fp8 == many.fp8
+
+
+def test_ue8m0_scales_equal_their_float32_values(tmp_path):
+    # UE8M0 scales (F8_E8M0: 2^(e - 127)) merge exactly like F32 scales of the same value
+    rng = np.random.default_rng(4)
+    g = torch.Generator().manual_seed(4)
+    e = rng.integers(110, 125, (2, 2)).astype(np.uint8)
+    codes = torch.from_numpy(rng.integers(0, 0x7F, (200, 130)).astype(np.uint8)) \
+        .view(torch.float8_e4m3fn)
+    ad = Adapter(modules={"a": _module("a", 200, 130, 2, g, 0.02)}, alpha=4.0)
+    path = str(tmp_path / "ad.safetensors")
+    save_adapter(ad, path)
+    outs = []
+    for kind, scale in (("e8m0", torch.from_numpy(e).view(torch.float8_e8m0fnu)),
+                        ("f32", torch.from_numpy(np.exp2(e.astype(np.float64) - 127)).float())):
+        base = str(tmp_path / f"{kind}.safetensors")
+        save_file({"a.weight": codes, "a.weight_scale_inv": scale}, base)
+        out = str(tmp_path / f"{kind}-out.safetensors")
+        outs.append((merge(base, [path], output=out, device="cpu").fp8, np_load(out)))
+    assert outs[0][1]["a.weight"].tobytes() == outs[1][1]["a.weight"].tobytes()
+    assert outs[0][0] == outs[1][0] and outs[0][0]["kept"] > 0

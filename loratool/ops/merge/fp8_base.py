@@ -34,6 +34,7 @@ _SCALE_DTYPES = ("F32", "BF16", "F16", "F64", "F8_E8M0")
 # (exponent bits, mantissa bits, bias, largest finite code, next value above the largest)
 _FORMATS = {"F8_E4M3": (4, 3, 7, 0x7E, 480.0), "F8_E5M2": (5, 2, 15, 0x7B, 65536.0)}
 CODE = "LT440"
+_CHUNK = 1 << 20  # elements per encode call
 
 
 def _values(dtype: str) -> np.ndarray:
@@ -233,30 +234,36 @@ class Fp8Engine:
         if dtype not in FP8_DTYPES:
             return self.inner.run(raw, dtype, shape, ops, out_dtype, name)
         raw = raw if isinstance(raw, np.ndarray) else raw.numpy()
-        n = math.prod(shape)
-        codes = raw[:n].reshape(shape)
-        scale = self.fp8.full_scale(name, shape)
-        W = decode(codes.reshape(shape[0] if shape else 1, -1), dtype, scale).reshape(shape)
-        work = W.copy()  # the engine writes an F64 -> F64 result in place
-        res, release = self.inner.run(work.reshape(-1).view(np.uint8), "F64", tuple(shape),
-                                      ops, "F64", name)
-        try:
-            M = np.frombuffer(res, np.float64).reshape(shape).copy() if release else \
-                np.frombuffer(res, np.float64).reshape(shape)
-        finally:
-            if release is not None:
-                release()
+        rows = shape[0] if shape else 1
+        codes = raw[: math.prod(shape)].reshape(rows, -1)
+        scale = self.fp8.full_scale(name, shape)  # (rows, cols) or None
+        W = decode(codes, dtype, scale)
+        M = W
+        if ops:
+            work = W.copy()  # the engine writes an F64 -> F64 result in place
+            res, release = self.inner.run(work.reshape(-1).view(np.uint8), "F64",
+                                          tuple(shape), ops, "F64", name)
+            try:
+                M = np.frombuffer(res, np.float64).reshape(W.shape)
+                if release is not None:
+                    M = M.copy()
+            finally:
+                if release is not None:
+                    release()
         if out_dtype in FP8_DTYPES:
-            q, sat = encode(M.reshape(W.shape[0] if shape else 1, -1), out_dtype,
-                            None if scale is None else scale)
-            q = q.reshape(shape)
+            q = np.empty(W.shape, np.uint8)
+            sat = 0
+            step = max(1, _CHUNK // max(W.shape[1], 1))  # bounds encode's temporaries
+            for i in range(0, rows, step):
+                part = slice(i, i + step)
+                q[part], n = encode(M[part], out_dtype, None if scale is None else scale[part])
+                sat += n
             if ops:
                 self.fp8.saturated[name] = sat
-                self.fp8.stats.add(name, dtype, out_dtype,
-                                   decode(q, out_dtype, None if scale is None
-                                          else scale.reshape(shape)) - W, M - W)
+                self.fp8.stats.add(name, dtype, out_dtype, decode(q, out_dtype, scale) - W,
+                                   M - W)
             return memoryview(q.reshape(-1)), None
-        out = np.empty(shape, dtype=FLOAT_NP[out_dtype])
+        out = np.empty(W.shape, dtype=FLOAT_NP[out_dtype])
         round_into(out, M, out_dtype)
         if ops:
             got = out.astype(np.float64) if out_dtype != "BF16" else \
