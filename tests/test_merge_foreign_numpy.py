@@ -160,6 +160,7 @@ def test_nan_in_adapter_refused_like_torch(tmp_path, fmt):
     assert not os.path.exists(tmp_path / "o.safetensors")
 
 
+@pytest.mark.slow
 def test_merge_of_real_peft_and_kohya_adapters_does_not_import_torch(tmp_path):
     pytest.importorskip("peft")
     from _interop_helpers import randomize_lora, save_state_dict, tiny_llama

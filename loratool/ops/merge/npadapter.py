@@ -103,11 +103,15 @@ def load_numpy(path: str) -> NpAdapter:
     for name, m in sorted(info.modules.items()):
         get = lambda role: arrays.get(F.tensor_name(name, role))  # noqa: E731
         modules[name] = NpModule(m, get(F.ROLE_A), get(F.ROLE_B), get(F.ROLE_BIAS))
+    return NpAdapter(modules, _identity(modules, digest), init=info.init)
+
+
+def _identity(modules: dict, digest: str) -> str:
+    """``provenance.adapter_identity`` from the modules' facts and the tensor hash."""
     table = {n: {"kind": m.info.kind, "layout": m.info.layout, "scale": float(m.scale)}
              for n, m in modules.items()}
     doc = F.canonical_json({"modules": table, "tensor_hash": digest})
-    return NpAdapter(modules, "sha256:" + hashlib.sha256(doc.encode("ascii")).hexdigest(),
-                     init=info.init)
+    return "sha256:" + hashlib.sha256(doc.encode("ascii")).hexdigest()
 
 
 _STORED = {np.dtype(np.float16): "F16", np.dtype(np.uint16): "BF16",
@@ -135,11 +139,7 @@ def load_foreign_numpy(path: str, fmt: str, options):
                           float(m.alpha), m.scaling, _STORED[m.A.dtype], False,
                           m.bias is not None)
         modules[name] = NpModule(info, _values(m.A), _values(m.B), _values(m.bias))
-    table = {n: {"kind": m.info.kind, "layout": m.info.layout, "scale": float(m.scale)}
-             for n, m in modules.items()}
-    doc = F.canonical_json({"modules": table, "tensor_hash": tensor_hash(stored)})
-    identity = "sha256:" + hashlib.sha256(doc.encode("ascii")).hexdigest()
-    return NpAdapter(modules, identity, fmt, ad.init), result
+    return NpAdapter(modules, _identity(modules, tensor_hash(stored)), fmt, ad.init), result
 
 
 def _values(a: np.ndarray | None) -> np.ndarray | None:
