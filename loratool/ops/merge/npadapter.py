@@ -78,10 +78,12 @@ def header_allows_numpy(path: str, options=None) -> bool:
             return False
     except Exception:  # noqa: BLE001 - the torch path reports the problem with its own error
         return False
-    # DoRA, replacement entries (format 1.1) and LyCORIS kinds (1.2) take the torch path,
-    # which reads them.
-    return not info.replacements and not any(m.magnitude or getattr(m, "lycoris", None)
-                                             for m in info.modules.values())
+    # DoRA, replacement entries (format 1.1), LyCORIS kinds (1.2) and PEFT LoRA on
+    # parameters (MoE experts) take the torch path, which reads them.
+    from ...experts import is_experts
+    return not info.replacements and not any(
+        m.magnitude or getattr(m, "lycoris", None) or is_experts(m)
+        for m in info.modules.values())
 
 
 def load_numpy(path: str) -> NpAdapter:
