@@ -14,6 +14,13 @@ to even, saturating at the largest finite value; saturated elements are counted)
 once to ``--dtype``'s float type (the scales are then dropped from the output and every FP8
 weight that has one is dequantized, merged or not). Every merged FP8 tensor's retained delta
 goes to the report (``loratool.retained``).
+
+All of it runs by row chunks of about ``_CHUNK`` elements, whole blocks of scales (128 rows
+for a 128x128 grid) and multiples of the exact engine's 16-row blocks, so the float64 memory
+does not grow with the tensor and the bytes are those of a whole-tensor computation: the
+low-rank and bias updates of a chunk are the same updates restricted to its rows. Only DoRA
+and "fn" updates (a norm per output, a function of the whole weight) merge the whole tensor
+in float64 once, then encode it by chunks.
 """
 
 from __future__ import annotations
