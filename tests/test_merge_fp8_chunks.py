@@ -185,3 +185,43 @@ def test_chunks_follow_the_scale_blocks(tmp_path, monkeypatch):
     assert part.shape == (200, 200)
     assert np.array_equal(part, _full(s.reshape(3, 2), (300, 200), (128, 128))[100:300])
     assert fp8.scale_rows("r", 5, 9, 18432).shape == (4, 1)
+
+
+def _float_twin(tmp_path, want, adapters):
+    """The same weights stored as F64 (no scales): section 4.6 merges an FP8 weight as a float
+    base holding its exact value, so that base's F64 output is x, to be encoded here."""
+    path = str(tmp_path / "f64.safetensors")
+    save_file({n + ".weight": torch.from_numpy(W) for n, (_, W, _, _) in want.items()}, path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["dora", "fp32-engine"])
+def test_whole_tensor_updates_and_the_torch_engine(tmp_path, monkeypatch, kind):
+    # DoRA (a norm per output: the whole tensor in float64, encoded by chunks) through the
+    # exact engine, and low-rank updates through the torch engine (CUDA's, on the CPU here),
+    # in chunks: both equal the same engine's merge of an F64 base of the same values
+    from loratool.ops.merge.job import Engines, run_with
+    monkeypatch.setattr(F, "_CHUNK", 1500)
+    base, adapters, want = _case(tmp_path)
+    if kind == "dora":
+        g = torch.Generator().manual_seed(9)
+        path, mods, c = adapters[0]
+        mods = {n: LoraModule(n, m.kind, m.layout, m.A, m.B, m.alpha,
+                              magnitude=torch.rand(m.B.shape[0], generator=g) + 0.5)
+                for n, m in mods.items()}
+        save_adapter(Adapter(modules=mods, alpha=8.0), path, overwrite=True)
+        adapters = [(path, mods, c)]
+    engines = Engines(precision="fp64" if kind == "dora" else "fp32")
+    items = [(p, c) for p, _, c in adapters]
+    twin = _float_twin(tmp_path, want, adapters)
+    run_with(engines, "merge", twin, items, output=str(tmp_path / "x.safetensors"),
+             device="cpu")
+    xs = load_file(str(tmp_path / "x.safetensors"))
+    rep = run_with(engines, "merge", base, items, output=str(tmp_path / "o.safetensors"),
+                   device="cpu")
+    got = load_file(str(tmp_path / "o.safetensors"))
+    rows = {r["name"]: r for r in rep.fp8["tensors"]}
+    for n, (dt, W, full, _) in want.items():
+        codes, sat = _encode(xs[n + ".weight"].numpy(), full, dt)
+        assert np.array_equal(got[n + ".weight"].view(torch.uint8).numpy(), codes), n
+        assert rows[n + ".weight"]["saturated"] == sat

@@ -275,13 +275,16 @@ class Fp8Engine:
         to_fp8 = out_dtype in FP8_DTYPES
         out = np.empty(codes.shape, np.uint8 if to_fp8 else FLOAT_NP[out_dtype])
         merged = None
+        step = self.fp8.chunk_rows(name, shape)
         if ops and not all(op.kind in ROW_LOCAL for op in ops):
             # DoRA and "fn" updates need the whole tensor (a norm per output, a function of
             # all of W): one float64 copy, merged by the engine, then encoded by chunks
-            merged = self._merge(self.fp8.decode_rows(name, codes, dtype, 0, rows), shape,
-                                 ops, name)
+            whole = np.empty(codes.shape, np.float64)
+            for i in range(0, rows, step):
+                j = min(rows, i + step)
+                whole[i:j] = self.fp8.decode_rows(name, codes, dtype, i, j)
+            merged = self._merge(whole, shape, ops, name)
         sums, sat = TensorSums(), 0
-        step = self.fp8.chunk_rows(name, shape)
         for i in range(0, rows, step):
             j = min(rows, i + step)
             W = self.fp8.decode_rows(name, codes, dtype, i, j)
