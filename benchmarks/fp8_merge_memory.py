@@ -6,12 +6,14 @@ RSS (VmHWM) and its RSS before the merge, the merge's wall time, the tracemalloc
 of the merge (a second run: tracing slows allocation) and the SHA-256 of the output.
 ``--tree DIR`` (repeatable) runs the merge with ``PYTHONPATH=DIR``: another checkout of
 loratool, e.g. main's code exported with ``git archive main | tar -x -C /tmp/old``; the runs
-alternate between trees, ``--repeat`` times.
+alternate between trees, ``--repeat`` times; the last line is the last tree's median peak
+RSS and wall time over the first tree's.
 Run: python benchmarks/fp8_merge_memory.py --tree /tmp/old --tree . [--rows 4096 --cols 8192]
 """
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -19,6 +21,7 @@ import tempfile
 CHILD = r"""
 import json, sys, time, hashlib
 trace = sys.argv[3] == "1"
+import loratool
 from loratool.ops.merge import merge
 
 def status(key):  # VmHWM: this process's peak RSS (ru_maxrss would include the parent's,
@@ -40,8 +43,7 @@ h = hashlib.sha256(open(sys.argv[1] + ".out", "rb").read()).hexdigest()
 print(json.dumps({"wall": wall, "peak_rss_mib": status("VmHWM"), "rss_before_mib": rss0,
                   "traced_peak_mib":
                   None if peak is None else peak / 2**20, "sha256": h[:16],
-                  "kept": rep.fp8["kept"], "code": merge.__module__ and
-                  __import__("loratool").__file__}))
+                  "kept": rep.fp8["kept"], "code": loratool.__file__}))
 """
 
 
@@ -78,17 +80,26 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2)
     a = p.parse_args()
     trees = [os.path.abspath(t) for t in (a.tree or ["."])]
+    runs: dict[str, list] = {t: [] for t in trees}
     with tempfile.TemporaryDirectory() as d:
         base, adapter = make_inputs(d, a.rows, a.cols)
         for trace in ("0", "1"):
-            for k in range(a.repeat if trace == "0" else 1):
+            for _ in range(a.repeat if trace == "0" else 1):
                 for tree in trees:
                     env = dict(os.environ, PYTHONPATH=tree)
                     out = subprocess.run([sys.executable, "-c", CHILD, base, adapter, trace],
-                                         env=env, cwd=d, capture_output=True, text=True, check=True)
+                                         env=env, cwd=d, capture_output=True, text=True,
+                                         check=True)
                     res = json.loads(out.stdout.strip().splitlines()[-1])
+                    runs[tree].append((trace == "1", res))
                     print(json.dumps({"tree": tree, "trace": trace == "1", **res}))
-
+    if len(trees) > 1:  # the last tree against the first (the baseline)
+        def median(tree, key):
+            return statistics.median(r[key] for t, r in runs[tree] if not t)
+        first, last = trees[0], trees[-1]
+        rss = median(last, "peak_rss_mib") / median(first, "peak_rss_mib")
+        wall = median(last, "wall") / median(first, "wall")
+        print(f"{last} / {first}: peak RSS x{rss:.3f}, wall x{wall:.2f} (medians)")
 
 if __name__ == "__main__":
     main()

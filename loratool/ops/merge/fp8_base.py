@@ -105,6 +105,21 @@ def encode(x: np.ndarray, dtype: str, scale: np.ndarray | None = None
     return codes, int(np.count_nonzero(over))
 
 
+def encode_rows(x: np.ndarray, dtype: str, scale: np.ndarray | None, out: np.ndarray
+                ) -> tuple[np.ndarray, int]:
+    """``x`` (float64 rows) encoded into ``out`` (uint8) in pieces of about ``_CHUNK``
+    elements (encode's temporaries are several times its input); returns (the float64 values
+    stored, saturated count). ``scale``: rows of scales, as ``Fp8Base.scale_rows`` gives."""
+    m, cols = x.shape
+    sat = 0
+    step = max(1, _CHUNK // max(cols, 1))
+    for a in range(0, m, step):
+        part = slice(a, a + step)
+        out[part], n = encode(x[part], dtype, None if scale is None else scale[part])
+        sat += n
+    return decode(out, dtype, scale), sat
+
+
 def block_shape(wshape, sshape, name: str) -> tuple[int, int]:
     """Rows and columns of the weight's 2-D view that one scale covers."""
     rows = wshape[0] if wshape else 1
@@ -199,26 +214,6 @@ class Fp8Base:
         part = grid[np.arange(i, j) // height]
         return part if width >= cols else np.repeat(part, width, 1)[:, :cols]
 
-    def decode_rows(self, name: str, codes: np.ndarray, dtype: str, i: int, j: int
-                    ) -> np.ndarray:
-        """Rows ``i:j`` of the weight's exact float64 value."""
-        return decode(codes[i:j], dtype, self.scale_rows(name, i, j, codes.shape[1]))
-
-    def encode_rows(self, name: str, x: np.ndarray, dtype: str, i: int, out: np.ndarray
-                    ) -> tuple[np.ndarray, int]:
-        """Rows ``i:i+len(x)`` of the output: ``x`` (float64) encoded into ``out`` (uint8)
-        in pieces of about ``_CHUNK`` elements (encode's temporaries are several times its
-        input); returns (the float64 values stored, saturated count)."""
-        m, cols = x.shape
-        s = self.scale_rows(name, i, i + m, cols)
-        sat = 0
-        step = max(1, _CHUNK // max(cols, 1))
-        for a in range(0, m, step):
-            part = slice(a, a + step)
-            out[part], n = encode(x[part], dtype, None if s is None else s[part])
-            sat += n
-        return decode(out, dtype, s), sat
-
     def wrap(self, engine) -> Fp8Engine:
         return Fp8Engine(engine, self)
 
@@ -282,12 +277,13 @@ class Fp8Engine:
             whole = np.empty(codes.shape, np.float64)
             for i in range(0, rows, step):
                 j = min(rows, i + step)
-                whole[i:j] = self.fp8.decode_rows(name, codes, dtype, i, j)
+                whole[i:j] = decode(codes[i:j], dtype, self.fp8.scale_rows(name, i, j, cols))
             merged = self._merge(whole, shape, ops, name)
         sums, sat = TensorSums(), 0
         for i in range(0, rows, step):
             j = min(rows, i + step)
-            W = self.fp8.decode_rows(name, codes, dtype, i, j)
+            scale = self.fp8.scale_rows(name, i, j, cols)
+            W = decode(codes[i:j], dtype, scale)
             if merged is not None:
                 M = merged[i:j]
             elif ops:
@@ -296,7 +292,7 @@ class Fp8Engine:
             else:
                 M = W
             if to_fp8:
-                got, n = self.fp8.encode_rows(name, M, out_dtype, i, out[i:j])
+                got, n = encode_rows(M, out_dtype, scale, out[i:j])
                 sat += n
             else:
                 round_into(out[i:j], M, out_dtype)
