@@ -10,6 +10,7 @@ delta> / ||delta||^2`` (the share of the delta's direction that survived) and ``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,33 @@ def ratio(num: float, den: float) -> float | None:
     return num / den if den > 0 else None
 
 
+class TensorSums:
+    """One tensor's ||delta||^2, ||eff||^2, <eff, delta> and ||eff - delta||^2, fed by row
+    chunks: each row's float64 sum (numpy's pairwise sum), then the exactly rounded sum of the
+    rows (``math.fsum``), so the figures do not depend on how the rows were chunked."""
+
+    def __init__(self) -> None:
+        self._rows: list[np.ndarray] = []  # (4, rows of a chunk) per chunk
+
+    def update(self, eff: np.ndarray, delta: np.ndarray) -> None:
+        """Rows of ``eff`` and ``delta`` (float64, 2-D: rows by columns)."""
+        tmp = np.empty(eff.shape, np.float64)
+        part = np.empty((4, eff.shape[0]), np.float64)
+        for k, (x, y) in enumerate(((delta, delta), (eff, eff), (eff, delta))):
+            np.multiply(x, y, out=tmp)
+            np.add.reduce(tmp, axis=1, out=part[k])
+        np.subtract(eff, delta, out=tmp)
+        tmp *= tmp
+        np.add.reduce(tmp, axis=1, out=part[3])
+        self._rows.append(part)
+
+    def totals(self) -> tuple[float, float, float, float]:
+        if not self._rows:
+            return 0.0, 0.0, 0.0, 0.0
+        rows = np.concatenate(self._rows, axis=1)
+        return tuple(math.fsum(r) for r in rows)
+
+
 class RetainedDelta:
     """Accumulates ``TensorMerge`` rows and the overall ratios."""
 
@@ -43,6 +71,16 @@ class RetainedDelta:
         """One tensor: ``eff`` = decode(out) - W and ``delta``, both float64."""
         dn, cn = float(np.linalg.norm(delta)), float(np.linalg.norm(eff))
         inner, err = float(np.vdot(eff, delta)), float(np.linalg.norm(eff - delta))
+        return self._row(name, base_type, out_type, dn, cn, inner, err)
+
+    def add_sums(self, name: str, base_type: str, out_type: str, sums: TensorSums
+                 ) -> TensorMerge:
+        """One tensor from the ``TensorSums`` of its row chunks."""
+        dd, ee, inner, rr = sums.totals()
+        return self._row(name, base_type, out_type, math.sqrt(dd), math.sqrt(ee), inner,
+                         math.sqrt(rr))
+
+    def _row(self, name, base_type, out_type, dn, cn, inner, err) -> TensorMerge:
         row = TensorMerge(name, base_type, out_type, dn, cn, ratio(cn, dn),
                           ratio(inner, dn * dn), ratio(err, dn))
         self.tensors.append(row)

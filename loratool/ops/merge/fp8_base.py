@@ -14,18 +14,26 @@ to even, saturating at the largest finite value; saturated elements are counted)
 once to ``--dtype``'s float type (the scales are then dropped from the output and every FP8
 weight that has one is dequantized, merged or not). Every merged FP8 tensor's retained delta
 goes to the report (``loratool.retained``).
+
+All of it runs by row chunks of about ``_CHUNK`` elements, whole blocks of scales (128 rows
+for a 128x128 grid) and multiples of the exact engine's 16-row blocks, so the float64 memory
+does not grow with the tensor and the bytes are those of a whole-tensor computation: the
+low-rank and bias updates of a chunk are the same updates restricted to its rows. Only DoRA
+and "fn" updates (a norm per output, a function of the whole weight) merge the whole tensor
+in float64 once, then encode it by chunks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import numpy as np
 
 from ...errors import CheckpointError
-from ...numerics import FLOAT_NP, round_into
-from ...retained import RetainedDelta
+from ...numerics import FLOAT_NP, as_float, round_into
+from ...retained import RetainedDelta, TensorSums
 
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 SCALE_SUFFIXES = ("_scale_inv", "_scale")
@@ -34,7 +42,7 @@ _SCALE_DTYPES = ("F32", "BF16", "F16", "F64", "F8_E8M0")
 # (exponent bits, mantissa bits, bias, largest finite code, next value above the largest)
 _FORMATS = {"F8_E4M3": (4, 3, 7, 0x7E, 480.0), "F8_E5M2": (5, 2, 15, 0x7B, 65536.0)}
 CODE = "LT440"
-_CHUNK = 1 << 20  # elements per encode call
+_CHUNK = 1 << 20  # elements per chunk of a merge (rounded to whole scale blocks)
 
 
 def _values(dtype: str) -> np.ndarray:
@@ -61,7 +69,7 @@ def _midpoints(dtype: str) -> np.ndarray:
 
 
 def decode(codes: np.ndarray, dtype: str, scale: np.ndarray | None = None) -> np.ndarray:
-    """FP8 codes (uint8) -> float64 values, times ``scale`` (the full-shape float64 array)."""
+    """FP8 codes (uint8) -> float64 values, times ``scale`` (float64, broadcast to the codes)."""
     out = _TABLES[dtype][np.asarray(codes, dtype=np.uint8)]
     return out if scale is None else out * scale
 
@@ -97,6 +105,21 @@ def encode(x: np.ndarray, dtype: str, scale: np.ndarray | None = None
     return codes, int(np.count_nonzero(over))
 
 
+def encode_rows(x: np.ndarray, dtype: str, scale: np.ndarray | None, out: np.ndarray
+                ) -> tuple[np.ndarray, int]:
+    """``x`` (float64 rows) encoded into ``out`` (uint8) in pieces of about ``_CHUNK``
+    elements (encode's temporaries are several times its input); returns (the float64 values
+    stored, saturated count). ``scale``: rows of scales, as ``Fp8Base.scale_rows`` gives."""
+    m, cols = x.shape
+    sat = 0
+    step = max(1, _CHUNK // max(cols, 1))
+    for a in range(0, m, step):
+        part = slice(a, a + step)
+        out[part], n = encode(x[part], dtype, None if scale is None else scale[part])
+        sat += n
+    return decode(out, dtype, scale), sat
+
+
 def block_shape(wshape, sshape, name: str) -> tuple[int, int]:
     """Rows and columns of the weight's 2-D view that one scale covers."""
     rows = wshape[0] if wshape else 1
@@ -121,12 +144,6 @@ def block_shape(wshape, sshape, name: str) -> tuple[int, int]:
                               f"{list(wshape)}: not a grid of {BLOCK}x{BLOCK} blocks, rows or "
                               "one value; the block layout cannot be inferred", code=CODE)
     return b
-
-
-def expand(scale: np.ndarray, block: tuple[int, int], rows: int, cols: int) -> np.ndarray:
-    """The per-block scales as a full (rows, cols) float64 array."""
-    s = np.asarray(scale, dtype=np.float64).reshape(-(-rows // block[0]), -(-cols // block[1]))
-    return np.repeat(np.repeat(s, block[0], 0)[:rows], block[1], 1)[:, :cols]
 
 
 def _scale_values(raw: bytes, dtype: str, name: str) -> np.ndarray:
@@ -177,12 +194,25 @@ class Fp8Base:
         """Scale tensors left out of a dequantized output."""
         return frozenset(self.scale_names.values()) if self.dequantize else frozenset()
 
-    def full_scale(self, name: str, shape) -> np.ndarray | None:
+    def chunk_rows(self, name: str, shape) -> int:
+        """Rows per chunk of a merge: about ``_CHUNK`` elements, a multiple of the scale
+        block's height (128 for a block grid) and of the exact engine's 16-row blocks, so
+        each chunk's blocks are the whole tensor's blocks and give the same bits."""
+        rows = shape[0] if shape else 1
+        cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+        height = self.scales[name][1][0] if name in self.scales else 1
+        align = math.lcm(16, height if height < rows else 1)
+        return max(align, _CHUNK // max(cols, 1) // align * align)
+
+    def scale_rows(self, name: str, i: int, j: int, cols: int) -> np.ndarray | None:
+        """The scales of rows ``i:j``: (j - i, 1) when one value covers a row, else
+        (j - i, cols); never the whole tensor's."""
         if name not in self.scales:
             return None
-        s, block = self.scales[name]
-        rows = shape[0] if shape else 1
-        return expand(s, block, rows, math.prod(shape) // max(rows, 1))
+        s, (height, width) = self.scales[name]
+        grid = s.reshape(-1, -(-cols // width))
+        part = grid[np.arange(i, j) // height]
+        return part if width >= cols else np.repeat(part, width, 1)[:, :cols]
 
     def wrap(self, engine) -> Fp8Engine:
         return Fp8Engine(engine, self)
@@ -235,41 +265,67 @@ class Fp8Engine:
             return self.inner.run(raw, dtype, shape, ops, out_dtype, name)
         raw = raw if isinstance(raw, np.ndarray) else raw.numpy()
         rows = shape[0] if shape else 1
-        codes = raw[: math.prod(shape)].reshape(rows, -1)
-        scale = self.fp8.full_scale(name, shape)  # (rows, cols) or None
-        W = decode(codes, dtype, scale)
-        M = W
-        if ops:
-            work = W.copy()  # the engine writes an F64 -> F64 result in place
-            res, release = self.inner.run(work.reshape(-1).view(np.uint8), "F64",
-                                          tuple(shape), ops, "F64", name)
-            try:
-                M = np.frombuffer(res, np.float64).reshape(W.shape)
-                if release is not None:
-                    M = M.copy()
-            finally:
-                if release is not None:
-                    release()
-        if out_dtype in FP8_DTYPES:
-            q = np.empty(W.shape, np.uint8)
-            sat = 0
-            step = max(1, _CHUNK // max(W.shape[1], 1))  # bounds encode's temporaries
+        cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+        codes = raw[: rows * cols].reshape(rows, cols)
+        to_fp8 = out_dtype in FP8_DTYPES
+        out = np.empty(codes.shape, np.uint8 if to_fp8 else FLOAT_NP[out_dtype])
+        merged = None
+        step = self.fp8.chunk_rows(name, shape)
+        if ops and not all(op.kind in ROW_LOCAL for op in ops):
+            # DoRA and "fn" updates need the whole tensor (a norm per output, a function of
+            # all of W): one float64 copy, merged by the engine, then encoded by chunks
+            whole = np.empty(codes.shape, np.float64)
             for i in range(0, rows, step):
-                part = slice(i, i + step)
-                q[part], n = encode(M[part], out_dtype, None if scale is None else scale[part])
+                j = min(rows, i + step)
+                whole[i:j] = decode(codes[i:j], dtype, self.fp8.scale_rows(name, i, j, cols))
+            merged = self._merge(whole, shape, ops, name)
+        sums, sat = TensorSums(), 0
+        for i in range(0, rows, step):
+            j = min(rows, i + step)
+            scale = self.fp8.scale_rows(name, i, j, cols)
+            W = decode(codes[i:j], dtype, scale)
+            if merged is not None:
+                M = merged[i:j]
+            elif ops:
+                M = self._merge(W.copy(), (j - i, *shape[1:]),
+                                [rows_of(op, i, j) for op in ops], name)
+            else:
+                M = W
+            if to_fp8:
+                got, n = encode_rows(M, out_dtype, scale, out[i:j])
                 sat += n
+            else:
+                round_into(out[i:j], M, out_dtype)
+                got = as_float(out[i:j], out_dtype)
             if ops:
-                self.fp8.saturated[name] = sat
-                self.fp8.stats.add(name, dtype, out_dtype, decode(q, out_dtype, scale) - W,
-                                   M - W)
-            return memoryview(q.reshape(-1)), None
-        out = np.empty(W.shape, dtype=FLOAT_NP[out_dtype])
-        round_into(out, M, out_dtype)
+                sums.update(got - W, M - W)
         if ops:
-            got = out.astype(np.float64) if out_dtype != "BF16" else \
-                (out.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-            self.fp8.stats.add(name, dtype, out_dtype, got - W, M - W)
+            if to_fp8:
+                self.fp8.saturated[name] = sat
+            self.fp8.stats.add_sums(name, dtype, out_dtype, sums)
         return memoryview(out.reshape(-1).view(np.uint8)), None
+
+    def _merge(self, work: np.ndarray, shape, ops, name: str) -> np.ndarray:
+        """The engine's float64 result for ``work`` (float64 rows, overwritten)."""
+        res, release = self.inner.run(work.reshape(-1).view(np.uint8), "F64", tuple(shape),
+                                      ops, "F64", name)
+        try:
+            M = np.frombuffer(res, np.float64).reshape(work.shape)
+            return M.copy() if release is not None else M
+        finally:
+            if release is not None:
+                release()
+
+
+# Updates whose rows i:j depend only on rows i:j of W and of their factors
+ROW_LOCAL = ("lowrank", "vector")
+
+
+def rows_of(op, i: int, j: int):
+    """``op`` restricted to rows ``i:j`` of the tensor's 2-D view (``ROW_LOCAL`` kinds)."""
+    if op.kind == "lowrank":
+        return dataclasses.replace(op, L=op.L[i:j])
+    return dataclasses.replace(op, vec=op.vec[i:j])
 
 
 def prepare(base: str, base_tensors: dict, dtype: str, source=None) -> Fp8Base | None:
