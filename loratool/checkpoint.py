@@ -256,28 +256,6 @@ class SafetensorsSource:
                                       "changed while reading)", code="LT401", path=self.path)
             done += n
 
-    def map_tensor(self, t: SourceTensor):
-        """``(mmap, start)``: a read-only shared mapping holding the tensor's bytes from
-        ``start``, its pages populated now (by the calling thread, so that the engine reading
-        them takes no faults); None where the platform cannot (the caller then reads). The
-        pages are the page cache's: nothing is copied, and closing the map releases them."""
-        import mmap
-        if t.nbytes == 0 or not hasattr(mmap, "MAP_SHARED"):
-            return None
-        offset = self._offset(t)
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        # A map past the end of the file would kill the process (SIGBUS) when read.
-        if os.fstat(self._fd).st_size < offset + t.nbytes:
-            raise CheckpointError(f"tensor {t.name!r}: file ended early (truncated or "
-                                  "changed while reading)", code="LT401", path=self.path)
-        try:
-            mm = mmap.mmap(self._fd, offset + t.nbytes - start,
-                           flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                           prot=mmap.PROT_READ, offset=start)
-        except (OSError, ValueError, TypeError):
-            return None
-        return mm, offset - start
-
     def copy_raw(self, t: SourceTensor, writer: StreamWriter) -> None:
         writer.copy_from_fd(t.name, self._fd, self._offset(t), t.nbytes)
 

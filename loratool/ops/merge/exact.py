@@ -130,7 +130,6 @@ class _Tensor:
     name: str
     fast: bool
     ext: object = None  # the compiled kernel's module, when used
-    in_place: bool = False  # o2 is w2: W must survive a fall back, so blocks go via scratch
 
 
 class _Scratch:
@@ -177,14 +176,9 @@ class NumpyExactEngine:
             self._pool.shutdown()
             self._pool = None
 
-    # ``run`` takes ``out=``: streaming then reads the base through a read-only map
-    takes_out = True
-
-    def run(self, raw, dtype: str, shape, ops, out_dtype: str, name: str, out=None):
-        """(bytes of the merged tensor, release callback or None). Without ``out``, ``raw``
-        is overwritten when the dtype is kept (the result is written in place); with ``out``
-        (a writable uint8 array of at least the result's size) the result goes there and
-        ``raw`` is only read (it may be a read-only map of the base)."""
+    def run(self, raw, dtype: str, shape, ops, out_dtype: str, name: str):
+        """(bytes of the merged tensor, release callback or None). ``raw`` is overwritten
+        when the dtype is kept (the result is written in place)."""
         n = math.prod(shape)
         if n == 0:
             return memoryview(b""), None
@@ -192,13 +186,7 @@ class NumpyExactEngine:
             from .torch_engine import run_whole_f64
             return run_whole_f64(raw, dtype, shape, ops, out_dtype, name), None
         src = raw[: n * np.dtype(FLOAT_NP[dtype]).itemsize].view(FLOAT_NP[dtype]).reshape(shape)
-        if out is not None:
-            size = n * np.dtype(FLOAT_NP[out_dtype]).itemsize
-            out = out[:size].view(FLOAT_NP[out_dtype]).reshape(shape)
-        elif out_dtype == dtype:
-            out = src
-        else:
-            out = np.empty(shape, dtype=FLOAT_NP[out_dtype])
+        out = src if out_dtype == dtype else np.empty(shape, dtype=FLOAT_NP[out_dtype])
         w2 = src.reshape(shape[0] if len(shape) else 1, -1)
         rows, cols = w2.shape
         with np.errstate(over="ignore", invalid="ignore"):
@@ -206,7 +194,7 @@ class NumpyExactEngine:
                          None if op.L is None else as_f64(op.L) * op.scale, as_f64(op.R),
                          as_f64(op.vec)) for op in ops]
         job = _Tensor(w2, out.reshape(w2.shape), dtype, out_dtype, ops, name,
-                      self.fast and _fast_ok(ops), self.ext, out is src)
+                      self.fast and _fast_ok(ops), self.ext)
         step = self.block_rows if job.fast else max(1, REFERENCE_ELEMS // max(cols, 1))
         blocks = -(-rows // step)
         k = min(self.workers, blocks)
@@ -263,7 +251,7 @@ def _compiled_block(job: _Tensor, i: int, j: int, s: _Scratch) -> bool:
     m, cols = j - i, job.w2.shape[1]
     d = _product(job, i, j, s)
     dst = job.o2[i:j]
-    if not job.in_place:
+    if job.out_dtype != job.dtype:
         return job.ext.add_round(job.w2[i:j], _EXT_CODES[job.dtype], d, dst,
                                  _EXT_CODES[job.out_dtype])
     # in place: W must survive a fall back to the numpy kernels
@@ -297,7 +285,7 @@ def _fast_block(job: _Tensor, i: int, j: int, s: _Scratch) -> bool:
                 np.add(w, d, out=d)
                 y = s.get("y", m * cols, np.float32).reshape(m, cols)
                 np.copyto(y, d, casting="unsafe")
-            elif job.in_place:  # W must survive a fall back to the reference
+            elif out == job.dtype:  # in place: W must survive a fall back to the reference
                 y = s.get("y", m * cols, FLOAT_NP[out]).reshape(m, cols)
                 np.add(w, d, out=y, casting="unsafe")
             else:

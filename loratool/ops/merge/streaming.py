@@ -14,33 +14,24 @@ from dataclasses import dataclass
 from ...checkpoint import StreamWriter
 from ...stfile import DTYPE_SIZES
 from .plan import MERGEABLE_DTYPES
-from .replace import KINDS, apply_replacements
+from .replace import apply_replacements
 
 
 class _Prefetcher:
-    """Reads the tensors to merge, in order, on a thread: each into one of a pool of reused
-    buffers, or (``mapped(t)``) as a read-only map of the base whose pages the thread
-    populates, so that the engine reads the page cache itself (no copy into a buffer). At
-    most ``buffers`` read tensors and ``maps`` mapped ones are out at a time."""
+    """Reads the tensors to merge, in order, into a pool of reused buffers on a thread."""
 
-    def __init__(self, source, tensors, *, pinned: bool, buffers: int = 2, maps: int = 2,
-                 mapped=None):
+    def __init__(self, source, tensors, *, pinned: bool, buffers: int = 2):
         import numpy as np
         self._tensors = list(tensors)
-        self._mapped = mapped or (lambda t: False)
-        read = [t for t in self._tensors if not self._mapped(t)]
-        size = max((t.nbytes for t in read), default=0)
+        size = max((t.nbytes for t in self._tensors), default=0)
         self._free: queue.Queue = queue.Queue()
-        self._maps: queue.Queue = queue.Queue()  # tokens: maps not yet given back
         self._ready: queue.Queue = queue.Queue()
-        for _ in range(min(buffers, len(read))):
+        for _ in range(min(buffers, len(self._tensors))):
             if pinned:  # page-locked host memory for the CUDA engine's uploads
                 import torch
                 self._free.put(torch.empty(size, dtype=torch.uint8, pin_memory=True))
             else:
                 self._free.put(np.empty(size, dtype=np.uint8))
-        for _ in range(maps):
-            self._maps.put(True)
         self._stop = threading.Event()
         self._source = source
         self._thread = None
@@ -52,18 +43,9 @@ class _Prefetcher:
         import numpy as np
         try:
             for t in self._tensors:
-                mapped = self._mapped(t)
-                buf = (self._maps if mapped else self._free).get()
+                buf = self._free.get()
                 if buf is None or self._stop.is_set():
                     return
-                if mapped:
-                    got = self._source.map_tensor(t)
-                    if got is not None:
-                        mm, start = got
-                        self._ready.put((t.name, _Mapped(mm, start, t.nbytes)))
-                        continue
-                    self._maps.put(True)  # no map after all (platform): read a copy
-                    buf = np.empty(t.nbytes, dtype=np.uint8)
                 self._source.read_into(t, (buf if isinstance(buf, np.ndarray)
                                            else buf.numpy())[: t.nbytes])
                 self._ready.put((t.name, buf))
@@ -78,11 +60,7 @@ class _Prefetcher:
         return buf
 
     def give_back(self, buf) -> None:
-        if isinstance(buf, _Mapped):
-            buf.close()
-            self._maps.put(True)
-        else:
-            self._free.put(buf)
+        self._free.put(buf)
 
     def __enter__(self):
         return self
@@ -90,49 +68,9 @@ class _Prefetcher:
     def __exit__(self, *exc):
         self._stop.set()
         self._free.put(None)
-        self._maps.put(None)
         if self._thread is not None:
             self._thread.join()
-        while not self._ready.empty():  # maps read ahead and never taken
-            got, buf = self._ready.get()
-            if isinstance(buf, _Mapped):
-                buf.close()
         return False
-
-
-class _Mapped:
-    """A tensor's bytes in a read-only map of the base (``SafetensorsSource.map_tensor``)."""
-
-    def __init__(self, mm, start: int, nbytes: int):
-        import numpy as np
-        self._mm = mm
-        self.array = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=start)
-
-    def close(self) -> None:
-        self.array = None  # the last view of the map: it can close now
-        try:
-            self._mm.close()
-        except BufferError:  # a view still held somewhere: unmapped when that goes
-            pass
-
-
-class _OutBuffers:
-    """Reused output buffers of the engine (``engine.run(..., out=)``), ``n`` of them, made
-    on first use and given back by the writer once written."""
-
-    def __init__(self, size: int, n: int):
-        self._size = size
-        self._free: queue.Queue = queue.Queue()
-        for _ in range(n):
-            self._free.put(None)
-
-    def take(self):
-        import numpy as np
-        buf = self._free.get()
-        return np.empty(self._size, dtype=np.uint8) if buf is None else buf
-
-    def give_back(self, buf) -> None:
-        self._free.put(buf)
 
 
 class _WriteThread:
@@ -222,20 +160,8 @@ def stream_file(source, dest: str, plan: dict, out_dtype: str | None, metadata: 
     tensors = [t for t in source.tensors if t.name not in drop]
     entries = [(t.name, target_dtype(t), t.shape) for t in tensors]
     work = [t for t in tensors if t.name in plan or target_dtype(t) != t.dtype]
-
-    def mapped(t) -> bool:
-        """Read through a map, merged into an output buffer: the engine takes ``out=``,
-        the source maps, and no op writes into the base's bytes or needs torch."""
-        return (getattr(engine, "takes_out", False) and hasattr(source, "map_tensor")
-                and not any(op.kind in KINDS or op.kind in ("dora", "fn")
-                            for op in plan.get(t.name, ())))
-
-    out_size = max((math.prod(t.shape) * DTYPE_SIZES[target_dtype(t)] for t in work
-                    if mapped(t)), default=0)
-    outs = _OutBuffers(out_size, 3)
     with StreamWriter(dest, entries, metadata, overwrite=overwrite, fsync=fsync) as writer, \
-            _Prefetcher(source, work, pinned=engine.pinned, buffers=3,
-                        mapped=mapped) as reader, \
+            _Prefetcher(source, work, pinned=engine.pinned, buffers=3) as reader, \
             _WriteThread(writer) as out:
         for t in tensors:
             dt = target_dtype(t)
@@ -245,29 +171,15 @@ def stream_file(source, dest: str, plan: dict, out_dtype: str | None, metadata: 
                 counts.copied += 1
             else:
                 buf = reader.take(t.name)
-                if isinstance(buf, _Mapped):
-                    dst = outs.take()
-                    try:
-                        res, release = engine.run(buf.array, t.dtype, tuple(t.shape),
-                                                  list(plan.get(t.name, ())), dt, t.name,
-                                                  out=dst)
-                    except BaseException:
-                        outs.give_back(dst)
-                        raise
-                    finally:
-                        reader.give_back(buf)  # the base's pages are no longer needed
-                    out.write(t.name, res, release, lambda dst=dst: outs.give_back(dst), done)
-                else:
-                    try:
-                        ops = apply_replacements(buf, t.dtype, tuple(t.shape),
-                                                 plan.get(t.name, ()))
-                        res, release = engine.run(buf, t.dtype, tuple(t.shape), ops, dt,
-                                                  t.name)
-                    except BaseException:
-                        reader.give_back(buf)
-                        raise
-                    out.write(t.name, res, release,
-                              lambda buf=buf: reader.give_back(buf), done)
+                try:
+                    ops = apply_replacements(buf, t.dtype, tuple(t.shape),
+                                             plan.get(t.name, ()))
+                    res, release = engine.run(buf, t.dtype, tuple(t.shape), ops, dt, t.name)
+                except BaseException:
+                    reader.give_back(buf)
+                    raise
+                out.write(t.name, res, release,
+                          lambda buf=buf: reader.give_back(buf), done)
                 if t.name in plan:
                     counts.merged += 1
                 else:
