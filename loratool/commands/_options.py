@@ -82,6 +82,31 @@ _RULES = ("rank", "fro", "sv_ratio", "cumulative")
 _CERTIFIED_RULES = ("max_error", "auto_rank")
 
 
+def _rule_options(*, prefix: str = "", cumulative_note: str = "") -> list:
+    """--rank/--fro/--sv-ratio/--cumulative, each help text after ``prefix``."""
+    return [
+        click.option("--rank", type=click.IntRange(min=1),
+                     help=prefix + "Fixed rank K for every module."),
+        click.option("--fro", type=click.FloatRange(0, 1, min_open=True),
+                     help=prefix + "Smallest rank keeping fraction F of each delta's "
+                                   "Frobenius norm."),
+        click.option("--sv-ratio", type=click.FloatRange(min=1),
+                     help=prefix + "Keep singular values s_i >= s_max / R."),
+        click.option("--cumulative", type=click.FloatRange(0, 1, min_open=True),
+                     help=prefix + "Smallest rank keeping fraction C of the sum of singular "
+                                   "values" + (cumulative_note or ".")),
+    ]
+
+
+def truncation_options(f):
+    """``convert``'s optional truncation of a LyCORIS module's exact plain-LoRA form: at most
+    one of resize's four rules (the library refuses two), no clamps."""
+    for option in reversed(_rule_options(prefix="LyCORIS sources: truncate the exact "
+                                                 "plain-LoRA form. ")):
+        f = option(f)
+    return f
+
+
 def rank_rule_options(*, certified: bool = False):
     """The rank rule of ``resize`` and ``extract``: --rank/--fro/--sv-ratio/--cumulative
     (with ``certified``, also --max-error and --auto-rank, which need the true error of each
@@ -89,17 +114,8 @@ def rank_rule_options(*, certified: bool = False):
     error otherwise, exit 2); the values reach the command as keyword arguments of the
     library's names (``rank``, ``fro``, ``sv_ratio``, ... ``max_rank``, ``min_rank``)."""
     names = _RULES + (_CERTIFIED_RULES if certified else ())
-    options = [
-        click.option("--rank", type=click.IntRange(min=1), help="Fixed rank K for every module."),
-        click.option("--fro", type=click.FloatRange(0, 1, min_open=True),
-                     help="Smallest rank keeping fraction F of each delta's Frobenius norm."),
-        click.option("--sv-ratio", type=click.FloatRange(min=1),
-                     help="Keep singular values s_i >= s_max / R."),
-        click.option("--cumulative", type=click.FloatRange(0, 1, min_open=True),
-                     help="Smallest rank keeping fraction C of the sum of singular values"
-                          + (" (exact SVD of every tensor: slow on large ones)." if certified
-                             else ".")),
-    ]
+    options = _rule_options(cumulative_note=" (exact SVD of every tensor: slow on large ones)"
+                            if certified else "")
     if certified:
         options += [
             click.option("--max-error", type=click.FloatRange(0, 1, max_open=True),

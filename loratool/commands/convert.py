@@ -4,7 +4,7 @@ import click
 
 from .. import console
 from ..interop import FORMATS
-from ._options import source_options
+from ._options import source_options, truncation_options
 
 
 @click.command("convert")
@@ -27,17 +27,7 @@ from ._options import source_options
 @click.option("--map", "name_map", multiple=True, metavar="OLD=NEW",
               help="Rename a module (or a prefix ending in '.'; NEW may be empty) and match it "
                    "to that base path. Repeatable.")
-@click.option("--rank", type=click.IntRange(min=1), default=None,
-              help="LyCORIS sources: truncate each module's exact plain-LoRA form to this "
-                   "rank (the retained Frobenius fraction is reported).")
-@click.option("--fro", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="LyCORIS sources: keep the smallest rank that retains this fraction of "
-                   "each module's Frobenius norm.")
-@click.option("--sv-ratio", type=click.FloatRange(min=1), default=None,
-              help="LyCORIS sources: keep singular values s_i >= s_max / R (resize's rule).")
-@click.option("--cumulative", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="LyCORIS sources: smallest rank keeping fraction C of the sum of singular "
-                   "values (resize's rule).")
+@truncation_options
 @click.option("--dtype", type=click.Choice(["fp64", "fp32", "fp16", "bf16"]), default=None,
               help="LyCORIS sources: dtype of the plain-LoRA factors (default fp64, exact).")
 @click.option("--lycoris", "lycoris", type=click.Choice(["native", "lora"]), default="native",
