@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from .terminal import fmt, fmt_bytes, out, print_fields, table
+from .terminal import fmt, fmt_bytes, out, print_fields, print_report, table
 
 # Module rows `inspect` prints by default; the rest is one "(N more ...)" line (--all).
 INSPECT_ROWS = 50
@@ -168,15 +168,15 @@ def render_amplification(report: dict) -> None:
     for m in report["modules"]:
         a = m.get("amplification")
         if a is None:
-            why = "experts: not analyzed" if m.get("kind") == "experts" else "DoRA: not analyzed"
+            why = ("experts: not analyzed" if m.get("kind") == "experts"
+                   else "DoRA: not analyzed")
             t.add_row(Text(m["name"]), "-", "-", "-", "-", "-", "-", why)
             continue
         t.add_row(Text(m["name"]), str(a["rank"]), fmt(a["delta_norm"], 4),
                   fmt(a["projection_norm"], 4), fmt(a["base_norm"], 4),
                   fmt(a["top_projection_norm"], 4), fmt(a["random_projection_norm"], 4),
                   fmt(a["amplification"], 4))
-    if report["modules"]:
-        c.print(t)
-    c.print(f"  amplification  min {fmt(b['amplification_min'], 4)}, max "
-            f"{fmt(b['amplification_max'], 4)} (|dW| / |U'WV|; U, V: dW's top-k singular "
-            "vectors)", markup=False, highlight=False)
+    print_report(c, t, report["modules"], [
+        ("amplification", f"min {fmt(b['amplification_min'], 4)}, max "
+                          f"{fmt(b['amplification_max'], 4)} (|dW| / |U'WV|; U, V: dW's "
+                          "top-k singular vectors)")], width=14)

@@ -11,8 +11,7 @@ def render_written(report: dict) -> None:
     if report.get("output") is None:
         return
     parts = [f"{len(report['modules'])} modules"]
-    replaced = sum(o.get("action") in ("replaced", "replaced_rows")
-                   for o in report.get("others", ()))
+    replaced = report.get("summary", {}).get("replaced", 0)  # extract's replacement entries
     if replaced:
         parts.append(f"{replaced} replacement entries")
     if report.get("tensor_hash"):

@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterable
 
 from ..errors import OperationError
-from ..guards import parse_path_number
+from ..guards import parse_path_number, weighted_inputs
 from ..format import SCALING_STANDARD
 from ..model import Adapter, LoraModule
 from .resize import (LowRankResult, Progress, byte_progress, check_output, load_input,
@@ -31,9 +31,9 @@ def parse_weighted(text: str) -> tuple[str, float]:
 
 
 def _inputs(inputs, options) -> list[tuple[Adapter, float, str]]:
-    from ..guards import weighted_inputs
+    """``inputs``: already through ``guards.weighted_inputs``."""
     items = []
-    for i, item in enumerate(weighted_inputs(inputs, what="weight", code="LT534")):
+    for i, item in enumerate(inputs):
         if isinstance(item, tuple):
             if len(item) != 2:
                 raise OperationError("each input is an adapter/path or an (adapter/path, weight) "
@@ -92,7 +92,6 @@ def compose(inputs: Iterable, *, rank: int | None = None, fro: float | None = No
     from ..linalg import CoreSVD, check_rank_rule, concat_factors, select_rank
     from ..tensors import ST_DTYPES
     truncate = check_rank_rule(rank=rank, fro=fro, required=False) is not None
-    from ..guards import weighted_inputs
     inputs = weighted_inputs(inputs, what="weight", code="LT534")
     output = check_output(output, overwrite,
                           [i[0] if isinstance(i, tuple) and i else i for i in inputs])

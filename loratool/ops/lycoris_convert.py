@@ -77,7 +77,9 @@ def to_plain(adapter, *, rule: dict | None = None, dense_svd: bool = False,
 
 def _rounded(name: str, t, torch_dtype, label: str):
     import torch
-    out = t.to(torch_dtype)
+
+    from ..tensors import round_once  # torch's float64 -> bf16/fp16 ``.to`` rounds twice
+    out = round_once(t, torch_dtype)
     if not bool(torch.isfinite(out).all()):
         raise InteropError(f"module {name!r}: its plain-LoRA factors overflow {label}; choose "
                            "a wider --dtype", code="LT305", module=name)

@@ -128,18 +128,14 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, *, rank: int | No
     _choice("layout", layout, LAYOUTS)
     _choice("dtype", dtype, tuple(DTYPES))
     _choice("to", to, TARGETS)
+    from ..resize import check_output
     base, tuned = os.fspath(base), os.fspath(tuned)
-    if output is not None:
-        from ...atomic import check_destination
-        check_destination(output, overwrite=overwrite, inputs=[base, tuned])
+    output = check_output(output, overwrite, [base, tuned])
     result = _extract(base, tuned, rule, modules, others, embeddings, layout, dtype, seed,
                       progress)
-    result.report["output"] = None if output is None else os.fspath(output)
+    result.report["output"] = output
     if output is not None:
-        saved = result.save(output, to=to, overwrite=overwrite)
-        result.report.update(format=to, notes=saved["notes"])
-        if "tensor_hash" in saved:
-            result.report["tensor_hash"] = saved["tensor_hash"]
+        result.report.update(result.save(output, to=to, overwrite=overwrite))
     return result
 
 
@@ -270,18 +266,13 @@ def _with_layouts(targets, b, layout: str):
 def _run(b, t, rule, targets, other_names, not_selected, *, others, dtype, seed, progress,
          labels, options):
     from ...model import Adapter
+    from ..resize import byte_progress
     from .reader import Pair
     from . import others as O
     from .build import build_module, spectrum_for
     total = sum(Pair(x.name, b, t, x.dtype, x.shape).nbytes * 2 for x in targets) + sum(
         _nbytes(b.tensors[n]) * 2 for n in other_names)
-    done = 0
-
-    def advance(nbytes):
-        nonlocal done
-        done += nbytes
-        if progress is not None:
-            progress(nbytes, total)
+    advance = byte_progress(progress, total)
 
     from .engine import Scratch
     scratch = Scratch()
