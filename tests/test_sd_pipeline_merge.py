@@ -191,6 +191,16 @@ def test_module_of_a_missing_part_is_refused_or_listed(pipe, tmp_path):
     assert any("te2.text_model" in n for n in rep.notes)
 
 
+def test_output_that_is_an_adapter_is_refused_in_every_input_form(pipe, tmp_path):
+    lora = _kohya(tmp_path / "k.safetensors")
+    before = open(lora, "rb").read()
+    for adapters in ([str(lora)], [(str(lora), 0.5)], (str(lora), 0.5)):
+        with pytest.raises(LoraToolError) as e:
+            merge(str(pipe), adapters, output=str(lora), overwrite=True, device="cpu")
+        assert e.value.code == "LT502"
+    assert open(lora, "rb").read() == before
+
+
 # --- single-file (LDM) checkpoints -------------------------------------------------------------
 
 _RES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",

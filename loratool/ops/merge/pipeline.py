@@ -117,6 +117,7 @@ def run_pipeline(job):
     """``merge``/``unmerge`` of a pipeline directory (``job.base``); see the module docstring."""
     from ...atomic import AtomicDir, TEMP_PREFIX, check_destination
     from .job import MergeJob, run
+    from .options import normalize_adapters
     base = os.path.normpath(os.fspath(job.base))
     if job.output_format is not None:
         raise OperationError("a pipeline directory is written as a pipeline directory; give "
@@ -127,8 +128,8 @@ def run_pipeline(job):
                               code="LT401")
     dest = os.fspath(job.output) if job.output is not None else base + (
         "-merged" if job.op == "merge" else "-unmerged")
-    inputs = [base] + [s for s in (job.adapters if isinstance(job.adapters, (list, tuple))
-                                   else [job.adapters]) if isinstance(s, (str, os.PathLike))]
+    inputs = [base] + [os.fspath(src) for src, _ in normalize_adapters(job.adapters)
+                       if isinstance(src, (str, os.PathLike))]
     check_destination(dest, overwrite=job.overwrite, inputs=inputs)
     routed, notes, unrouted = _route(job, comps)
     if unrouted:
