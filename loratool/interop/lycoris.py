@@ -86,8 +86,6 @@ class _Plan:
                 if not collect:
                     raise
                 self.errors.append(e)
-        from ..lycoris.modules import structural_rank
-        self.ranks = {lora: structural_rank(rec) for lora, rec in self.records.items()}
         fams: dict[str, int] = {}
         for rec in self.records.values():
             key = rec.family.value + ("+dora" if rec.dora is not None else "")

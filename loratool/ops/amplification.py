@@ -47,12 +47,13 @@ def reading_options(path: str, base, options: dict) -> dict:
 def _targets(adapter, base_tensors: dict, base: str) -> dict[str, list[tuple]]:
     """base tensor name -> [(module, orientation)]; every module that cannot be analyzed
     against the base is listed in one LT411 error (DoRA modules are left out: no delta)."""
+    from ..experts import is_experts
     from ..naming import resolve_modules
     from .merge.plan import _orientation, _shape_hint  # the same rule merge applies
     # DoRA has no delta; a LoRA on expert parameters (target_parameters) has one per expert,
     # which this per-matrix analysis does not cover: both are left out (no row)
     modules = {n: m for n, m in adapter.modules.items()
-               if m.magnitude is None and m.kind != "experts"}
+               if m.magnitude is None and not is_experts(m)}
     mapping, unmatched = resolve_modules(modules, list(base_tensors))
     problems = [(m, "has no target: no base tensor `" + m + ".weight` (nor one ending in it)")
                 for m in unmatched]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+from ..experts import is_experts
 from ..model import Adapter, AdapterInfo, ModuleInfo
 
 EPS = {"F16": 2.0**-10, "BF16": 2.0**-7, "F32": 2.0**-23, "F64": 2.0**-52}
@@ -82,7 +83,7 @@ def _module_row(m: ModuleInfo) -> dict:
         "scaling": m.scaling, "scale": m.scale, "dtype": m.dtype, "dora": m.magnitude,
         "bias": m.bias, "parameters": m.parameters,
     }
-    if getattr(m, "experts", None):  # a LoRA on a parameter (PEFT target_parameters)
+    if is_experts(m):  # a LoRA on a parameter (PEFT target_parameters)
         row["experts"], row["parameter"] = m.experts, m.parameter or None
     if getattr(m, "lycoris", None):  # family, its ranks, the plain-LoRA rank (lycoris.md)
         row["lycoris"] = m.lycoris
@@ -143,7 +144,7 @@ def _add_stats(report: dict, path: str, options: dict) -> None:
             continue
         B2, A2 = m.factors(torch.float64)
         info = m.info
-        if getattr(info, "experts", None):  # per-expert deltas: no one singular spectrum
+        if is_experts(info):  # per-expert deltas: no one singular spectrum
             row["stats"] = {"norm": frobenius_norm(B2, A2, m.scale), "singular_values": [],
                             "effective_rank": None, "flags": flags}
             continue

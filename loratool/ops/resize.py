@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import OperationError, TensorError
+from ..experts import is_experts
 from ..format import scale_for
 from ..model import Adapter, LoraModule
 
@@ -83,7 +84,7 @@ def refuse_dora(adapter: Adapter, label: str, operation: str) -> None:
     (not additive: not linear in the factors) and LoRA on a parameter (per-expert factors:
     resizing or composing them as one matrix would be wrong)."""
     for refused, what in (
-            (lambda m: m.variant.name == "param_lora",
+            (is_experts,
              "is a LoRA on a parameter (PEFT target_parameters, one low-rank delta per "
              f"expert): it cannot be {operation} yet"),
             (lambda m: not m.variant.additive,

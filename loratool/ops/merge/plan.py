@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ...errors import CheckpointError
+from ...experts import is_experts
 from .fp8_base import FP8_DTYPES
 
 MERGEABLE_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -220,7 +221,7 @@ def _resolve(modules, keys, name_map):
     """``resolve_modules`` per base-tensor suffix: ``.weight``, or none for a LoRA on a
     parameter (``experts.ExpertsModuleInfo``: the base tensor is the parameter itself)."""
     from ...naming import resolve_modules
-    on_param = [m for m, mod in modules.items() if getattr(mod, "kind", "") == "experts"]
+    on_param = [m for m, mod in modules.items() if is_experts(mod)]
     mapping, unmatched = resolve_modules([m for m in modules if m not in set(on_param)], keys,
                                          name_map)
     if on_param:
