@@ -10,6 +10,8 @@ import re
 from ..errors import InteropError
 
 CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+PREFIX = "base_model.model."  # of every module key in a PEFT state dict
 # diffusers' save_lora_weights: the LoraConfig of each component (unet, text_encoder...) as one
 # flat JSON object in the weights file's metadata, keys "<component>.<config key>"
 DIFFUSERS_METADATA = "lora_adapter_metadata"

@@ -13,11 +13,10 @@ from ..model import Adapter
 from ..variants import Dora
 from . import _common as C
 from . import _peft_extras as X
-from ._peft_config import CONFIG_NAME, get_pattern_key
+from ._peft_config import CONFIG_NAME, PREFIX, WEIGHTS_NAMES, get_pattern_key
 from .base import ReaderOptions
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
+WEIGHTS_NAME = WEIGHTS_NAMES[0]  # what we write
 
 
 def _number(x: float):

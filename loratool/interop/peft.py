@@ -26,8 +26,8 @@ from ..model import Adapter, AdapterInfo, LoraModule, Replacement, ReplacementIn
 from . import _common as C
 from . import _peft_extras as X
 from . import _peft_params as P
-from ._peft_config import (CONFIG_NAME, DIFFUSERS_METADATA, check_config,  # noqa: F401
-                           diffusers_components, get_pattern_key, init_record)
+from ._peft_config import (CONFIG_NAME, DIFFUSERS_METADATA, PREFIX, WEIGHTS_NAMES,  # noqa: F401
+                           check_config, diffusers_components, get_pattern_key, init_record)
 from ..variants import Dora, Lora
 from .base import (DECLARED, NAMES, Capabilities, LoadResult, ModuleRecord, Probe,
                    ReaderOptions)
@@ -39,8 +39,6 @@ CAPABILITIES = Capabilities(
     rslora=True, per_module_alpha=True, replacements=True,
     reads=frozenset({"alpha", "fan_in_fan_out", "base", "name_map"}))
 
-WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
-PREFIX = "base_model.model."
 
 # PEFT config options whose adapters are not plain LoRA deltas: refused (LT308).
 _UNSUPPORTED = {
