@@ -151,9 +151,7 @@ def _scale_values(raw: bytes, dtype: str, name: str) -> np.ndarray:
         bits = np.frombuffer(raw, np.uint8).astype(np.float64)
         vals = np.where(bits == 255, np.nan, np.exp2(bits - 127))
     else:
-        arr = np.frombuffer(raw, FLOAT_NP[dtype])
-        vals = (arr.astype(np.uint32) << 16).view(np.float32).astype(np.float64) \
-            if dtype == "BF16" else arr.astype(np.float64)
+        vals = as_float(np.frombuffer(raw, FLOAT_NP[dtype]), dtype).astype(np.float64)
     if not (np.isfinite(vals).all() and (vals > 0).all()):
         raise CheckpointError(f"scale tensor `{name}` has zero, negative or non-finite values",
                               code=CODE)
