@@ -64,7 +64,16 @@ KIND_CONV = "conv"
 KIND_EMBEDDING = "embedding"
 KINDS = (KIND_LINEAR, KIND_CONV, KIND_EMBEDDING)
 # LyCORIS kinds (format 1.2, spec section 4.2): the module's tensors are LyCORIS's own.
-LYCORIS_KINDS = ("locon", "loha", "lokr", "full")
+# LyCORIS kinds (format 1.2) and the roles each may hold (LyCORIS's own parameter names)
+LYCORIS_KIND_ROLES: dict[str, tuple[str, ...]] = {
+    "locon": ("alpha", "dora_scale", "lora_down", "lora_up", "lora_mid"),
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+             "dora_scale", "alpha"),
+    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+             "lokr_t2", "dora_scale", "alpha"),
+    "full": ("diff", "diff_b", "alpha"),
+}
+LYCORIS_KINDS = tuple(LYCORIS_KIND_ROLES)
 ALL_KINDS = KINDS + LYCORIS_KINDS
 
 LAYOUT_OUT_IN = "out_in"  # base weight stored [out, in] (torch.nn.Linear)
@@ -86,10 +95,7 @@ ROLE_REPLACE_INDEX = "replace_index"
 REPLACEMENT_ROLES = (ROLE_REPLACE, ROLE_REPLACE_ROWS, ROLE_REPLACE_INDEX)
 # Roles of the LyCORIS kinds (format 1.2): LyCORIS's parameter names, ``lora_*.weight``
 # without ``.weight`` (a role holds no dot). Which kind takes which: spec section 4.2.
-LYCORIS_ROLES = ("alpha", "dora_scale", "lora_down", "lora_up", "lora_mid",
-                 "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
-                 "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
-                 "lokr_t2", "diff", "diff_b")
+LYCORIS_ROLES = tuple(dict.fromkeys(r for roles in LYCORIS_KIND_ROLES.values() for r in roles))
 ALL_ROLES = ROLES + REPLACEMENT_ROLES + LYCORIS_ROLES
 
 ADAPTER_DTYPES = ("F16", "BF16", "F32", "F64")

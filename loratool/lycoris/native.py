@@ -13,17 +13,11 @@ from __future__ import annotations
 import math
 
 from ..errors import TensorError
+from .. import format as F
 from ..format import ADAPTER_DTYPES, LAYOUT_OUT_IN, SCALING_STANDARD
 
 # kind -> the roles it may hold (the family's parameters, spec section 4.2)
-KIND_ROLES: dict[str, frozenset[str]] = {
-    "locon": frozenset({"lora_down", "lora_up", "lora_mid", "dora_scale", "alpha"}),
-    "loha": frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1",
-                       "hada_t2", "dora_scale", "alpha"}),
-    "lokr": frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
-                       "lokr_w2_b", "lokr_t2", "dora_scale", "alpha"}),
-    "full": frozenset({"diff", "diff_b", "alpha"}),
-}
+KIND_ROLES = {kind: frozenset(roles) for kind, roles in F.LYCORIS_KIND_ROLES.items()}
 _DOTTED = ("lora_down", "lora_up", "lora_mid")  # LyCORIS names them ``<role>.weight``
 
 
