@@ -65,28 +65,25 @@ static inline uint64_t round_bits(uint64_t a, int p, double tiny, double c) {
     return (sub & m) | (rn & ~m);
 }
 
-/* Rounds and stores x; returns nonzero when x is not finite or the rounded value overflows
- * (integer masks only: the loops stay free of branches). */
-static inline uint64_t store(char *out, Py_ssize_t i, int code, double x) {
+/* x rounded once to the output dtype, as its bit pattern (zero-extended): ±Inf when the
+ * rounded value overflows. Integer masks only: the loops stay free of branches. For finite x
+ * this is monotone in x, so two values with the same result bound an interval that rounds
+ * to that one value. */
+static inline uint64_t rn(int code, double x) {
     uint64_t b = bits64(x), sign = b & 0x8000000000000000ULL, a = b ^ sign;
-    uint64_t bad = (uint64_t)((int64_t)a >= (int64_t)0x7FF0000000000000LL);
     switch (code) {
     case F64:
-        memcpy(out + 8 * i, &x, 8);
-        return bad;
+        return b;
     case F32: {
         float f = (float)x;
         uint32_t u; memcpy(&u, &f, 4);
-        memcpy(out + 4 * i, &f, 4);
-        return (u & 0x7F800000u) == 0x7F800000u;
+        return u;
     }
     case BF16: {
         uint64_t r = round_bits(a, 8, 0x1p-126, 0x1.8p-81) | sign;
         float f = (float)from_bits64(r);  /* exact: a bf16 value (or Inf: overflow) */
         uint32_t u; memcpy(&u, &f, 4);
-        uint16_t h = (uint16_t)(u >> 16);
-        memcpy(out + 2 * i, &h, 2);
-        return bad | ((u & 0x7F800000u) == 0x7F800000u);
+        return u >> 16;
     }
     default: { /* F16 */
         uint64_t r = round_bits(a, 11, 0x1p-14, 0x1.8p28);
@@ -94,11 +91,34 @@ static inline uint64_t store(char *out, Py_ssize_t i, int code, double x) {
         uint64_t normal = (uint64_t)(e << 10) | ((r >> 42) & 0x3FF);
         uint64_t tiny = (uint32_t)(int32_t)(from_bits64(r) * 0x1p24);  /* subnormal: exact */
         uint64_t m = -(uint64_t)((int64_t)r < (int64_t)bits64(0x1p-14));
-        uint16_t h = (uint16_t)((tiny & m) | (normal & ~m) | (sign >> 48));
-        memcpy(out + 2 * i, &h, 2);
-        return bad | (uint64_t)(e >= 31);
+        uint64_t big = -(uint64_t)(e >= 31);
+        uint64_t h = ((tiny & m) | (normal & ~m)) & 0x7FFF;
+        return ((h & ~big) | (0x7C00 & big)) | (sign >> 48);
     }
     }
+}
+
+/* Nonzero when x is not finite or its rounded pattern v is Inf/NaN (an overflow). */
+static inline uint64_t special(int code, double x, uint64_t v) {
+    uint64_t a = bits64(x) & 0x7FFFFFFFFFFFFFFFULL;
+    uint64_t bad = (uint64_t)(a >= 0x7FF0000000000000ULL);
+    switch (code) {
+    case F64: return bad;
+    case F32: return bad | ((v & 0x7F800000u) == 0x7F800000u);
+    case BF16: return bad | ((v & 0x7F80u) == 0x7F80u);
+    default: return bad | ((v & 0x7C00u) == 0x7C00u);
+    }
+}
+
+/* Rounds x into out[i]; returns nonzero when x is not finite or overflows. */
+static inline uint64_t store(char *out, Py_ssize_t i, int code, double x) {
+    uint64_t v = rn(code, x);
+    switch (code) {
+    case F64: memcpy(out + 8 * i, &x, 8); break;
+    case F32: { uint32_t u = (uint32_t)v; memcpy(out + 4 * i, &u, 4); break; }
+    default: { uint16_t h = (uint16_t)v; memcpy(out + 2 * i, &h, 2); break; }
+    }
+    return special(code, x, v);
 }
 
 /* GCC on x86-64: an AVX2 clone of each loop beside the baseline one, picked at load time
@@ -128,6 +148,346 @@ static int add_round_loop(const char *w, int wc, const double *d, char *out, int
     return LOOPS_TABLE[wc][oc](w, d, out, n);
 }
 
+/* ---- lowrank_round: the rank-r product computed here too, with a certificate ----------
+ *
+ * out = RN_out(w + L @ R) for a block of m rows (L: [m, r] float64, s folded in; R: [r, n]).
+ * The product is evaluated in binary64 in this kernel's own order (FMA where the CPU has it),
+ * which can differ in the last binary64 bits from numpy's BLAS. Both evaluations are within
+ *     gamma = (r + 2) u M,  M = |w| + sum_k |L_ik| |R_kj|,  u = 2^-53
+ * of the exact value (any summation order, with or without FMA), so they are within 2 gamma
+ * of each other. This kernel uses the upper bound M' = |w| + rb_i ca_j (rb_i = sum_k |L_ik|,
+ * ca_j = max_k |R_kj|) and g = (2r + 10) u M' + 2^-1060 (rounding of the bound itself and
+ * underflow included), and checks RN(e - g) == RN(e + g): rounding is monotone, so then every
+ * value in [e - g, e + g], BLAS's sum included, rounds to the same stored value, and the result
+ * is bit for bit the numpy kernel's. A block with any entry that fails the check (a close
+ * call: returns 2) or is NaN/Inf/overflows (returns 1) is left to the numpy kernels; when
+ * `tmp` is given the result goes there first and is copied to `out` only when the whole block
+ * passed (in place: `out` is `w`, which a fall back still needs). */
+
+#define TILE_ROWS 4
+#define CHUNK 8    /* columns per register tile; R is packed as [n / 8][r][8] */
+#define STRIPE 512
+
+/* p[t * ldp + j] = sum_k L[t, k] R[k, j0 + j] for t < mt, j < nj (R unpacked), plain C. */
+static void dot_plain(const double *L, Py_ssize_t r, const double *R, Py_ssize_t n,
+                      Py_ssize_t j0, Py_ssize_t nj, int mt, double *p, Py_ssize_t ldp) {
+    for (int t = 0; t < mt; t++) {
+        double *pt = p + t * ldp;
+        for (Py_ssize_t j = 0; j < nj; j++) pt[j] = 0.0;
+        for (Py_ssize_t k = 0; k < r; k++) {
+            const double l = L[t * r + k], *Rk = R + k * n + j0;
+            for (Py_ssize_t j = 0; j < nj; j++) pt[j] += l * Rk[j];
+        }
+    }
+}
+
+/* One row: store RN(w + p) and check the certificate; returns flags (1: NaN/Inf/overflow,
+ * 2: close call). The generic epilogue: any dtypes, auto-vectorized. */
+#define EPI(WC, OC)                                                                         \
+    CLONES static int epi_##WC##_##OC(const char *w, const double *p, const double *ca,    \
+                                      double rb, double gc, char *out, Py_ssize_t n) {      \
+        uint64_t bad = 0, close = 0;                                                        \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                \
+            double x = load(w, i, WC), e = x + p[i];                                        \
+            double g = gc * (fabs(x) + rb * ca[i]) + 0x1p-1060;                             \
+            bad |= store(out, i, OC, e);                                                    \
+            close |= rn(OC, e - g) ^ rn(OC, e + g);                                         \
+        }                                                                                   \
+        return (bad != 0) | ((close != 0) << 1);                                            \
+    }
+#define EPIS(WC) EPI(WC, F32) EPI(WC, F16) EPI(WC, BF16)
+EPIS(F64) EPIS(F32) EPIS(F16) EPIS(BF16)
+
+typedef int (*epi_fn)(const char *, const double *, const double *, double, double, char *,
+                      Py_ssize_t);
+/* [w code][out code]; F64 outputs are not certified here (every bit counts): NULL */
+#define EROW(WC) {NULL, epi_##WC##_F32, epi_##WC##_F16, epi_##WC##_BF16}
+static const epi_fn EPI_TABLE[4][4] = {EROW(F64), EROW(F32), EROW(F16), EROW(BF16)};
+
+/* Everything a block needs, passed down as one struct. */
+typedef struct {
+    const char *w; int wc; Py_ssize_t ws;      /* base rows (stride in bytes) */
+    const double *L, *R, *Rp, *rb, *ca;       /* L [m, r], R [r, n], Rp packed, bounds */
+    char *out; int oc; Py_ssize_t os;          /* output rows (stride in bytes) */
+    Py_ssize_t m, r, n; double gc;
+} block_t;
+
+/* Rows i0 .. i0 + mt, columns j0 .. j0 + nj (unpacked R) by the generic code. */
+static int rows_generic(const block_t *b, Py_ssize_t i0, int mt, Py_ssize_t j0,
+                        Py_ssize_t nj, double *p) {
+    const epi_fn epi = EPI_TABLE[b->wc][b->oc];
+    for (Py_ssize_t s = j0; s < j0 + nj; s += STRIPE) {
+        Py_ssize_t ns = j0 + nj - s < STRIPE ? j0 + nj - s : STRIPE;
+        dot_plain(b->L + i0 * b->r, b->r, b->R, b->n, s, ns, mt, p, STRIPE);
+        for (int t = 0; t < mt; t++) {
+            Py_ssize_t i = i0 + t;
+            int flags = epi(b->w + i * b->ws + s * SIZES[b->wc], p + t * STRIPE, b->ca + s,
+                            b->rb[i], b->gc, b->out + i * b->os + s * SIZES[b->oc], ns);
+            if (flags) return flags;
+        }
+    }
+    return 0;
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define HAVE_AVX2_PATH 1
+#define AVX2 __attribute__((target("avx2,fma")))
+
+/* The rank-r products of 4 rows x 8 columns (chunk c of the packed R) in 8 accumulators. */
+#define TILE_PRODUCT(L, r, Rp, c, acc)                                                      \
+    do {                                                                                    \
+        for (int q = 0; q < 8; q++) acc[q] = _mm256_setzero_pd();                           \
+        const double *Rk = Rp + (c) * (r) * CHUNK;                                         \
+        for (Py_ssize_t k = 0; k < (r); k++, Rk += CHUNK) {                                 \
+            __m256d r0 = _mm256_loadu_pd(Rk), r1 = _mm256_loadu_pd(Rk + 4);                \
+            for (int t = 0; t < TILE_ROWS; t++) {                                           \
+                __m256d l = _mm256_broadcast_sd(L + t * (r) + k);                           \
+                acc[2 * t] = _mm256_fmadd_pd(l, r0, acc[2 * t]);                            \
+                acc[2 * t + 1] = _mm256_fmadd_pd(l, r1, acc[2 * t + 1]);                    \
+            }                                                                               \
+        }                                                                                   \
+    } while (0)
+
+/* Rows i0 .. i0 + 4, the first nch * 8 columns, for any dtypes: products into p, then the
+ * generic epilogue (F16 or F64 sides). */
+AVX2 static int rows4_packed(const block_t *b, Py_ssize_t i0, Py_ssize_t nch, double *p) {
+    const epi_fn epi = EPI_TABLE[b->wc][b->oc];
+    const double *L = b->L + i0 * b->r;
+    for (Py_ssize_t c0 = 0; c0 < nch; c0 += STRIPE / CHUNK) {
+        Py_ssize_t c1 = nch - c0 < STRIPE / CHUNK ? nch : c0 + STRIPE / CHUNK;
+        for (Py_ssize_t c = c0; c < c1; c++) {
+            __m256d acc[8];
+            TILE_PRODUCT(L, b->r, b->Rp, c, acc);
+            for (int t = 0; t < TILE_ROWS; t++) {
+                _mm256_storeu_pd(p + t * STRIPE + (c - c0) * CHUNK, acc[2 * t]);
+                _mm256_storeu_pd(p + t * STRIPE + (c - c0) * CHUNK + 4, acc[2 * t + 1]);
+            }
+        }
+        Py_ssize_t s = c0 * CHUNK, ns = (c1 - c0) * CHUNK;
+        for (int t = 0; t < TILE_ROWS; t++) {
+            Py_ssize_t i = i0 + t;
+            int flags = epi(b->w + i * b->ws + s * SIZES[b->wc], p + t * STRIPE, b->ca + s,
+                            b->rb[i], b->gc, b->out + i * b->os + s * SIZES[b->oc], ns);
+            if (flags) return flags;
+        }
+    }
+    return 0;
+}
+
+/* 64-bit lane masks (all ones or zeros) of two vectors -> 8 32-bit lane masks, in order. */
+AVX2 static inline __m256i narrow(__m256d m0, __m256d m1) {
+    const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    __m256i a = _mm256_permutevar8x32_epi32(_mm256_castpd_si256(m0), idx);
+    __m256i b = _mm256_permutevar8x32_epi32(_mm256_castpd_si256(m1), idx);
+    return _mm256_permute2x128_si256(a, b, 0x20);
+}
+
+/* The common case fused in registers: F32/BF16 base, F32/BF16 output, 4 rows x 8 columns.
+ * F32 output: the certificate compares RN(e - g) and RN(e + g) bit for bit. BF16 output: e is
+ * rounded to binary32 first (f); while g <= |e| 2^-25 (under half a binary32 ulp), a BF16
+ * rounding boundary (a midpoint: binary32 pattern ending in 0x8000) within g of e is within
+ * one binary32 ulp of f, so it is the midpoint mu with f's high 16 bits; |e - mu| > g
+ * certifies the result. No midpoint lies strictly between e and f (f is the nearest binary32
+ * value), so rounding f to BF16 (integer rounding of its bits) is the single rounding of e,
+ * except when f is itself a midpoint: then e's side of it decides. */
+/* One row of a register tile: 8 values of w (at wp) plus the products a0, a1, rounded into
+ * op; the certificate's failures and NaN/Inf/overflow OR-ed into *close and *bad. */
+AVX2 static inline __attribute__((always_inline)) void fused_row(
+        const char *wp, char *op, int wc, int oc, __m256d a0, __m256d a1, __m256d rbv,
+        __m256d ca0, __m256d ca1, double gc, __m256i *bad, __m256i *close) {
+    const __m256d absmask = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7FFFFFFFFFFFFFFFLL));
+    const __m256d tiny = _mm256_set1_pd(0x1p-1060), gcv = _mm256_set1_pd(gc);
+    const __m256d quarter_ulp = _mm256_set1_pd(0x1p-25);
+    const __m256i expo = _mm256_set1_epi32(0x7F800000), lo16 = _mm256_set1_epi32(0xFFFF);
+    const __m256i mid = _mm256_set1_epi32(0x7FFF), half = _mm256_set1_epi32(0x8000);
+    const __m256i one = _mm256_set1_epi32(1), bexpo = _mm256_set1_epi32(0x7F80);
+    __m256 wf = wc == F32 ? _mm256_loadu_ps((const float *)wp)
+        : _mm256_castsi256_ps(_mm256_slli_epi32(
+              _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)wp)), 16));
+    __m256d x0 = _mm256_cvtps_pd(_mm256_castps256_ps128(wf));
+    __m256d x1 = _mm256_cvtps_pd(_mm256_extractf128_ps(wf, 1));
+    __m256d e0 = _mm256_add_pd(x0, a0), e1 = _mm256_add_pd(x1, a1);
+    __m256d g0 = _mm256_fmadd_pd(gcv, _mm256_fmadd_pd(rbv, ca0,
+                                                      _mm256_and_pd(x0, absmask)), tiny);
+    __m256d g1 = _mm256_fmadd_pd(gcv, _mm256_fmadd_pd(rbv, ca1,
+                                                      _mm256_and_pd(x1, absmask)), tiny);
+    __m256 f = _mm256_set_m128(_mm256_cvtpd_ps(e1), _mm256_cvtpd_ps(e0));
+    __m256i fb = _mm256_castps_si256(f);
+    *bad = _mm256_or_si256(*bad, _mm256_cmpeq_epi32(_mm256_and_si256(fb, expo), expo));
+    if (oc == F32) {
+        __m256 lo = _mm256_set_m128(_mm256_cvtpd_ps(_mm256_sub_pd(e1, g1)),
+                                    _mm256_cvtpd_ps(_mm256_sub_pd(e0, g0)));
+        __m256 hi = _mm256_set_m128(_mm256_cvtpd_ps(_mm256_add_pd(e1, g1)),
+                                    _mm256_cvtpd_ps(_mm256_add_pd(e0, g0)));
+        *close = _mm256_or_si256(*close, _mm256_xor_si256(_mm256_castps_si256(lo),
+                                                        _mm256_castps_si256(hi)));
+        _mm256_storeu_ps((float *)op, f);
+    } else {
+        /* the BF16 midpoint mu with f's high 16 bits (the only one that can be
+         * within g of e, see above): close when |e - mu| <= g, or g > |e| 2^-25 */
+        __m256i mub = _mm256_or_si256(_mm256_andnot_si256(lo16, fb), half);
+        __m256d mu0 = _mm256_cvtps_pd(_mm256_castps256_ps128(_mm256_castsi256_ps(mub)));
+        __m256d mu1 = _mm256_cvtps_pd(_mm256_extractf128_ps(_mm256_castsi256_ps(mub), 1));
+        __m256d near0 = _mm256_cmp_pd(_mm256_and_pd(_mm256_sub_pd(e0, mu0), absmask),
+                                      g0, _CMP_LE_OQ);
+        __m256d near1 = _mm256_cmp_pd(_mm256_and_pd(_mm256_sub_pd(e1, mu1), absmask),
+                                      g1, _CMP_LE_OQ);
+        __m256d big0 = _mm256_cmp_pd(g0, _mm256_mul_pd(_mm256_and_pd(e0, absmask),
+                                                       quarter_ulp), _CMP_GT_OQ);
+        __m256d big1 = _mm256_cmp_pd(g1, _mm256_mul_pd(_mm256_and_pd(e1, absmask),
+                                                       quarter_ulp), _CMP_GT_OQ);
+        *close = _mm256_or_si256(*close, _mm256_castpd_si256(_mm256_or_pd(
+            _mm256_or_pd(near0, near1), _mm256_or_pd(big0, big1))));
+        __m256i rnd = _mm256_add_epi32(fb, _mm256_add_epi32(
+            mid, _mm256_and_si256(_mm256_srli_epi32(fb, 16), one)));
+        rnd = _mm256_srli_epi32(rnd, 16);
+        /* f on a midpoint (f == mu) with e != f: not a tie, e's side decides */
+        __m256d ea0 = _mm256_and_pd(e0, absmask), ea1 = _mm256_and_pd(e1, absmask);
+        __m256d ma0 = _mm256_and_pd(mu0, absmask), ma1 = _mm256_and_pd(mu1, absmask);
+        __m256i up = narrow(_mm256_cmp_pd(ea0, ma0, _CMP_GT_OQ),
+                            _mm256_cmp_pd(ea1, ma1, _CMP_GT_OQ));
+        __m256i off = narrow(_mm256_cmp_pd(ea0, ma0, _CMP_NEQ_OQ),
+                             _mm256_cmp_pd(ea1, ma1, _CMP_NEQ_OQ));
+        __m256i fix = _mm256_and_si256(off, _mm256_cmpeq_epi32(fb, mub));
+        __m256i dir = _mm256_add_epi32(_mm256_srli_epi32(fb, 16),
+                                       _mm256_and_si256(up, one));
+        rnd = _mm256_blendv_epi8(rnd, dir, fix);
+        *bad = _mm256_or_si256(*bad, _mm256_cmpeq_epi32(_mm256_and_si256(rnd, bexpo),
+                                                      bexpo));
+        __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(rnd),
+                                     _mm256_extracti128_si256(rnd, 1));
+        _mm_storeu_si128((__m128i *)op, h);
+    }
+}
+
+AVX2 static inline __attribute__((always_inline)) int rows4_fused_t(
+        const block_t *b, Py_ssize_t i0, Py_ssize_t nch, const int wc, const int oc) {
+    const double *L = b->L + i0 * b->r, *Rp = b->Rp, *ca = b->ca;
+    const Py_ssize_t r = b->r, ws = b->ws, os = b->os;
+    const char *w = b->w + i0 * ws;
+    char *out = b->out + i0 * os;
+    const double gc = b->gc;
+    const int wsz = SIZES[wc], osz = SIZES[oc];
+    __m256i bad = _mm256_setzero_si256(), close = bad;
+    const __m256d rb0 = _mm256_set1_pd(b->rb[i0]), rb1 = _mm256_set1_pd(b->rb[i0 + 1]);
+    const __m256d rb2 = _mm256_set1_pd(b->rb[i0 + 2]), rb3 = _mm256_set1_pd(b->rb[i0 + 3]);
+    for (Py_ssize_t c = 0; c < nch; c++) {
+        __m256d a00 = _mm256_setzero_pd(), a01 = a00, a10 = a00, a11 = a00, a20 = a00,
+                a21 = a00, a30 = a00, a31 = a00;
+        const double *Rk = Rp + c * r * CHUNK;
+        for (Py_ssize_t k = 0; k < r; k++, Rk += CHUNK) {
+            __m256d r0 = _mm256_loadu_pd(Rk), r1 = _mm256_loadu_pd(Rk + 4), l;
+            l = _mm256_broadcast_sd(L + k);
+            a00 = _mm256_fmadd_pd(l, r0, a00); a01 = _mm256_fmadd_pd(l, r1, a01);
+            l = _mm256_broadcast_sd(L + r + k);
+            a10 = _mm256_fmadd_pd(l, r0, a10); a11 = _mm256_fmadd_pd(l, r1, a11);
+            l = _mm256_broadcast_sd(L + 2 * r + k);
+            a20 = _mm256_fmadd_pd(l, r0, a20); a21 = _mm256_fmadd_pd(l, r1, a21);
+            l = _mm256_broadcast_sd(L + 3 * r + k);
+            a30 = _mm256_fmadd_pd(l, r0, a30); a31 = _mm256_fmadd_pd(l, r1, a31);
+        }
+        const __m256d ca0 = _mm256_loadu_pd(ca + c * CHUNK);
+        const __m256d ca1 = _mm256_loadu_pd(ca + c * CHUNK + 4);
+        const Py_ssize_t wo = c * CHUNK * wsz, oo = c * CHUNK * osz;
+        fused_row(w + wo, out + oo, wc, oc, a00, a01, rb0, ca0, ca1, gc, &bad, &close);
+        fused_row(w + ws + wo, out + os + oo, wc, oc, a10, a11, rb1, ca0, ca1, gc, &bad, &close);
+        fused_row(w + 2 * ws + wo, out + 2 * os + oo, wc, oc, a20, a21, rb2, ca0, ca1, gc,
+                  &bad, &close);
+        fused_row(w + 3 * ws + wo, out + 3 * os + oo, wc, oc, a30, a31, rb3, ca0, ca1, gc,
+                  &bad, &close);
+        if (!_mm256_testz_si256(bad, bad)) return 1;
+        if (!_mm256_testz_si256(close, close)) return 2;
+    }
+    return 0;
+}
+
+/* One compiled copy per dtype pair, so that the dtype tests leave the loop. */
+AVX2 static int rows4_fused(const block_t *b, Py_ssize_t i0, Py_ssize_t nch) {
+    if (b->wc == F32)
+        return b->oc == F32 ? rows4_fused_t(b, i0, nch, F32, F32)
+                            : rows4_fused_t(b, i0, nch, F32, BF16);
+    return b->oc == F32 ? rows4_fused_t(b, i0, nch, BF16, F32)
+                        : rows4_fused_t(b, i0, nch, BF16, BF16);
+}
+#endif
+
+static int use_avx2 = 0;
+
+/* The block: 4-row tiles over the packed columns (fused, or products + generic epilogue),
+ * then the remaining columns and rows by the generic code. */
+static int lowrank_loop(const block_t *b, double *p) {
+    Py_ssize_t nch = use_avx2 ? b->n / CHUNK : 0, i0 = 0;
+    int flags = 0;
+    for (; i0 + TILE_ROWS <= b->m && !flags; i0 += TILE_ROWS) {
+#ifdef HAVE_AVX2_PATH
+        if (nch) {
+            int fused = (b->wc == F32 || b->wc == BF16) && (b->oc == F32 || b->oc == BF16);
+            flags = fused ? rows4_fused(b, i0, nch) : rows4_packed(b, i0, nch, p);
+        }
+#endif
+        if (!flags && nch * CHUNK < b->n)
+            flags = rows_generic(b, i0, TILE_ROWS, nch * CHUNK, b->n - nch * CHUNK, p);
+    }
+    for (; i0 < b->m && !flags; i0 += TILE_ROWS) {
+        int mt = b->m - i0 < TILE_ROWS ? (int)(b->m - i0) : TILE_ROWS;
+        flags = rows_generic(b, i0, mt, 0, b->n, p);
+    }
+    return flags == 0 ? 0 : (flags & 1) ? 1 : 2;
+}
+
+static PyObject *lowrank_round(PyObject *self, PyObject *args) {
+    Py_buffer w, L, R, Rp, rb, ca, out, tmp = {0};
+    int wc, oc;
+    Py_ssize_t m, r, n;
+    PyObject *tmp_obj;
+    if (!PyArg_ParseTuple(args, "y*iy*y*y*y*y*w*innnO", &w, &wc, &L, &R, &Rp, &rb, &ca, &out,
+                          &oc, &m, &r, &n, &tmp_obj))
+        return NULL;
+    PyObject *res = NULL;
+    int have_tmp = 0;
+    if (tmp_obj != Py_None) {
+        if (PyObject_GetBuffer(tmp_obj, &tmp, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+            goto done;
+        have_tmp = 1;
+    }
+    if (wc < 0 || wc > 3 || oc < 1 || oc > 3 || m < 0 || r < 1 || n < 0) {
+        PyErr_SetString(PyExc_ValueError, "bad dtype code or shape (out: 1 F32, 2 F16, 3 BF16)");
+    } else if (w.len != m * n * SIZES[wc] || out.len != m * n * SIZES[oc]
+               || L.len != m * r * 8 || R.len != r * n * 8 || Rp.len != (n / CHUNK) * CHUNK * r * 8
+               || rb.len != m * 8
+               || ca.len != n * 8 || (have_tmp && tmp.len != out.len)) {
+        PyErr_SetString(PyExc_ValueError, "buffer sizes do not agree");
+    } else {
+        double *p = PyMem_RawMalloc(sizeof(double) * TILE_ROWS * STRIPE);
+        block_t blk = {w.buf, wc, n * SIZES[wc], L.buf, R.buf, Rp.buf, rb.buf, ca.buf,
+                       NULL, oc, n * SIZES[oc], m, r, n, (double)(2 * r + 10) * 0x1p-53};
+        if (p == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        int status;
+        char *dst = have_tmp ? (char *)tmp.buf : (char *)out.buf;
+        Py_BEGIN_ALLOW_THREADS
+        blk.out = dst;
+        status = lowrank_loop(&blk, p);
+        if (status == 0 && have_tmp) memcpy(out.buf, tmp.buf, (size_t)out.len);
+        Py_END_ALLOW_THREADS
+        PyMem_RawFree(p);
+        res = PyLong_FromLong(status);
+    }
+done:
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&L);
+    PyBuffer_Release(&R);
+    PyBuffer_Release(&Rp);
+    PyBuffer_Release(&rb);
+    PyBuffer_Release(&ca);
+    PyBuffer_Release(&out);
+    if (have_tmp) PyBuffer_Release(&tmp);
+    return res;
+}
+
 static PyObject *add_round(PyObject *self, PyObject *args) {
     Py_buffer w, d, out;
     int wc, oc;
@@ -154,13 +514,39 @@ static PyObject *add_round(PyObject *self, PyObject *args) {
     return res;
 }
 
+/* simd() -> bool: whether the AVX2/FMA code runs; simd(False) makes the plain C code run
+ * (the tests check both give the same bytes), simd(True) restores it where the CPU has it. */
+static int cpu_avx2 = 0;
+static PyObject *simd(PyObject *self, PyObject *args) {
+    int on = -1;
+    if (!PyArg_ParseTuple(args, "|p", &on))
+        return NULL;
+    if (on >= 0) use_avx2 = on && cpu_avx2;
+    return PyBool_FromLong(use_avx2);
+}
+
 static PyMethodDef methods[] = {
     {"add_round", add_round, METH_VARARGS,
      "add_round(w, w_code, d, out, out_code) -> bool: out = RN(w + d), rounded once; False "
      "when a result is NaN/Inf or overflows."},
+    {"lowrank_round", lowrank_round, METH_VARARGS,
+     "lowrank_round(w, w_code, L, R, Rp, rb, ca, out, out_code, m, r, n, tmp) -> int: out = "
+     "RN(w + L @ R) with the product computed here; 0 done, 1 NaN/Inf/overflow, 2 a close "
+     "call (out unspecified: use the numpy kernels). Rp: R packed as [n // 8][r][8]; rb = "
+     "sum_k |L|, ca = max_k |R|; tmp: "
+     "None or a scratch buffer of out's size, written first (out is copied only on success)."},
+    {"simd", simd, METH_VARARGS, "simd([on]) -> bool: whether the AVX2/FMA path of "
+     "lowrank_round runs (on=False: the plain C path; True: AVX2/FMA where the CPU has it)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastmerge", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__fastmerge(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__fastmerge(void) {
+#ifdef HAVE_AVX2_PATH
+    __builtin_cpu_init();
+    cpu_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    use_avx2 = cpu_avx2;
+#endif
+    return PyModule_Create(&module);
+}

@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from loratool.errors import CheckpointError
 import itertools
@@ -210,4 +212,120 @@ def test_nan_payloads_of_the_base_stay_nan(out):
             assert np.array_equal(_run(engine, w, "F32", L, R, 0.1, out), want), label
     finally:
         for e in (ref, *engines.values()):
+            e.close()
+
+
+# ---- the compiled product (``_fastmerge.lowrank_round``): certified equal to numpy's ----
+
+needs_ext = pytest.mark.skipif(EXTENSION is None, reason="compiled kernel not built")
+CODES = {"F32": 1, "F16": 2, "BF16": 3}
+
+
+def _direct(w_stored, base, L, R, out, tmp=False):
+    """``lowrank_round`` on one block: (status, output bits)."""
+    from loratool.ops.merge.exact import _NpOp, _compiled_operands
+    m, n = w_stored.shape
+    packed, rb, ca = _compiled_operands(_NpOp("lowrank", 1.0, "m", L, R, None))
+    dst = np.zeros((m, n), dtype=BITS[out])
+    scratch = np.zeros_like(dst) if tmp else None
+    status = EXTENSION.lowrank_round(w_stored, CODES[base], L, R, packed, rb, ca, dst,
+                                     CODES[out], m, R.shape[0], n, scratch)
+    return status, dst
+
+
+@pytest.fixture(params=[True, False], ids=["simd", "plain"])
+def simd(request):
+    """Both code paths of the compiled product: AVX2/FMA (where the CPU has it) and plain C."""
+    if EXTENSION is None:
+        pytest.skip("compiled kernel not built")
+    before = EXTENSION.simd()
+    EXTENSION.simd(request.param)
+    yield request.param
+    EXTENSION.simd(before)
+
+
+@needs_ext
+@pytest.mark.parametrize("out", DTYPES)
+def test_compiled_product_reports_close_calls_and_nonfinite(simd, out):
+    """A sum exactly on (or a hair off) a rounding midpoint of the output dtype cannot be
+    certified: status 2, for the numpy kernel to decide; NaN in the base: status 1; ordinary
+    values: status 0 and the correctly rounded result, in every tile position (4-row tiles,
+    8-column chunks, and the rows and columns left over)."""
+    rng = np.random.default_rng(11)
+    m, n, r = 11, 37, 3
+    half = {"F32": 2.0**-24, "BF16": 2.0**-8, "F16": 2.0**-11}[out]
+    L, R = rng.standard_normal((m, r)) * 0.1, rng.standard_normal((r, n)) * 0.1
+    w = rng.standard_normal((m, n)).astype(np.float32).astype(np.float64)
+    status, got = _direct(_to_stored(w, "F32"), "F32", L, R, out)
+    assert status == 0
+    assert np.array_equal(got, _oracle(w, L, R, 1.0, out))
+    w = np.ones((m, n))
+    for i, j in itertools.product((0, 5, 10), (0, 9, 36)):  # tiles, chunks, leftovers
+        for off in (0.0, 2.0**-50, -2.0**-50):
+            L2, R2 = np.zeros((m, r)), np.zeros((r, n))
+            L2[i, 0], R2[0, j] = half, 1.0 + off  # W + delta on (or by the hair) a midpoint
+            status, _ = _direct(_to_stored(w, "F32"), "F32", L2, R2, out)
+            assert status == 2, (i, j, off)
+        bad = w.copy()
+        bad[i, j] = np.nan
+        assert _direct(_to_stored(bad, "F32"), "F32", L, R, out)[0] == 1
+
+
+@needs_ext
+@pytest.mark.parametrize("base,out", list(itertools.product(DTYPES, DTYPES)))
+def test_compiled_product_equals_numpy_on_odd_shapes(simd, base, out):
+    """Shapes that use every path of the compiled product (columns not a multiple of 8,
+    rows not a multiple of 4, several blocks, ranks 1 to 40): the engine with the compiled
+    kernel writes numpy's bytes, with and without the scratch buffer (in place)."""
+    rng = np.random.default_rng(hash((base, out)) % 2**32)
+    for rows, cols, rank in ((70, 333, 16), (9, 7, 1), (35, 64, 40), (4, 8, 3)):
+        w = torch.from_numpy(rng.standard_normal((rows, cols)) * 0.05).to(TORCH[base])
+        stored = _to_stored(w.double().numpy(), base)
+        L = rng.standard_normal((rows, rank)) * 0.01
+        R = rng.standard_normal((rank, cols)) * 0.01
+        engines = {**_fast_engines(2), **_fast_engines(1, block_rows=5)}
+        try:
+            want = _run(engines["numpy-2"], stored, base, L, R, 0.7, out)
+            for label, engine in engines.items():
+                got = _run(engine, stored, base, L, R, 0.7, out)
+                assert np.array_equal(got, want), (label, rows, cols, rank)
+        finally:
+            for e in engines.values():
+                e.close()
+
+
+@needs_ext
+@settings(max_examples=60)
+@given(rows=st.integers(1, 23), cols=st.integers(1, 41), rank=st.integers(1, 20),
+       base=st.sampled_from(DTYPES), out=st.sampled_from(DTYPES),
+       w_exp=st.integers(-30, 8), d_exp=st.integers(-40, 4),
+       scale=st.floats(-4, 4, allow_nan=False).filter(lambda s: s != 0),
+       seed=st.integers(0, 2**32 - 1), simd_on=st.booleans())
+def test_compiled_product_equals_numpy_property(rows, cols, rank, base, out, w_exp, d_exp,
+                                                scale, seed, simd_on):
+    """Any shape, rank, scale and magnitude (deltas from far below to far above the
+    weights, subnormal and overflowing results included): the compiled product gives the
+    numpy kernel's bytes, or the same LT412 error."""
+    rng = np.random.default_rng(seed)
+    w = torch.from_numpy(rng.standard_normal((rows, cols)) * 2.0**w_exp).to(TORCH[base])
+    stored = _to_stored(w.double().numpy(), base)
+    L = rng.standard_normal((rows, rank)) * 2.0**(d_exp / 2)
+    R = rng.standard_normal((rank, cols)) * 2.0**(d_exp / 2)
+    before = EXTENSION.simd()
+    EXTENSION.simd(simd_on)
+    engines = [NumpyExactEngine(1, compiled=False, block_rows=4),
+               NumpyExactEngine(1, compiled=True, block_rows=4)]
+    try:
+        results = []
+        for engine in engines:
+            try:
+                results.append(_run(engine, stored, base, L, R, scale, out))
+            except CheckpointError as e:
+                results.append(e.code)
+        assert type(results[0]) is type(results[1])
+        assert (results[0] == results[1]) if isinstance(results[0], str) else \
+            np.array_equal(results[0], results[1])
+    finally:
+        EXTENSION.simd(before)
+        for e in engines:
             e.close()

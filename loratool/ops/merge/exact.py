@@ -130,6 +130,7 @@ class _Tensor:
     name: str
     fast: bool
     ext: object = None  # the compiled kernel's module, when used
+    packed: tuple | None = None  # the compiled product's operands (``_compiled_operands``)
 
 
 class _Scratch:
@@ -195,6 +196,8 @@ class NumpyExactEngine:
                          as_f64(op.vec)) for op in ops]
         job = _Tensor(w2, out.reshape(w2.shape), dtype, out_dtype, ops, name,
                       self.fast and _fast_ok(ops), self.ext)
+        if job.fast and job.ext is not None and out_dtype != "F64" and ops[0].L.shape[1]:
+            job.packed = _compiled_operands(ops[0])
         step = self.block_rows if job.fast else max(1, REFERENCE_ELEMS // max(cols, 1))
         blocks = -(-rows // step)
         k = min(self.workers, blocks)
@@ -237,6 +240,17 @@ def _fast_ok(ops) -> bool:
     return math.isfinite(bound) and bound < _SAFE_BOUND
 
 
+def _compiled_operands(op: _NpOp) -> tuple:
+    """What the compiled product needs besides L and R, once per tensor: R packed as
+    [cols // 8][r][8] (8 columns of every k contiguous, the kernel's register tile), and
+    per row ``sum_k |s L_ik|`` and per column ``max_k |R_kj|``, whose product bounds
+    ``sum_k |s L_ik| |R_kj|`` and so the float64 product's rounding error."""
+    r, cols = op.R.shape
+    n8 = cols // 8 * 8
+    packed = np.ascontiguousarray(op.R[:, :n8].reshape(r, n8 // 8, 8).transpose(1, 0, 2))
+    return packed, np.abs(op.L).sum(axis=1), np.abs(op.R).max(axis=0)
+
+
 def _product(job: _Tensor, i: int, j: int, s: _Scratch) -> np.ndarray:
     """The float64 rank-r product of rows ``i:j`` (``s L @ R``), in the worker's scratch."""
     op = job.ops[0]
@@ -247,11 +261,19 @@ def _product(job: _Tensor, i: int, j: int, s: _Scratch) -> np.ndarray:
 
 def _compiled_block(job: _Tensor, i: int, j: int, s: _Scratch) -> bool:
     """Rows ``i:j`` by the compiled kernel; False (to be redone by ``_fast_block``) when a
-    result is NaN/Inf or overflows."""
+    result is NaN/Inf, overflows or is a close call the kernel cannot certify."""
     m, cols = j - i, job.w2.shape[1]
-    d = _product(job, i, j, s)
     dst = job.o2[i:j]
-    if job.out_dtype != job.dtype:
+    inplace = job.out_dtype == job.dtype
+    if job.packed is not None:  # the product too, certified equal to numpy's (see the C file)
+        op = job.ops[0]
+        packed, rb, ca = job.packed
+        tmp = s.get("y", m * cols, FLOAT_NP[job.out_dtype]) if inplace else None
+        return job.ext.lowrank_round(job.w2[i:j], _EXT_CODES[job.dtype], op.L[i:j], op.R,
+                                     packed, rb[i:j], ca, dst, _EXT_CODES[job.out_dtype], m,
+                                     op.R.shape[0], cols, tmp) == 0
+    d = _product(job, i, j, s)
+    if not inplace:
         return job.ext.add_round(job.w2[i:j], _EXT_CODES[job.dtype], d, dst,
                                  _EXT_CODES[job.out_dtype])
     # in place: W must survive a fall back to the numpy kernels
