@@ -275,14 +275,6 @@ AVX2 static int rows4_packed(const block_t *b, Py_ssize_t i0, Py_ssize_t nch, do
     return 0;
 }
 
-/* 64-bit lane masks (all ones or zeros) of two vectors -> 8 32-bit lane masks, in order. */
-AVX2 static inline __m256i narrow(__m256d m0, __m256d m1) {
-    const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-    __m256i a = _mm256_permutevar8x32_epi32(_mm256_castpd_si256(m0), idx);
-    __m256i b = _mm256_permutevar8x32_epi32(_mm256_castpd_si256(m1), idx);
-    return _mm256_permute2x128_si256(a, b, 0x20);
-}
-
 /* The common case fused in registers: F32/BF16 base, F32/BF16 output, 4 rows x 8 columns.
  * F32 output: the certificate compares RN(e - g) and RN(e + g) bit for bit. BF16 output: e is
  * rounded to binary32 first (f); while g <= |e| 2^-25 (under half a binary32 ulp), a BF16
@@ -291,6 +283,34 @@ AVX2 static inline __m256i narrow(__m256d m0, __m256d m1) {
  * certifies the result. No midpoint lies strictly between e and f (f is the nearest binary32
  * value), so rounding f to BF16 (integer rounding of its bits) is the single rounding of e,
  * except when f is itself a midpoint: then e's side of it decides. */
+/* The BF16 lanes whose binary32 rounding f is within one binary32 ulp of the midpoint mu
+ * with f's high 16 bits (rare): a close call when |e - mu| <= g (returns 1); when f is mu
+ * itself but e is not, rounding f to even was wrong and e's side of mu decides (the stored
+ * value is mended). */
+AVX2 __attribute__((noinline, cold)) static int bf16_candidates(
+        __m256d e0, __m256d e1, __m256d g0, __m256d g1, __m256i fb, char *op) {
+    double e[8], g[8];
+    uint32_t f[8];
+    _mm256_storeu_pd(e, e0); _mm256_storeu_pd(e + 4, e1);
+    _mm256_storeu_pd(g, g0); _mm256_storeu_pd(g + 4, g1);
+    _mm256_storeu_si256((__m256i *)f, fb);
+    int close = 0;
+    for (int t = 0; t < 8; t++) {
+        uint32_t low = f[t] & 0xFFFF;
+        if (low < 0x7FFF || low > 0x8001) continue;
+        uint32_t mub = (f[t] & 0xFFFF0000u) | 0x8000u;
+        float muf; memcpy(&muf, &mub, 4);
+        double mu = muf;
+        if (fabs(e[t] - mu) <= g[t]) close = 1;
+        else if (f[t] == mub) {
+            uint16_t h = (uint16_t)((f[t] >> 16) + (fabs(e[t]) > fabs(mu)));
+            memcpy(op + 2 * t, &h, 2);
+            if ((h & 0x7F80) == 0x7F80) close = 1;  /* rounded up to Inf: the numpy kernels */
+        }
+    }
+    return close;
+}
+
 /* One row of a register tile: 8 values of w (at wp) plus the products a0, a1, rounded into
  * op; the certificate's failures and NaN/Inf/overflow OR-ed into *close and *bad. */
 AVX2 static inline __attribute__((always_inline)) void fused_row(
@@ -300,7 +320,7 @@ AVX2 static inline __attribute__((always_inline)) void fused_row(
     const __m256d tiny = _mm256_set1_pd(0x1p-1060), gcv = _mm256_set1_pd(gc);
     const __m256d quarter_ulp = _mm256_set1_pd(0x1p-25);
     const __m256i expo = _mm256_set1_epi32(0x7F800000), lo16 = _mm256_set1_epi32(0xFFFF);
-    const __m256i mid = _mm256_set1_epi32(0x7FFF), half = _mm256_set1_epi32(0x8000);
+    const __m256i mid = _mm256_set1_epi32(0x7FFF), two = _mm256_set1_epi32(2);
     const __m256i one = _mm256_set1_epi32(1), bexpo = _mm256_set1_epi32(0x7F80);
     __m256 wf = wc == F32 ? _mm256_loadu_ps((const float *)wp)
         : _mm256_castsi256_ps(_mm256_slli_epi32(
@@ -324,40 +344,25 @@ AVX2 static inline __attribute__((always_inline)) void fused_row(
                                                         _mm256_castps_si256(hi)));
         _mm256_storeu_ps((float *)op, f);
     } else {
-        /* the BF16 midpoint mu with f's high 16 bits (the only one that can be
-         * within g of e, see above): close when |e - mu| <= g, or g > |e| 2^-25 */
-        __m256i mub = _mm256_or_si256(_mm256_andnot_si256(lo16, fb), half);
-        __m256d mu0 = _mm256_cvtps_pd(_mm256_castps256_ps128(_mm256_castsi256_ps(mub)));
-        __m256d mu1 = _mm256_cvtps_pd(_mm256_extractf128_ps(_mm256_castsi256_ps(mub), 1));
-        __m256d near0 = _mm256_cmp_pd(_mm256_and_pd(_mm256_sub_pd(e0, mu0), absmask),
-                                      g0, _CMP_LE_OQ);
-        __m256d near1 = _mm256_cmp_pd(_mm256_and_pd(_mm256_sub_pd(e1, mu1), absmask),
-                                      g1, _CMP_LE_OQ);
+        /* candidates: f within one binary32 ulp of a BF16 midpoint (low 16 bits 0x7FFF to
+         * 0x8001), about 1 value in 20,000: checked one by one below, after the store */
+        __m256i d = _mm256_sub_epi32(_mm256_and_si256(fb, lo16), mid);
+        __m256i cand = _mm256_cmpeq_epi32(_mm256_min_epu32(d, two), d);
         __m256d big0 = _mm256_cmp_pd(g0, _mm256_mul_pd(_mm256_and_pd(e0, absmask),
                                                        quarter_ulp), _CMP_GT_OQ);
         __m256d big1 = _mm256_cmp_pd(g1, _mm256_mul_pd(_mm256_and_pd(e1, absmask),
                                                        quarter_ulp), _CMP_GT_OQ);
-        *close = _mm256_or_si256(*close, _mm256_castpd_si256(_mm256_or_pd(
-            _mm256_or_pd(near0, near1), _mm256_or_pd(big0, big1))));
+        *close = _mm256_or_si256(*close, _mm256_castpd_si256(_mm256_or_pd(big0, big1)));
         __m256i rnd = _mm256_add_epi32(fb, _mm256_add_epi32(
             mid, _mm256_and_si256(_mm256_srli_epi32(fb, 16), one)));
         rnd = _mm256_srli_epi32(rnd, 16);
-        /* f on a midpoint (f == mu) with e != f: not a tie, e's side decides */
-        __m256d ea0 = _mm256_and_pd(e0, absmask), ea1 = _mm256_and_pd(e1, absmask);
-        __m256d ma0 = _mm256_and_pd(mu0, absmask), ma1 = _mm256_and_pd(mu1, absmask);
-        __m256i up = narrow(_mm256_cmp_pd(ea0, ma0, _CMP_GT_OQ),
-                            _mm256_cmp_pd(ea1, ma1, _CMP_GT_OQ));
-        __m256i off = narrow(_mm256_cmp_pd(ea0, ma0, _CMP_NEQ_OQ),
-                             _mm256_cmp_pd(ea1, ma1, _CMP_NEQ_OQ));
-        __m256i fix = _mm256_and_si256(off, _mm256_cmpeq_epi32(fb, mub));
-        __m256i dir = _mm256_add_epi32(_mm256_srli_epi32(fb, 16),
-                                       _mm256_and_si256(up, one));
-        rnd = _mm256_blendv_epi8(rnd, dir, fix);
         *bad = _mm256_or_si256(*bad, _mm256_cmpeq_epi32(_mm256_and_si256(rnd, bexpo),
                                                       bexpo));
         __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(rnd),
                                      _mm256_extracti128_si256(rnd, 1));
         _mm_storeu_si128((__m128i *)op, h);
+        if (!_mm256_testz_si256(cand, cand) && bf16_candidates(e0, e1, g0, g1, fb, op))
+            *close = _mm256_or_si256(*close, _mm256_set1_epi32(-1));
     }
 }
 
@@ -439,10 +444,10 @@ static int lowrank_loop(const block_t *b, double *p) {
 static PyObject *lowrank_round(PyObject *self, PyObject *args) {
     Py_buffer w, L, R, Rp, rb, ca, out, tmp = {0};
     int wc, oc;
-    Py_ssize_t m, r, n;
+    Py_ssize_t m, r, n, lo, hi, step;
     PyObject *tmp_obj;
-    if (!PyArg_ParseTuple(args, "y*iy*y*y*y*y*w*innnO", &w, &wc, &L, &R, &Rp, &rb, &ca, &out,
-                          &oc, &m, &r, &n, &tmp_obj))
+    if (!PyArg_ParseTuple(args, "y*iy*y*y*y*y*w*innnnnnO", &w, &wc, &L, &R, &Rp, &rb, &ca,
+                          &out, &oc, &m, &r, &n, &lo, &hi, &step, &tmp_obj))
         return NULL;
     PyObject *res = NULL;
     int have_tmp = 0;
@@ -451,30 +456,54 @@ static PyObject *lowrank_round(PyObject *self, PyObject *args) {
             goto done;
         have_tmp = 1;
     }
-    if (wc < 0 || wc > 3 || oc < 1 || oc > 3 || m < 0 || r < 1 || n < 0) {
-        PyErr_SetString(PyExc_ValueError, "bad dtype code or shape (out: 1 F32, 2 F16, 3 BF16)");
+    if (wc < 0 || wc > 3 || oc < 1 || oc > 3 || m < 0 || r < 1 || n < 0 || step < 1
+        || lo < 0 || hi > m || lo > hi) {
+        PyErr_SetString(PyExc_ValueError, "bad dtype code, shape or row range "
+                        "(out: 1 F32, 2 F16, 3 BF16)");
     } else if (w.len != m * n * SIZES[wc] || out.len != m * n * SIZES[oc]
-               || L.len != m * r * 8 || R.len != r * n * 8 || Rp.len != (n / CHUNK) * CHUNK * r * 8
-               || rb.len != m * 8
-               || ca.len != n * 8 || (have_tmp && tmp.len != out.len)) {
+               || L.len != m * r * 8 || R.len != r * n * 8
+               || Rp.len != (n / CHUNK) * CHUNK * r * 8 || rb.len != m * 8 || ca.len != n * 8
+               || (have_tmp && tmp.len < step * n * SIZES[oc])) {
         PyErr_SetString(PyExc_ValueError, "buffer sizes do not agree");
     } else {
         double *p = PyMem_RawMalloc(sizeof(double) * TILE_ROWS * STRIPE);
-        block_t blk = {w.buf, wc, n * SIZES[wc], L.buf, R.buf, Rp.buf, rb.buf, ca.buf,
-                       NULL, oc, n * SIZES[oc], m, r, n, (double)(2 * r + 10) * 0x1p-53};
-        if (p == NULL) {
+        /* (first row, status) of the blocks not done; at most one per block */
+        Py_ssize_t nblocks = (hi - lo + step - 1) / step, nfailed = 0;
+        Py_ssize_t *failed = PyMem_RawMalloc(sizeof(Py_ssize_t) * 2 * (nblocks + 1));
+        if (p == NULL || failed == NULL) {
+            PyMem_RawFree(p);
+            PyMem_RawFree(failed);
             PyErr_NoMemory();
             goto done;
         }
-        int status;
-        char *dst = have_tmp ? (char *)tmp.buf : (char *)out.buf;
+        const Py_ssize_t ws = n * SIZES[wc], os = n * SIZES[oc];
         Py_BEGIN_ALLOW_THREADS
-        blk.out = dst;
-        status = lowrank_loop(&blk, p);
-        if (status == 0 && have_tmp) memcpy(out.buf, tmp.buf, (size_t)out.len);
+        for (Py_ssize_t i = lo; i < hi; i += step) {
+            Py_ssize_t rows = hi - i < step ? hi - i : step;
+            char *dst = (char *)out.buf + i * os;
+            block_t blk = {(const char *)w.buf + i * ws, wc, ws, (const double *)L.buf + i * r,
+                           R.buf, Rp.buf, (const double *)rb.buf + i, ca.buf,
+                           have_tmp ? (char *)tmp.buf : dst, oc, os, rows, r, n,
+                           (double)(2 * r + 10) * 0x1p-53};
+            int status = lowrank_loop(&blk, p);
+            if (status == 0 && have_tmp) memcpy(dst, tmp.buf, (size_t)(rows * os));
+            if (status) {
+                failed[2 * nfailed] = i;
+                failed[2 * nfailed++ + 1] = status;
+            }
+        }
         Py_END_ALLOW_THREADS
+        res = PyList_New(nfailed);
+        for (Py_ssize_t k = 0; res != NULL && k < nfailed; k++) {
+            PyObject *item = Py_BuildValue("(nn)", failed[2 * k], failed[2 * k + 1]);
+            if (item == NULL) {
+                Py_CLEAR(res);
+                break;
+            }
+            PyList_SET_ITEM(res, k, item);
+        }
         PyMem_RawFree(p);
-        res = PyLong_FromLong(status);
+        PyMem_RawFree(failed);
     }
 done:
     PyBuffer_Release(&w);
@@ -530,11 +559,13 @@ static PyMethodDef methods[] = {
      "add_round(w, w_code, d, out, out_code) -> bool: out = RN(w + d), rounded once; False "
      "when a result is NaN/Inf or overflows."},
     {"lowrank_round", lowrank_round, METH_VARARGS,
-     "lowrank_round(w, w_code, L, R, Rp, rb, ca, out, out_code, m, r, n, tmp) -> int: out = "
-     "RN(w + L @ R) with the product computed here; 0 done, 1 NaN/Inf/overflow, 2 a close "
-     "call (out unspecified: use the numpy kernels). Rp: R packed as [n // 8][r][8]; rb = "
-     "sum_k |L|, ca = max_k |R|; tmp: "
-     "None or a scratch buffer of out's size, written first (out is copied only on success)."},
+     "lowrank_round(w, w_code, L, R, Rp, rb, ca, out, out_code, m, r, n, lo, hi, step, tmp) "
+     "-> list: out = RN(w + L @ R) for rows lo..hi of an [m, n] tensor, in blocks of step rows, "
+     "with the product computed here. Returns (first row, status) of each block not done "
+     "(1 NaN/Inf/overflow, 2 a close call; its output rows are unspecified: use the numpy "
+     "kernels). Rp: R packed as [n // 8][r][8]; rb = sum_k |L|, ca = max_k |R|; tmp: None "
+     "or a scratch buffer of step rows of out, written first (then out is written only for "
+     "the blocks done: in place, out is w)."},
     {"simd", simd, METH_VARARGS, "simd([on]) -> bool: whether the AVX2/FMA path of "
      "lowrank_round runs (on=False: the plain C path; True: AVX2/FMA where the CPU has it)."},
     {NULL, NULL, 0, NULL},

@@ -228,9 +228,10 @@ def _direct(w_stored, base, L, R, out, tmp=False):
     packed, rb, ca = _compiled_operands(_NpOp("lowrank", 1.0, "m", L, R, None))
     dst = np.zeros((m, n), dtype=BITS[out])
     scratch = np.zeros_like(dst) if tmp else None
-    status = EXTENSION.lowrank_round(w_stored, CODES[base], L, R, packed, rb, ca, dst,
-                                     CODES[out], m, R.shape[0], n, scratch)
-    return status, dst
+    left = EXTENSION.lowrank_round(w_stored, CODES[base], L, R, packed, rb, ca, dst,
+                                   CODES[out], m, R.shape[0], n, 0, m, m, scratch)
+    assert left in ([], [(0, 1)], [(0, 2)])
+    return (left[0][1] if left else 0), dst
 
 
 @pytest.fixture(params=[True, False], ids=["simd", "plain"])
@@ -266,6 +267,13 @@ def test_compiled_product_reports_close_calls_and_nonfinite(simd, out):
             L2[i, 0], R2[0, j] = half, 1.0 + off  # W + delta on (or by the hair) a midpoint
             status, _ = _direct(_to_stored(w, "F32"), "F32", L2, R2, out)
             assert status == 2, (i, j, off)
+        # off the midpoint by more than the certificate's margin (2^-22 of a half ulp), but
+        # so little that the binary32 rounding lands on it (BF16: then e's side decides)
+        for off in (2.0**-22, -2.0**-22):
+            L2, R2 = np.zeros((m, r)), np.zeros((r, n))
+            L2[i, 0], R2[0, j] = half, 1.0 + off
+            status, got = _direct(_to_stored(w, "F32"), "F32", L2, R2, out)
+            assert status == 0 and np.array_equal(got, _oracle(w, L2, R2, 1.0, out)), (i, j)
         bad = w.copy()
         bad[i, j] = np.nan
         assert _direct(_to_stored(bad, "F32"), "F32", L, R, out)[0] == 1

@@ -217,12 +217,16 @@ class NumpyExactEngine:
 
     def _rows(self, q: int, lo: int, hi: int, step: int, job: _Tensor) -> None:
         scratch = self._scratch.setdefault(q, _Scratch())
+        starts = range(lo, hi, step)
+        if job.packed is not None:  # one call for the range; the numpy kernels redo the rest
+            starts = [i for i, _status in _compiled_product_rows(job, lo, hi, step, scratch)]
         with _one_blas_thread():
-            for i in range(lo, hi, step):
+            for i in starts:
                 j = min(hi, i + step)
                 if not job.fast:
                     _reference_block(job, i, j, scratch)
-                elif not (job.ext is not None and _compiled_block(job, i, j, scratch)
+                elif not (job.packed is None and job.ext is not None
+                          and _compiled_block(job, i, j, scratch)
                           or _fast_block(job, i, j, scratch)):
                     _reference_block(job, i, j, scratch)
 
@@ -259,19 +263,27 @@ def _product(job: _Tensor, i: int, j: int, s: _Scratch) -> np.ndarray:
     return d
 
 
+def _compiled_product_rows(job: _Tensor, lo: int, hi: int, step: int, s: _Scratch) -> list:
+    """Rows ``lo:hi`` in blocks of ``step`` by the compiled kernel, product included (its
+    result is certified equal to the numpy kernels', see ``_fastmerge.c``); returns
+    ``(first row, status)`` of the blocks it left (NaN/Inf, overflow, close calls), whose
+    output rows the numpy kernels must write (in place, W is still there)."""
+    op = job.ops[0]
+    packed, rb, ca = job.packed
+    rows, cols = job.w2.shape
+    tmp = s.get("y", step * cols, FLOAT_NP[job.out_dtype]) if job.out_dtype == job.dtype \
+        else None
+    return job.ext.lowrank_round(job.w2, _EXT_CODES[job.dtype], op.L, op.R, packed, rb, ca,
+                                 job.o2, _EXT_CODES[job.out_dtype], rows, op.R.shape[0], cols,
+                                 lo, hi, step, tmp)
+
+
 def _compiled_block(job: _Tensor, i: int, j: int, s: _Scratch) -> bool:
-    """Rows ``i:j`` by the compiled kernel; False (to be redone by ``_fast_block``) when a
-    result is NaN/Inf, overflows or is a close call the kernel cannot certify."""
+    """Rows ``i:j`` by the compiled add-and-round after numpy's product (float64 outputs);
+    False (to be redone by ``_fast_block``) when a result is NaN/Inf or overflows."""
     m, cols = j - i, job.w2.shape[1]
     dst = job.o2[i:j]
     inplace = job.out_dtype == job.dtype
-    if job.packed is not None:  # the product too, certified equal to numpy's (see the C file)
-        op = job.ops[0]
-        packed, rb, ca = job.packed
-        tmp = s.get("y", m * cols, FLOAT_NP[job.out_dtype]) if inplace else None
-        return job.ext.lowrank_round(job.w2[i:j], _EXT_CODES[job.dtype], op.L[i:j], op.R,
-                                     packed, rb[i:j], ca, dst, _EXT_CODES[job.out_dtype], m,
-                                     op.R.shape[0], cols, tmp) == 0
     d = _product(job, i, j, s)
     if not inplace:
         return job.ext.add_round(job.w2[i:j], _EXT_CODES[job.dtype], d, dst,
