@@ -1,21 +1,21 @@
-/* loratool._fastmerge: the exact merge engine's fused add-and-round step, compiled.
+/* loratool._fastmerge: the exact merge engine's compiled kernels.
  *
- * add_round(w, w_code, d, out, out_code) -> bool
+ * lowrank_round(...): out = RN_out(w + L @ R) for the usual merge (one low-rank update), the
+ *   rank-r product computed here as well, each entry certified to round to the value the
+ *   numpy kernel (BLAS's product) gives; see the section "lowrank_round" below.
  *
- *   out[i] = RN_out(w[i] + d[i])   for every i, one rounding from binary64
+ * add_round(w, w_code, d, out, out_code) -> bool: out[i] = RN_out(w[i] + d[i]), one rounding
+ *   from binary64, d the float64 product computed by numpy's BLAS (used for F64 outputs).
  *
- * w holds the stored base values (codes: 0 F64, 1 F32, 2 F16, 3 BF16 as bits), d the float64
- * rank-r product (computed by numpy's BLAS, so its bits are the numpy kernel's). The sum is
- * the same binary64 addition numpy does; the result is rounded once, to nearest even, to the
- * output dtype (BF16/F16 directly from binary64: no double rounding).
+ * Codes: 0 F64, 1 F32, 2 F16, 3 BF16 (as bits). Rounding is to nearest even, directly from
+ * binary64 to the output dtype (BF16/F16: no double rounding). Both report NaN/Inf results
+ * and overflows instead of producing them: the caller runs the numpy kernel on that block,
+ * whose handling of non-finite values is the reference, so there is no NaN payload or
+ * overflow policy to agree on.
  *
- * Returns False when any result is NaN/Inf or overflows (the contents of out are then
- * unspecified): the caller runs the numpy kernel on that block, whose handling of non-finite
- * values is the reference. Only finite, in-range results are produced here, so there is no
- * NaN payload or overflow policy to agree on.
- *
- * Build flags: no -ffast-math (it would flush subnormals to zero), -ffp-contract=off.
- * The loop runs without the GIL (the engine's worker threads call it concurrently).
+ * Build flags: no -ffast-math (it would flush subnormals to zero), -ffp-contract=off (FMAs
+ * only where written). The loops run without the GIL (the engine's worker threads call them
+ * concurrently).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -160,9 +160,9 @@ static int add_round_loop(const char *w, int wc, const double *d, char *out, int
  * underflow included), and checks RN(e - g) == RN(e + g): rounding is monotone, so then every
  * value in [e - g, e + g], BLAS's sum included, rounds to the same stored value, and the result
  * is bit for bit the numpy kernel's. A block with any entry that fails the check (a close
- * call: returns 2) or is NaN/Inf/overflows (returns 1) is left to the numpy kernels; when
- * `tmp` is given the result goes there first and is copied to `out` only when the whole block
- * passed (in place: `out` is `w`, which a fall back still needs). */
+ * call: status 2) or is NaN/Inf/overflows (status 1) is left to the numpy kernels; when
+ * `tmp` is given each block goes there first and is copied to `out` only when it passed (in
+ * place: `out` is `w`, which a fall back still needs). */
 
 #define TILE_ROWS 4
 #define CHUNK 8    /* columns per register tile; R is packed as [n / 8][r][8] */
