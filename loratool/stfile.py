@@ -44,6 +44,13 @@ MAX_NDIM = 16
 MAX_JSON_DEPTH = 8  # a valid header nests 3 deep; anything deeper is hostile
 
 
+def matrix_shape(shape) -> tuple[int, int]:
+    """``[d0, d1, ...]`` viewed as a matrix: ``(d0, d1 * d2 * ...)``; a scalar is 1 x 1."""
+    if not shape:
+        return 1, 1
+    return int(shape[0]), int(math.prod(shape[1:]))
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One tensor entry of a header; ``begin``/``end`` are relative to the data section."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from ...checkpoint import (KIND_PICKLE, BaseTensor, checkpoint_kind, find_index, list_tensors,
                            open_source)
 from ...errors import CheckpointError
+from ...stfile import matrix_shape
 
 # Elements per row block (per operand). 2^21 float64 values are 16 MiB: large enough that the
 # GEMMs run at full speed, small enough that a block of each checkpoint, its difference and
@@ -95,13 +96,6 @@ class Checkpoint:
     def __exit__(self, *exc):
         self.close()
         return False
-
-
-def matrix_shape(shape) -> tuple[int, int]:
-    """``[d0, d1, ...]`` viewed as a matrix: ``(d0, d1 * d2 * ...)``."""
-    if not shape:
-        return 1, 1
-    return int(shape[0]), int(math.prod(shape[1:]))
 
 
 @dataclass
