@@ -128,6 +128,10 @@ class Pair:
         for start in range(0, self.m, step):
             yield start, min(self.m, start + step)
 
+    def differs(self) -> bool:
+        """Whether any byte of the two sides differs (a read of both, no arithmetic)."""
+        return any(not self.read(start, stop)[2] for start, stop in self.blocks())
+
     def read(self, start: int, stop: int):
         """(base rows, tuned rows) in their own dtype, and whether their bytes are equal."""
         import torch
