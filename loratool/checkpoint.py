@@ -25,6 +25,7 @@ class BaseTensor:
     dtype: str  # safetensors dtype string
     shape: tuple[int, ...]
     file: str  # the file holding it
+    offset: int | None = None  # where its bytes start in ``file`` (safetensors; None: pickle)
 
 
 def find_index(path: str) -> str | None:
@@ -127,7 +128,8 @@ def list_tensors(path: str | os.PathLike) -> dict[str, BaseTensor]:
                                       code="LT402")
             header = read_header(shard)
             for name, t in header.tensors.items():
-                out[name] = BaseTensor(name, t.dtype, t.shape, shard)
+                out[name] = BaseTensor(name, t.dtype, t.shape, shard,
+                                       header.data_start + t.begin)
         return out
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a directory without {INDEX_NAMES[0]}", code="LT401")
@@ -136,7 +138,8 @@ def list_tensors(path: str | os.PathLike) -> dict[str, BaseTensor]:
         state = load_pickle_state_dict(path)
         return {n: BaseTensor(n, st_dtype(t), tuple(t.shape), path) for n, t in state.items()}
     header = read_header(path)
-    return {n: BaseTensor(n, t.dtype, t.shape, path) for n, t in header.tensors.items()}
+    return {n: BaseTensor(n, t.dtype, t.shape, path, header.data_start + t.begin)
+            for n, t in header.tensors.items()}
 
 
 def load_pickle_state_dict(path: str) -> dict:

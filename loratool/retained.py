@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .stfile import matrix_shape
+
 
 @dataclass(frozen=True)
 class TensorMerge:
@@ -68,19 +70,17 @@ class RetainedDelta:
 
     def add(self, name: str, base_type: str, out_type: str, eff: np.ndarray,
             delta: np.ndarray) -> TensorMerge:
-        """One tensor: ``eff`` = decode(out) - W and ``delta``, both float64."""
-        dn, cn = float(np.linalg.norm(delta)), float(np.linalg.norm(eff))
-        inner, err = float(np.vdot(eff, delta)), float(np.linalg.norm(eff - delta))
-        return self._row(name, base_type, out_type, dn, cn, inner, err)
+        """One whole tensor: ``eff`` = decode(out) - W and ``delta``, both float64."""
+        sums = TensorSums()
+        shape = matrix_shape(eff.shape)
+        sums.update(eff.reshape(shape), delta.reshape(shape))
+        return self.add_sums(name, base_type, out_type, sums)
 
     def add_sums(self, name: str, base_type: str, out_type: str, sums: TensorSums
                  ) -> TensorMerge:
         """One tensor from the ``TensorSums`` of its row chunks."""
         dd, ee, inner, rr = sums.totals()
-        return self._row(name, base_type, out_type, math.sqrt(dd), math.sqrt(ee), inner,
-                         math.sqrt(rr))
-
-    def _row(self, name, base_type, out_type, dn, cn, inner, err) -> TensorMerge:
+        dn, cn, err = math.sqrt(dd), math.sqrt(ee), math.sqrt(rr)
         row = TensorMerge(name, base_type, out_type, dn, cn, ratio(cn, dn),
                           ratio(inner, dn * dn), ratio(err, dn))
         self.tensors.append(row)

@@ -24,6 +24,7 @@ from .atomic import AtomicFile
 from .errors import ContainerError
 from .format import MAX_HEADER_BYTES
 from .guards import open_regular
+from .numerics import as_float
 
 # Bytes per element for the safetensors dtypes we can address. Sub-byte types (F4, F6) are
 # refused: their sizes do not follow from the shape alone.
@@ -42,6 +43,13 @@ NUMPY_DTYPES = {
 }
 MAX_NDIM = 16
 MAX_JSON_DEPTH = 8  # a valid header nests 3 deep; anything deeper is hostile
+
+
+def matrix_shape(shape) -> tuple[int, int]:
+    """``[d0, d1, ...]`` viewed as a matrix: ``(d0, d1 * d2 * ...)``; a scalar is 1 x 1."""
+    if not shape:
+        return 1, 1
+    return int(shape[0]), int(math.prod(shape[1:]))
 
 
 @dataclass(frozen=True)
@@ -284,6 +292,11 @@ def read_numpy(header: Header, info: TensorInfo, f: BinaryIO | None = None) -> n
     data = read_bytes(header, info, f)
     return np.frombuffer(data, dtype=np.dtype(NUMPY_DTYPES[info.dtype]).newbyteorder("<")
                          ).reshape(info.shape)
+
+
+def read_scalar(header: Header, info: TensorInfo) -> float:
+    """The first (for a scalar: the only) value of a tensor as a Python float; BF16 exact."""
+    return float(as_float(read_numpy(header, info), info.dtype).reshape(-1)[0].item())
 
 
 def iter_chunks(header: Header, info: TensorInfo, f: BinaryIO, chunk: int = 1 << 24

@@ -15,7 +15,7 @@ from . import format as F
 from .model import AdapterInfo, ModuleInfo, ReplacementInfo
 from .rules import Finding
 from .numerics import any_nonzero, nonfinite_count
-from .stfile import Header, TensorHasher, iter_chunks
+from .stfile import Header, TensorHasher, iter_chunks, read_scalar
 
 
 # loratool.alpha is spelled as a JSON number (what ``repr(float)`` writes); Python's float()
@@ -334,13 +334,7 @@ def _check_lycoris(header, module, roles, rec, version, version_text, add):
         return None
     from .lycoris.native import check_module
 
-    def read_alpha():
-        from .numerics import bf16_to_f32
-        from .stfile import read_numpy
-        arr = read_numpy(header, roles["alpha"])
-        return float((bf16_to_f32(arr) if roles["alpha"].dtype == "BF16" else arr
-                      ).reshape(-1)[0].item())
-    return check_module(module, roles, rec, read_alpha, add)
+    return check_module(module, roles, rec, lambda: read_scalar(header, roles["alpha"]), add)
 
 
 def _index_problem(header, info, f) -> str | None:

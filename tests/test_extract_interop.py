@@ -126,6 +126,48 @@ def test_kohya_output_holds_lora_modules_and_refuses_the_rest_by_name(tmp_path):
     assert float((m.delta(torch.float64) - want).norm() / want.norm()) <= 1e-6
 
 
+def test_kohya_refusal_comes_before_any_svd(tmp_path, monkeypatch):
+    # a changed norm (a replacement entry) and a changed embedding extracted as a LoRA
+    # module: kohya holds neither, and extract(output=, to="kohya") says so after the first
+    # pass over the tensors, before any spectrum is computed
+    from loratool.ops.extract import build, engine
+    g = torch.Generator().manual_seed(6)
+    base = {"m.proj.weight": torch.randn(12, 10, generator=g), "m.norm.weight": torch.ones(12),
+            "m.embed_tokens.weight": torch.randn(20, 6, generator=g)}
+    tuned = dict(base)
+    tuned["m.proj.weight"] = base["m.proj.weight"] + torch.randn(12, 2, generator=g) @ \
+        torch.randn(2, 10, generator=g)
+    tuned["m.norm.weight"] = base["m.norm.weight"] * 2
+    tuned["m.embed_tokens.weight"] = base["m.embed_tokens.weight"].clone()
+    tuned["m.embed_tokens.weight"][3] += 1.0
+    b, t, out = tmp_path / "b.safetensors", tmp_path / "t.safetensors", tmp_path / "k.safetensors"
+    save_file(base, b)
+    save_file(tuned, t)
+
+    def no_svd(*args, **kw):
+        raise AssertionError("a spectrum was computed before the refusal")
+    monkeypatch.setattr(build, "spectrum_for", no_svd)
+    monkeypatch.setattr(engine, "exact", no_svd)
+    monkeypatch.setattr(engine.Sketch, "grow", no_svd)
+    with pytest.raises(LoraToolError) as e:
+        extract(b, t, rank=2, output=out, to="kohya")
+    assert e.value.code == "LT306" and "2 replaced tensor(s)" in e.value.message
+    assert "m.embed_tokens.weight, m.norm.weight" in e.value.message
+    with pytest.raises(LoraToolError) as e:
+        extract(b, t, rank=2, others="skip", embeddings="lora", output=out, to="kohya")
+    assert e.value.code == "LT306" and "replaced" not in e.value.message
+    assert "1 module(s) of a kind it has no place for: m.embed_tokens" in e.value.message
+    assert not out.exists()
+    # an unchanged embedding makes no module, hence no refusal: the extraction runs
+    monkeypatch.undo()
+    tuned["m.embed_tokens.weight"] = base["m.embed_tokens.weight"]
+    save_file(tuned, t)
+    rep = extract(b, t, rank=2, others="skip", embeddings="lora", output=out, to="kohya")
+    assert [r["name"] for r in rep.report["modules"]] == ["m.proj"]
+    assert set(load_file(out)) == {"lora_m_proj.lora_down.weight", "lora_m_proj.lora_up.weight",
+                                   "lora_m_proj.alpha"}
+
+
 def test_cli_to_peft_and_kohya(tmp_path):
     g = torch.Generator().manual_seed(5)
     base = {"l.q_proj.weight": torch.randn(8, 6, generator=g), "l.norm.weight": torch.ones(8)}

@@ -89,6 +89,18 @@ def test_lycoris_loratool_lycoris_is_bit_exact_and_merges_alike(case, tmp_path):
             assert all(torch.allclose(u[k], w[k], rtol=0, atol=1e-12) for k in w)
 
 
+def test_native_load_reads_its_header_once_and_groups_by_module(tmp_path, monkeypatch):
+    from loratool.interop import native as N
+    path, base, _ = build(tmp_path, LohaModule, dict(lora_dim=3, alpha=2.0, use_tucker=True))
+    native, _ = _round_trip(path, tmp_path, base=base)
+    calls, real = [], N.read_header
+    monkeypatch.setattr(N, "read_header", lambda p, **kw: calls.append(p) or real(p, **kw))
+    ad = load_adapter(native)
+    assert calls == [native]
+    # each module got its own tensors, every one of them: written back, the file's tensors
+    assert len(ad.modules) == 2 and _same_bits(N.canonical_tensors(ad), load_file(native))
+
+
 def test_shape_from_base_generic_names_and_half_dtypes(tmp_path):
     path, base, _ = build(tmp_path, LohaModule, dict(lora_dim=3, alpha=2.0, use_tucker=False))
     sd = {k.replace("lora_unet_", "lycoris_unet_"): (v.to(torch.bfloat16) if "hada" in k else

@@ -293,6 +293,47 @@ def test_sharded_directory(tmp_path):
     assert cfg_out == {"model_type": "llama"}
 
 
+def test_sharded_scales_read_once_per_shard(tmp_path, monkeypatch):
+    # the scales of a sharded base come from the job's listing: no header parsed again, one
+    # open file per shard, and a scale may lie in another shard than its weight
+    from loratool import stfile
+    from loratool.checkpoint import list_tensors
+    base, path, ad, t, scales = _base(tmp_path)
+    d = tmp_path / "model"
+    d.mkdir()
+    half = {"model-00001-of-00002.safetensors": ["a.weight", "c.weight_scale", "d.weight",
+                                                 "u.weight_scale_inv"],
+            "model-00002-of-00002.safetensors": ["a.weight_scale_inv", "b.weight",
+                                                 "c.input_scale", "c.weight", "u.weight"]}
+    for shard, ns in half.items():
+        save_file({n: t[n] for n in ns}, str(d / shard))
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: s for s, ns in half.items() for n in ns}}))
+    listed = list_tensors(str(d))
+    opened = []
+    monkeypatch.setattr(F, "open", lambda p, *a: opened.append(p) or open(p, *a),
+                        raising=False)
+
+    def parse(*args, **kw):
+        raise AssertionError("a header parsed again")
+    monkeypatch.setattr(stfile, "parse_header_bytes", parse)
+    fp8 = F.prepare({n: (b.dtype, b.shape) for n, b in listed.items()}, "keep", None, listed)
+    monkeypatch.undo()
+    assert sorted(opened) == sorted(str(d / s) for s in half)
+    assert fp8.scale_names == {"a.weight": "a.weight_scale_inv", "c.weight": "c.weight_scale",
+                               "u.weight": "u.weight_scale_inv"}
+    # the values: those the stored scales hold (a: 128 x 128 blocks, c: one per row)
+    for n, width in (("a", 200), ("c", 24)):
+        got = fp8.scale_rows(n + ".weight", 0, len(scales[n]), width)
+        assert np.array_equal(np.broadcast_to(got, scales[n].shape), scales[n]), n
+    merge(str(d), [(path, 0.7)], output=str(tmp_path / "keep"), device="cpu")
+    merge(base, [(path, 0.7)], output=str(tmp_path / "one.safetensors"), device="cpu")
+    one = np_load(str(tmp_path / "one.safetensors"))
+    for shard, ns in half.items():
+        part = np_load(str(tmp_path / "keep" / shard))
+        assert all(part[n].tobytes() == one[n].tobytes() for n in ns), shard
+
+
 def test_bad_scales_are_refused(tmp_path):
     g = torch.Generator().manual_seed(0)
     ad = Adapter(modules={"a": _module("a", 300, 200, 2, g, 0.1)}, alpha=4.0)

@@ -170,6 +170,36 @@ def test_report_does_not_depend_on_the_chunks(tmp_path, monkeypatch):
     assert reps[0] == reps[1] == reps[2]
 
 
+def test_whole_tensor_figures_are_the_chunked_ones():
+    # GGUF merges add whole tensors (RetainedDelta.add), FP8 merges row chunks (add_sums):
+    # one computation, the same figures to the bit; against exact rational sums
+    from fractions import Fraction
+
+    from loratool.retained import RetainedDelta, TensorSums
+    rng = np.random.default_rng(5)
+    delta = rng.standard_normal((37, 29)) * 1e-3
+    eff = delta + rng.standard_normal((37, 29)) * 1e-5
+    whole = RetainedDelta().add("t", "Q4_K", "Q4_K", eff, delta)
+    sums = TensorSums()
+    for i in range(0, 37, 10):
+        sums.update(eff[i:i + 10], delta[i:i + 10])
+    assert whole == RetainedDelta().add_sums("t", "Q4_K", "Q4_K", sums)
+
+    def exact(x, y):
+        return float(sum(Fraction(a) * Fraction(b) for a, b in zip(x.ravel(), y.ravel())))
+    dd, ee, ed = exact(delta, delta), exact(eff, eff), exact(eff, delta)
+    rr = exact(eff - delta, eff - delta)
+    assert whole.delta_norm == pytest.approx(dd ** 0.5, rel=1e-15)
+    assert whole.retained == pytest.approx((ee / dd) ** 0.5, rel=1e-14)
+    assert whole.kept == pytest.approx(ed / dd, rel=1e-14)
+    assert whole.rel_error == pytest.approx((rr / dd) ** 0.5, rel=1e-14)
+    # a 1-D tensor (a norm's weight) is a column: one element per row
+    vec = RetainedDelta().add("v", "F32", "F16", eff[0], delta[0])
+    assert vec == RetainedDelta().add("v", "F32", "F16", eff[:1].T, delta[:1].T)
+    assert vec.kept == pytest.approx(exact(eff[0], delta[0]) / exact(delta[0], delta[0]),
+                                     rel=1e-14)
+
+
 def test_chunks_follow_the_scale_blocks(tmp_path, monkeypatch):
     monkeypatch.setattr(F, "_CHUNK", 1 << 20)
     fp8 = F.Fp8Base.__new__(F.Fp8Base)

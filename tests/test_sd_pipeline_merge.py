@@ -325,6 +325,31 @@ def test_mapping_table_of_sd15_and_sdxl_block_layouts():
         assert diffusers_to_ldm(d, pre) == l, d
 
 
+def test_sdxl_layout_names_both_ways():
+    """Both name tables on an SDXL-layout UNet (two resnets per block, transformer depth 2,
+    no attention in the last up block) against the test's own diffusers -> LDM rule: the
+    single-file index finds every diffusers path's LDM weight, and the pipeline's index
+    every LDM path's diffusers weight."""
+    from diffusers import UNet2DConditionModel
+
+    from loratool.ops.merge.sd_single import _index, ldm_index_of_diffusers
+    unet = UNet2DConditionModel(
+        sample_size=8, layers_per_block=2, block_out_channels=(8, 16, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=4, norm_num_groups=4,
+        transformer_layers_per_block=(1, 2, 2))
+    keys = [k for k in unet.state_dict() if k.endswith(".weight")]
+    up_attn = {int(k.split(".")[1]) for k in keys if k.startswith("up_blocks.")
+               and ".attentions." in k}
+    ldm = {k[:-7]: _ldm_key(k, 2, up_attn)[:-7] for k in keys}
+    single = _index(["model.diffusion_model." + v + ".weight" for v in ldm.values()])["unet"]
+    pipeline = ldm_index_of_diffusers(keys)
+    for d, l in ldm.items():
+        assert single[d.replace(".", "_")] == "model.diffusion_model." + l, d
+        assert pipeline[l.replace(".", "_")] == d, l
+
+
 def test_sdxl_style_ldm_unet_names_into_pipeline(pipe, tmp_path):
     """sd-scripts' SDXL UNet keeps the LDM names (``lora_unet_input_blocks_1_1_...``): merged
     into the pipeline's unet/ exactly as the same LoRA under diffusers names."""

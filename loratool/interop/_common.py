@@ -87,8 +87,7 @@ class TensorSource:
                 raise InteropError(f"tensor {name!r} has dtype {t.dtype}; expected a float or "
                                    "integer scalar", code="LT305", path=self.path)
             return float(t.reshape(()).item())
-        from ..numerics import bf16_to_f32
-        from ..stfile import read_numpy
+        from ..stfile import read_scalar
         info = self.header.tensors[name]
         if info.numel != 1:
             raise InteropError(f"tensor {name!r} has shape {list(info.shape)}; expected a "
@@ -96,10 +95,7 @@ class TensorSource:
         if info.dtype not in _SCALAR_DTYPES:
             raise InteropError(f"tensor {name!r} has dtype {info.dtype}; expected a float or "
                                "integer scalar", code="LT305", path=self.path)
-        arr = read_numpy(self.header, info)
-        if info.dtype == "BF16":
-            arr = bf16_to_f32(arr)
-        return float(arr.reshape(-1)[0].item())
+        return read_scalar(self.header, info)
 
     def scan(self, names, b_names=()) -> list[Finding]:
         """NaN/Inf (LT209) in ``names`` and all-zero tensors (LT210) among ``b_names``."""

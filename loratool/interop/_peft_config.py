@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 from ..errors import InteropError
+from ..format import SCALING_RSLORA, SCALING_STANDARD
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -23,6 +24,18 @@ def get_pattern_key(pattern_keys, key_to_match: str) -> str:
         if re.match(rf"(.*\.)?({key})$", key_to_match):
             return key
     return key_to_match
+
+
+def rank_alpha(cfg: dict, key: str) -> tuple:
+    """(r, lora_alpha, scaling) of module (or parameter) ``key`` under config ``cfg`` as PEFT
+    resolves them: ``rank_pattern``/``alpha_pattern`` (first matching key), else ``r`` and
+    ``lora_alpha`` (PEFT's defaults: 8 and 8; a None stays None); rsLoRA by ``use_rslora``."""
+    rank_pattern = cfg.get("rank_pattern") or {}
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), key), cfg.get("r", 8))
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), key),
+                              cfg.get("lora_alpha", 8))
+    return r, alpha, SCALING_RSLORA if cfg.get("use_rslora") else SCALING_STANDARD
 
 
 try:  # the regex parser, to vet patterns from files before running them

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 from ..errors import InteropError
 from ..experts import KIND_EXPERTS, LAYOUT_UNKNOWN, ExpertsLoraModule, ExpertsModuleInfo
-from ..format import LAYOUT_IN_OUT, LAYOUT_OUT_IN, SCALING_RSLORA, SCALING_STANDARD
+from ..format import LAYOUT_IN_OUT, LAYOUT_OUT_IN, SCALING_STANDARD
 from . import _common as C
-from ._peft_config import get_pattern_key
+from ._peft_config import rank_alpha
 from .base import ModuleRecord
 
 BASE_LAYER = ".base_layer"
@@ -211,11 +211,8 @@ def _factors(rec, entries, path):
 def _fit(cfg, key, a, b, base_shape):
     """(E, r, alpha, scaling, layouts, stacked) when the factors fit parameter ``key`` (its
     base shape, or any shape when None), else None."""
-    r = int((cfg.get("rank_pattern") or {}).get(
-        get_pattern_key((cfg.get("rank_pattern") or {}).keys(), key), cfg.get("r", 8)))
-    alpha_pattern = cfg.get("alpha_pattern") or {}
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), key), cfg.get("lora_alpha", 8))
-    scaling = SCALING_RSLORA if cfg.get("use_rslora") else SCALING_STANDARD
+    r, alpha, scaling = rank_alpha(cfg, key)
+    r = int(r)
     if r <= 0 or a[0] % r:
         return None
     E, (out, in_) = a[0] // r, (b[0], a[1])

@@ -51,15 +51,17 @@ def read_info(path: str, options: ReaderOptions | None = None, *,
     return info
 
 
-def read_tensors(path: str, *, check_values: bool = True) -> tuple[AdapterInfo, dict, str]:
+def read_tensors(path: str, *, check_values: bool = True, header: Header | None = None
+                 ) -> tuple[AdapterInfo, dict, str]:
     """Torch-free core of ``load``: the checked header description, per tensor name
     ``(TensorInfo, raw little-endian bytes)``, and the tensor hash of the data. Every MUST
-    rule, the tensor hash and (unless ``check_values`` is false) NaN/Inf are checked."""
+    rule, the tensor hash and (unless ``check_values`` is false) NaN/Inf are checked.
+    ``header``: the file's header when the caller has read it."""
     import numpy as np
 
     from ..numerics import nonfinite_count
     from ..stfile import NUMPY_DTYPES, TensorHasher, read_bytes
-    header = read_header(path)
+    header = header or read_header(path)
     info = read_info(path, header=header)
     hasher = TensorHasher()
     raw = {}
@@ -86,9 +88,10 @@ def load(path: str, options: ReaderOptions | None = None) -> Adapter:
     ``check_values`` is false, as for ``inspect --stats``) NaN/Inf."""
     from ..tensors import from_bytes
     options = options or ReaderOptions()
-    info, raw, _ = read_tensors(path, check_values=options.check_values)
+    header = read_header(path)
+    info, raw, _ = read_tensors(path, check_values=options.check_values, header=header)
     tensors = {name: from_bytes(data, t.dtype, t.shape) for name, (t, data) in raw.items()}
-    modules = _load_lycoris(path, info, tensors, options)
+    modules = _load_lycoris(header, info, tensors, options)
     for name, m in info.modules.items():
         if name in modules:
             continue
@@ -110,7 +113,7 @@ def load(path: str, options: ReaderOptions | None = None) -> Adapter:
                    init=info.init)
 
 
-def _load_lycoris(path: str, info: AdapterInfo, tensors: dict, options) -> dict:
+def _load_lycoris(header: Header, info: AdapterInfo, tensors: dict, options) -> dict:
     """The LyCORIS-kind modules (format 1.2), parsed from their own tensors. A module whose
     record has no shape (conv factors stored flattened, converted without a base) takes its
     shape from ``options.base`` when given, as the LyCORIS reader does."""
@@ -120,14 +123,17 @@ def _load_lycoris(path: str, info: AdapterInfo, tensors: dict, options) -> dict:
         return {}
     from ..lycoris.native import load_module
     from ._common import base_shapes
-    table = json.loads(read_header(path).metadata[F.KEY_MODULES])
+    table = json.loads(header.metadata[F.KEY_MODULES])
     shapes = (base_shapes(options) or {}) if any(
         "shape" not in table[n] for n in lyco) else {}
+    grouped: dict[str, dict] = {n: {} for n in lyco}  # module -> {role: tensor}, one pass
+    for n, t in tensors.items():
+        module, _, role = n.rpartition(".")
+        if module in grouped:
+            grouped[module][role] = t
     out = {}
     for name in lyco:
-        prefix = name + "."
-        roles = {n[len(prefix):]: t for n, t in tensors.items()
-                 if n.startswith(prefix) and "." not in n[len(prefix):]}
+        roles = grouped[name]
         rec = table[name]
         if "shape" not in rec:
             shape = next((shapes[c + ".weight"] for c in (name, name.partition(".")[2])

@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from ..errors import InteropError
 from ..format import KEY_INIT, parse_init
 from ..format import (KIND_CONV, KIND_EMBEDDING, KIND_LINEAR, LAYOUT_IN_OUT, LAYOUT_OUT_IN,
-                      SCALING_RSLORA, SCALING_STANDARD)
+                      SCALING_STANDARD)
 from ..model import Adapter, AdapterInfo, LoraModule, Replacement, ReplacementInfo
 from . import _common as C
 from . import _peft_extras as X
 from . import _peft_params as P
 from ._peft_config import (CONFIG_NAME, DIFFUSERS_METADATA, PREFIX, WEIGHTS_NAMES,  # noqa: F401
-                           check_config, diffusers_components, get_pattern_key, init_record)
+                           check_config, diffusers_components, get_pattern_key, init_record,
+                           rank_alpha)
 from ..variants import Dora, Lora
 from .base import (DECLARED, NAMES, Capabilities, LoadResult, ModuleRecord, Probe,
                    ReaderOptions)
@@ -209,11 +210,7 @@ class _Plan:
 
     def _facts(self, options):
         cfg = self.config
-        default_r = cfg.get("r", 8)
         default_alpha = cfg.get("lora_alpha", 8)
-        rank_pattern = cfg.get("rank_pattern") or {}
-        alpha_pattern = cfg.get("alpha_pattern") or {}
-        scaling = SCALING_RSLORA if cfg.get("use_rslora") else SCALING_STANDARD
         # PEFT's fan_in_fan_out is one flag that PEFT itself corrects per layer at load
         # (nn.Linear: False, Conv1D: True): each module's layout comes from the base.
         layouts = C.LinearLayouts(options, self.path, declared=bool(cfg.get(
@@ -250,21 +247,15 @@ class _Plan:
             rank = a[0]
             if self.components:
                 mcfg, key = self._config_for(module)
-                default_r, default_alpha = mcfg.get("r", 8), mcfg.get("lora_alpha", 8)
-                rank_pattern = mcfg.get("rank_pattern") or {}
-                alpha_pattern = mcfg.get("alpha_pattern") or {}
-                scaling = SCALING_RSLORA if mcfg.get("use_rslora") else SCALING_STANDARD
+                default_alpha = mcfg.get("lora_alpha", 8)  # the adapter's: the last component's
             else:
-                key = module
-            r_key = get_pattern_key(rank_pattern.keys(), key)
-            want_r = rank_pattern.get(r_key, default_r)
+                mcfg, key = cfg, module
+            want_r, alpha, scaling = rank_alpha(mcfg, key)
             if want_r is not None and int(want_r) != rank:
                 raise InteropError(
                     f"module {module!r}: the config gives rank {want_r} (r / rank_pattern) but "
                     f"lora_A has rank {rank}; PEFT cannot load this adapter either. Fix r or "
                     f"rank_pattern in {CONFIG_NAME}", code="LT305", path=self.path, module=module)
-            a_key = get_pattern_key(alpha_pattern.keys(), key)
-            alpha = alpha_pattern.get(a_key, default_alpha)
             if alpha is None:  # no config and no --alpha (read_info only): scale 1 shown
                 alpha = float(rank) if scaling == SCALING_STANDARD else rank ** 0.5
             out, in_ = b[0], a[1]

@@ -67,9 +67,8 @@ class ExtractResult:
             from ...adapter import save_adapter
             return {"format": to, "notes": [],
                     "tensor_hash": save_adapter(self.adapter, path, overwrite=overwrite)}
-        from ...interop import get_format
         from ..convert import convert
-        _refuse_unwritable(self.adapter, to, get_format(to).CAPABILITIES)
+        _refuse_unwritable(to, self.adapter.replacements, self.adapter.modules.items())
         report = convert(self.adapter, path, to=to, overwrite=overwrite)
         return {"format": to, "notes": report.notes}
 
@@ -111,8 +110,9 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, *, rank: int | No
     stored in ``dtype`` (fp32 default), balanced, with alpha = rank (scale 1).
     ``output``: also write the adapter there in format ``to`` (``ExtractResult.save``; the
     destination is checked before any work: never a file an input reads, LT502; exists
-    without ``overwrite``, LT503); the report then names it (``output``, ``format``,
-    ``notes``, and ``tensor_hash`` for loratool files).
+    without ``overwrite``, LT503; what format ``to`` cannot hold, LT306, as soon as the
+    changed tensors are known, before any SVD); the report then names it (``output``,
+    ``format``, ``notes``, and ``tensor_hash`` for loratool files).
 
     Example::
 
@@ -132,7 +132,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, *, rank: int | No
     base, tuned = os.fspath(base), os.fspath(tuned)
     output = check_output(output, overwrite, [base, tuned])
     result = _extract(base, tuned, rule, modules, others, embeddings, layout, dtype, seed,
-                      progress)
+                      progress, to if output is not None else None)
     result.report["output"] = output
     if output is not None:
         result.report.update(result.save(output, to=to, overwrite=overwrite))
@@ -140,7 +140,8 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, *, rank: int | No
 
 
 def _extract(base: str, tuned: str, rule, modules, others: str, embeddings: str, layout: str,
-             dtype: str, seed: int, progress) -> ExtractResult:
+             dtype: str, seed: int, progress, to: str | None) -> ExtractResult:
+    """``to``: the format the result will be written in (None: not written here)."""
     from .reader import Checkpoint
     with Checkpoint(base) as b, Checkpoint(tuned) as t:
         _check_match(b, t, base, tuned)
@@ -149,16 +150,20 @@ def _extract(base: str, tuned: str, rule, modules, others: str, embeddings: str,
         targets, candidates_other = _classify(b, selected, embeddings)
         targets = _with_layouts(targets, b, layout)
         return _run(b, t, rule, targets, candidates_other, not_selected, others=others,
-                    dtype=DTYPES[dtype], seed=seed, progress=progress,
+                    dtype=DTYPES[dtype], seed=seed, progress=progress, to=to,
                     labels=(base, tuned), options=dict(
                         modules=list(modules) if modules else None, others=others,
                         embeddings=embeddings, layout=layout, dtype=dtype, seed=seed))
 
 
-def _refuse_unwritable(adapter, to: str, caps) -> None:
+def _refuse_unwritable(to: str, replaced, modules) -> None:
+    """LT306 when format ``to`` cannot hold the replacement entries of the tensors named in
+    ``replaced`` or the kind of one of ``modules``: (name, anything with a ``kind``)."""
     from ...errors import InteropError
-    reps = [] if caps.replacements else list(adapter.replacements)
-    kinds = sorted(n for n, m in adapter.modules.items() if m.kind not in caps.kinds)
+    from ...interop import get_format
+    caps = get_format(to).CAPABILITIES
+    reps = [] if caps.replacements else sorted(replaced)
+    kinds = sorted(n for n, m in modules if m.kind not in caps.kinds)
     if not reps and not kinds:
         return
     what = []
@@ -264,7 +269,7 @@ def _with_layouts(targets, b, layout: str):
 
 
 def _run(b, t, rule, targets, other_names, not_selected, *, others, dtype, seed, progress,
-         labels, options):
+         to, labels, options):
     from ...model import Adapter
     from ..resize import byte_progress
     from .reader import Pair
@@ -289,6 +294,14 @@ def _run(b, t, rule, targets, other_names, not_selected, *, others, dtype, seed,
     lost = [r for r in changed_others if r["category"] == "non-float" and others != "skip"]
     if lost:
         raise O.refuse(lost)
+    if to not in (None, "loratool"):
+        # what the output format cannot hold is known now (which tensors changed, their
+        # categories): refused before any SVD, not after the whole extraction
+        from ...interop import get_format
+        kinds = get_format(to).CAPABILITIES.kinds
+        _refuse_unwritable(to, replacements, [
+            (x.module, x) for x in targets if x.kind not in kinds
+            and Pair(x.name, b, t, x.dtype, x.shape).differs()])
     mods, rows, identical = {}, [], 0
     for i, x in enumerate(targets):
         pair = Pair(x.name, b, t, x.dtype, x.shape, scratch)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from ...checkpoint import (KIND_PICKLE, BaseTensor, checkpoint_kind, find_index, list_tensors,
                            open_source)
 from ...errors import CheckpointError
+from ...stfile import matrix_shape
 
 # Elements per row block (per operand). 2^21 float64 values are 16 MiB: large enough that the
 # GEMMs run at full speed, small enough that a block of each checkpoint, its difference and
@@ -97,13 +98,6 @@ class Checkpoint:
         return False
 
 
-def matrix_shape(shape) -> tuple[int, int]:
-    """``[d0, d1, ...]`` viewed as a matrix: ``(d0, d1 * d2 * ...)``."""
-    if not shape:
-        return 1, 1
-    return int(shape[0]), int(math.prod(shape[1:]))
-
-
 @dataclass
 class Pair:
     """The same tensor in base and tuned, read in row blocks of at most ``BLOCK_ELEMENTS``
@@ -133,6 +127,10 @@ class Pair:
         step = max(1, BLOCK_ELEMENTS // max(1, self.n))
         for start in range(0, self.m, step):
             yield start, min(self.m, start + step)
+
+    def differs(self) -> bool:
+        """Whether any byte of the two sides differs (a read of both, no arithmetic)."""
+        return any(not self.read(start, stop)[2] for start, stop in self.blocks())
 
     def read(self, start: int, stop: int):
         """(base rows, tuned rows) in their own dtype, and whether their bytes are equal."""

@@ -34,6 +34,7 @@ import numpy as np
 from ...errors import CheckpointError
 from ...numerics import FLOAT_NP, as_float, round_into
 from ...retained import RetainedDelta, TensorSums
+from ...stfile import DTYPE_SIZES, matrix_shape
 
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 SCALE_SUFFIXES = ("_scale_inv", "_scale")
@@ -122,8 +123,7 @@ def encode_rows(x: np.ndarray, dtype: str, scale: np.ndarray | None, out: np.nda
 
 def block_shape(wshape, sshape, name: str) -> tuple[int, int]:
     """Rows and columns of the weight's 2-D view that one scale covers."""
-    rows = wshape[0] if wshape else 1
-    cols = math.prod(wshape[1:]) if len(wshape) > 1 else 1
+    rows, cols = matrix_shape(wshape)
     s = tuple(sshape)
     if math.prod(s) == 1:
         return rows, cols
@@ -162,11 +162,12 @@ class Fp8Base:
     """The FP8 weights of a base, their scales, and the report of what merging them did."""
 
     def __init__(self, base_tensors: dict, read, dtype: str):
-        """``base_tensors``: name -> (dtype, shape); ``read(name)``: a tensor's raw bytes;
-        ``dtype``: the job's --dtype."""
+        """``base_tensors``: name -> (dtype, shape); ``read(names)``: name -> raw bytes of
+        those tensors; ``dtype``: the job's --dtype."""
         self.dequantize = dtype != "keep"
         self.scales: dict[str, tuple[np.ndarray, tuple[int, int]]] = {}
         self.scale_names: dict[str, str] = {}
+        blocks = {}
         self.fp8_names = frozenset(n for n, (dt, _) in base_tensors.items() if dt in FP8_DTYPES)
         for name, (dt, shape) in base_tensors.items():
             if dt not in FP8_DTYPES:
@@ -180,9 +181,12 @@ class Fp8Base:
                 if sdt not in _SCALE_DTYPES:
                     raise CheckpointError(f"scale tensor `{found[0]}` is {sdt}, not one of "
                                           + ", ".join(_SCALE_DTYPES), code=CODE)
-                block = block_shape(tuple(shape), tuple(sshape), name)
-                self.scales[name] = (_scale_values(read(found[0]), sdt, found[0]), block)
+                blocks[name] = block_shape(tuple(shape), tuple(sshape), name)
                 self.scale_names[name] = found[0]
+        raw = read(list(self.scale_names.values())) if self.scale_names else {}
+        for name, sname in self.scale_names.items():
+            values = _scale_values(raw.pop(sname), base_tensors[sname][0], sname)
+            self.scales[name] = (values, blocks[name])
         self.stats = RetainedDelta()
         self.saturated: dict[str, int] = {}
 
@@ -196,8 +200,7 @@ class Fp8Base:
         """Rows per chunk of a merge: about ``_CHUNK`` elements, a multiple of the scale
         block's height (128 for a block grid) and of the exact engine's 16-row blocks, so
         each chunk's blocks are the whole tensor's blocks and give the same bits."""
-        rows = shape[0] if shape else 1
-        cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+        rows, cols = matrix_shape(shape)
         height = self.scales[name][1][0] if name in self.scales else 1
         align = math.lcm(16, height if height < rows else 1)
         return max(align, _CHUNK // max(cols, 1) // align * align)
@@ -262,8 +265,7 @@ class Fp8Engine:
         if dtype not in FP8_DTYPES:
             return self.inner.run(raw, dtype, shape, ops, out_dtype, name)
         raw = raw if isinstance(raw, np.ndarray) else raw.numpy()
-        rows = shape[0] if shape else 1
-        cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+        rows, cols = matrix_shape(shape)
         codes = raw[: rows * cols].reshape(rows, cols)
         to_fp8 = out_dtype in FP8_DTYPES
         out = np.empty(codes.shape, np.uint8 if to_fp8 else FLOAT_NP[out_dtype])
@@ -326,29 +328,43 @@ def rows_of(op, i: int, j: int):
     return dataclasses.replace(op, vec=op.vec[i:j])
 
 
-def prepare(base: str, base_tensors: dict, dtype: str, source=None) -> Fp8Base | None:
+def prepare(base_tensors: dict, dtype: str, source=None, listed: dict | None = None
+            ) -> Fp8Base | None:
     """The FP8 side of a merge, or None when the base has no FP8 tensor. ``source``: the
-    opened single-file base (safetensors or .pt), None for a sharded directory."""
+    opened single-file base (safetensors or .pt); ``listed``: a sharded directory's
+    ``checkpoint.list_tensors`` as the job read it (which file, where in it)."""
     if not any(dt in FP8_DTYPES for dt, _ in base_tensors.values()):
         return None
 
-    from functools import lru_cache
-
-    from ...checkpoint import list_tensors
-    from ...stfile import read_bytes, read_header
-    files = {n: t.file for n, t in list_tensors(base).items()} if source is None else {}
-    header = lru_cache(maxsize=4)(read_header)  # one shard after another, in name order
-    by_name = {t.name: t for t in source.tensors} if source is not None else {}
-
-    def read(name: str) -> bytes:
+    def read(names: list[str]) -> dict:
         if source is not None:
-            t = by_name[name]
-            buf = np.empty(t.nbytes, np.uint8)
-            source.read_into(t, buf)
-            return buf.tobytes()
-        h = header(files[name])
-        return read_bytes(h, h.tensors[name])
+            by_name = {t.name: t for t in source.tensors}
+            out = {}
+            for n in names:
+                out[n] = np.empty(by_name[n].nbytes, np.uint8)
+                source.read_into(by_name[n], out[n])
+            return out
+        return _read_listed([listed[n] for n in names])
     return Fp8Base(base_tensors, read, dtype)
+
+
+def _read_listed(tensors: list) -> dict:
+    """The raw bytes of ``checkpoint.BaseTensor``s of sharded safetensors files, one open
+    file per shard (DeepSeek-V3 has ~45k scale tensors in 163 shards)."""
+    by_file: dict[str, list] = {}
+    for t in tensors:
+        by_file.setdefault(t.file, []).append(t)
+    out = {}
+    for path, ts in by_file.items():
+        with open(path, "rb") as f:
+            for t in sorted(ts, key=lambda t: t.offset):
+                n = math.prod(t.shape) * DTYPE_SIZES[t.dtype]
+                f.seek(t.offset)
+                out[t.name] = f.read(n)
+                if len(out[t.name]) != n:
+                    raise CheckpointError(f"tensor {t.name!r}: file ended early (truncated "
+                                          "while reading)", code="LT401", path=path)
+    return out
 
 
 def strip_quantization_config(src: str, dst: str) -> bool:

@@ -139,8 +139,10 @@ def run(job: MergeJob) -> MergeReport:
     source = None
     with ExitStack() as stack:
         # The base: names, dtypes and shapes (headers only for safetensors).
+        listed = None
         if kind == KIND_SHARDED:
-            base_tensors = {n: (t.dtype, t.shape) for n, t in list_tensors(base).items()}
+            listed = list_tensors(base)
+            base_tensors = {n: (t.dtype, t.shape) for n, t in listed.items()}
             metadata = checkpoint_metadata(base)
         else:
             source = stack.enter_context(open_source(base))
@@ -152,8 +154,7 @@ def run(job: MergeJob) -> MergeReport:
         # without the base, whose LDM names they would not find)
         ldm = kind != KIND_SHARDED and is_ldm(base_tensors)
         from .fp8_base import prepare as prepare_fp8
-        fp8 = prepare_fp8(base, base_tensors, job.dtype,
-                          None if kind == KIND_SHARDED else source)
+        fp8 = prepare_fp8(base_tensors, job.dtype, source, listed)
 
         loaded = []
         for src, scale in items:

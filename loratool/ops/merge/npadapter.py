@@ -6,13 +6,13 @@ The adapter identity is computed from the stored bytes and equals
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from ... import format as F
 from ...numerics import bf16_to_f32
+from .provenance import identity_of
 
 
 def as_f64(t) -> np.ndarray | None:
@@ -38,6 +38,14 @@ class NpModule:
     @property
     def scale(self) -> float:
         return self.info.scale
+
+    @property
+    def kind(self) -> str:
+        return self.info.kind
+
+    @property
+    def layout(self) -> str:
+        return self.info.layout
 
     def factors(self):
         r = self.info.rank
@@ -105,15 +113,7 @@ def load_numpy(path: str) -> NpAdapter:
     for name, m in sorted(info.modules.items()):
         get = lambda role: arrays.get(F.tensor_name(name, role))  # noqa: E731
         modules[name] = NpModule(m, get(F.ROLE_A), get(F.ROLE_B), get(F.ROLE_BIAS))
-    return NpAdapter(modules, _identity(modules, digest), init=info.init)
-
-
-def _identity(modules: dict, digest: str) -> str:
-    """``provenance.adapter_identity`` from the modules' facts and the tensor hash."""
-    table = {n: {"kind": m.info.kind, "layout": m.info.layout, "scale": float(m.scale)}
-             for n, m in modules.items()}
-    doc = F.canonical_json({"modules": table, "tensor_hash": digest})
-    return "sha256:" + hashlib.sha256(doc.encode("ascii")).hexdigest()
+    return NpAdapter(modules, identity_of(modules, digest), init=info.init)
 
 
 _STORED = {np.dtype(np.float16): "F16", np.dtype(np.uint16): "BF16",
@@ -141,7 +141,7 @@ def load_foreign_numpy(path: str, fmt: str, options):
                           float(m.alpha), m.scaling, _STORED[m.A.dtype], False,
                           m.bias is not None)
         modules[name] = NpModule(info, _values(m.A), _values(m.B), _values(m.bias))
-    return NpAdapter(modules, _identity(modules, tensor_hash(stored)), fmt, ad.init), result
+    return NpAdapter(modules, identity_of(modules, tensor_hash(stored)), fmt, ad.init), result
 
 
 def _values(a: np.ndarray | None) -> np.ndarray | None:

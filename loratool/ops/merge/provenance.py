@@ -132,9 +132,15 @@ def adapter_identity(adapter) -> str:
     tensors = canonical_tensors(adapter)
     digest = tensor_hash((n, st_dtype(t), tuple(t.shape), to_bytes(t))
                          for n, t in tensors.items())
-    modules = {n: {"kind": m.kind, "layout": m.layout, "scale": float(m.scale)}
-               for n, m in adapter.modules.items()}
-    doc = F.canonical_json({"modules": modules, "tensor_hash": digest})
+    return identity_of(adapter.modules, digest)
+
+
+def identity_of(modules: dict, digest: str) -> str:
+    """``adapter_identity`` from the modules (anything with ``kind``, ``layout`` and
+    ``scale``) and the integrity hash ``digest`` of their canonical tensors."""
+    table = {n: {"kind": m.kind, "layout": m.layout, "scale": float(m.scale)}
+             for n, m in modules.items()}
+    doc = F.canonical_json({"modules": table, "tensor_hash": digest})
     return "sha256:" + hashlib.sha256(doc.encode("ascii")).hexdigest()
 
 

@@ -37,6 +37,7 @@ _FIXED = {"conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
           "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
           "conv_shortcut": "skip_connection"}
+_RESNET_BACK = {v: k for k, v in RESNET.items()}
 # transformers' CLIP layer -> OpenCLIP resblock (te2); q/k/v are fused in attn.in_proj_weight
 _OPENCLIP = {"self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc",
              "mlp.fc2": "mlp.c_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2"}
@@ -81,41 +82,51 @@ def unet_prefixes(keys) -> dict[str, str]:
     return out
 
 
+def _longest_first(prefixes: dict[str, str]) -> list[tuple[str, str]]:
+    """(prefix, target) pairs, longest prefix first: the first that matches is the most
+    specific. Sorted once per table, not per path."""
+    return sorted(prefixes.items(), key=lambda kv: len(kv[0]), reverse=True)
+
+
+def _is_resnet(dp: str) -> bool:
+    return ".resnets." in dp or dp.startswith("mid_block.resnets.")
+
+
 def diffusers_to_ldm(path: str, prefixes: dict[str, str]) -> str | None:
     """The LDM path (without ``model.diffusion_model.``) of a diffusers UNet path, or None."""
-    for dp in sorted(prefixes, key=len, reverse=True):
+    return _to_ldm(path, _longest_first(prefixes))
+
+
+def _to_ldm(path: str, ordered: list[tuple[str, str]]) -> str | None:
+    for dp, lp in ordered:
         if (path + ".").startswith(dp):
             rest = path[len(dp):]
-            if ".resnets." in dp or dp.startswith("mid_block.resnets."):
+            if _is_resnet(dp):
                 head, dot, tail = rest.partition(".")
                 rest = RESNET.get(head, head) + dot + tail
-            return (prefixes[dp] + rest).rstrip(".")
+            return (lp + rest).rstrip(".")
     return None
 
 
 def _index(keys) -> dict[str, dict[str, str]]:
     """part -> {underscored module path as sd-scripts spells it: base module path}."""
     weights = [k[: -len(".weight")] for k in keys if k.endswith(".weight")]
-    prefixes = unet_prefixes(keys)
-    back = {}
-    for dp, lp in prefixes.items():
-        back[lp] = dp
+    back = _longest_first({lp: dp for dp, lp in unet_prefixes(keys).items()})
     unet = {}
     for w in weights:
         if not w.startswith(UNET):
             continue
         ldm = w[len(UNET):]
         unet[ldm.replace(".", "_")] = w  # SDXL names (sd-scripts' LDM-style UNet)
-        for lp in sorted(back, key=len, reverse=True):
+        for lp, dp in back:
             if (ldm + ".").startswith(lp):
                 rest = ldm[len(lp):]
-                if ".resnets." in back[lp] or back[lp].startswith("mid_block.resnets."):
-                    inv = {v: k for k, v in RESNET.items()}
-                    for lname, dname in inv.items():
+                if _is_resnet(dp):
+                    for lname, dname in _RESNET_BACK.items():
                         if rest == lname or rest.startswith(lname + "."):
                             rest = dname + rest[len(lname):]
                             break
-                unet[(back[lp] + rest).rstrip(".").replace(".", "_")] = w
+                unet[(dp + rest).rstrip(".").replace(".", "_")] = w
                 break
     out = {"unet": unet}
     for part, places in TEXT_ENCODERS.items():
@@ -199,8 +210,9 @@ def ldm_index_of_diffusers(keys) -> dict[str, str]:
         pre[f"up_blocks.{b}.upsamplers.0.conv."] = (
             f"output_blocks.{step * b + lpb}.{2 if attn else 1}.conv.")
     out = {}
+    ordered = _longest_first(pre)
     for w in weights:
-        ldm = diffusers_to_ldm(w, pre)
+        ldm = _to_ldm(w, ordered)
         if ldm is not None:
             out[ldm.replace(".", "_")] = w
     return out
