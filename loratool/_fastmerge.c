@@ -210,6 +210,8 @@ typedef struct {
     const double *L, *R, *Rp, *rb, *ca;       /* L [m, r], R [r, n], Rp packed, bounds */
     char *out; int oc; Py_ssize_t os;          /* output rows (stride in bytes) */
     Py_ssize_t m, r, n; double gc;
+    /* BF16 outputs of F32/BF16 bases: the product in binary32 (NULL: not used) */
+    const float *L32, *Rp32, *ca32; const float *rb32; float gc32, tiny32;
 } block_t;
 
 /* Rows i0 .. i0 + mt, columns j0 .. j0 + nj (unpacked R) by the generic code. */
@@ -367,7 +369,8 @@ AVX2 static inline __attribute__((always_inline)) void fused_row(
 }
 
 AVX2 static inline __attribute__((always_inline)) int rows4_fused_t(
-        const block_t *b, Py_ssize_t i0, Py_ssize_t nch, const int wc, const int oc) {
+        const block_t *b, Py_ssize_t i0, Py_ssize_t c0, Py_ssize_t nch, const int wc,
+        const int oc) {
     const double *L = b->L + i0 * b->r, *Rp = b->Rp, *ca = b->ca;
     const Py_ssize_t r = b->r, ws = b->ws, os = b->os;
     const char *w = b->w + i0 * ws;
@@ -377,7 +380,7 @@ AVX2 static inline __attribute__((always_inline)) int rows4_fused_t(
     __m256i bad = _mm256_setzero_si256(), close = bad;
     const __m256d rb0 = _mm256_set1_pd(b->rb[i0]), rb1 = _mm256_set1_pd(b->rb[i0 + 1]);
     const __m256d rb2 = _mm256_set1_pd(b->rb[i0 + 2]), rb3 = _mm256_set1_pd(b->rb[i0 + 3]);
-    for (Py_ssize_t c = 0; c < nch; c++) {
+    for (Py_ssize_t c = c0; c < nch; c++) {
         __m256d a00 = _mm256_setzero_pd(), a01 = a00, a10 = a00, a11 = a00, a20 = a00,
                 a21 = a00, a30 = a00, a31 = a00;
         const double *Rk = Rp + c * r * CHUNK;
@@ -408,12 +411,120 @@ AVX2 static inline __attribute__((always_inline)) int rows4_fused_t(
 }
 
 /* One compiled copy per dtype pair, so that the dtype tests leave the loop. */
-AVX2 static int rows4_fused(const block_t *b, Py_ssize_t i0, Py_ssize_t nch) {
+AVX2 static int rows4_fused(const block_t *b, Py_ssize_t i0, Py_ssize_t c0, Py_ssize_t nch) {
     if (b->wc == F32)
-        return b->oc == F32 ? rows4_fused_t(b, i0, nch, F32, F32)
-                            : rows4_fused_t(b, i0, nch, F32, BF16);
-    return b->oc == F32 ? rows4_fused_t(b, i0, nch, BF16, F32)
-                        : rows4_fused_t(b, i0, nch, BF16, BF16);
+        return b->oc == F32 ? rows4_fused_t(b, i0, c0, nch, F32, F32)
+                            : rows4_fused_t(b, i0, c0, nch, F32, BF16);
+    return b->oc == F32 ? rows4_fused_t(b, i0, c0, nch, BF16, F32)
+                        : rows4_fused_t(b, i0, c0, nch, BF16, BF16);
+}
+
+/* ---- BF16 outputs: the product in binary32 --------------------------------------------
+ *
+ * For a BF16 output the binary64 product is far more precise than needed: a binary32
+ * product (8 lanes per instruction instead of 4) is certified the same way, with the binary32
+ * error bound. With a = fl32(s L), b = fl32(R) (relative error 2^-24 each), p32 their product
+ * in binary32 (any order, FMA) and e32 = fl32(w + p32):
+ *     |e32 - exact| <= (r + 3) 2^-24 (1 + eps) M + tiny32,
+ * tiny32 covering binary32 underflow (r 2^-149 (1 + max|s L| + max|R|), from the caller); numpy's
+ * binary64 sum is within (r + 2) 2^-53 M of the exact value. gc32 = (2r + 16) 2^-24 bounds
+ * both with margin for the rounding of the bound. A BF16 midpoint within g of e32 can only be
+ * the one with e32's high 16 bits (mu) while g <= 2^-10 |e32| (the others are at least half a
+ * BF16 ulp minus a binary32 ulp away), so |e32 - mu| > g (exact in binary32: Sterbenz) and
+ * g <= 2^-10 |e32| certify RN_bf16(e32), the integer rounding of e32's bits (e32 is not a
+ * midpoint: |e32 - mu| > 0). The lanes that fail (about 1 in 1,000 on random data) are
+ * recomputed one by one in binary64 with the binary64 certificate (repair_bf16); a lane that
+ * fails that too sends the block to the numpy kernels. */
+
+/* out (BF16 bits) of entry (i, j) of the block from the binary64 product; 0 when certified. */
+AVX2 __attribute__((noinline)) static int repair_bf16(const block_t *b, Py_ssize_t i,
+                                                     Py_ssize_t j) {
+    const double *L = b->L + i * b->r;
+    double acc = 0.0;
+    for (Py_ssize_t k = 0; k < b->r; k++) acc = fma(L[k], b->R[k * b->n + j], acc);
+    double x = load(b->w + i * b->ws, j, b->wc), e = x + acc;
+    double g = b->gc * (fabs(x) + b->rb[i] * b->ca[j]) + 0x1p-1060;
+    uint64_t v = rn(BF16, e);
+    if (rn(BF16, e - g) != rn(BF16, e + g) || special(BF16, e, v)) return 1;
+    uint16_t h = (uint16_t)v;
+    memcpy(b->out + i * b->os + 2 * j, &h, 2);
+    return 0;
+}
+
+/* Rows i0 .. i0 + 4, the first nch * 16 columns: binary32 product, BF16 output. */
+AVX2 static int rows4_bf16_t(const block_t *b, Py_ssize_t i0, Py_ssize_t nch, const int wc) {
+    const float *L = b->L32 + i0 * b->r, *Rp = b->Rp32, *ca = b->ca32;
+    const Py_ssize_t r = b->r, ws = b->ws, os = b->os;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 gcv = _mm256_set1_ps(b->gc32), tiny = _mm256_set1_ps(b->tiny32);
+    const __m256 far = _mm256_set1_ps(0x1p-10f);
+    const __m256i expo = _mm256_set1_epi32(0x7F800000), lo16 = _mm256_set1_epi32(0xFFFF);
+    const __m256i mid = _mm256_set1_epi32(0x7FFF), half = _mm256_set1_epi32(0x8000);
+    const __m256i one = _mm256_set1_epi32(1), bexpo = _mm256_set1_epi32(0x7F80);
+    __m256i bad = _mm256_setzero_si256();
+    float tile[64] __attribute__((aligned(32)));  /* the 4 x 16 products, row by row */
+    for (Py_ssize_t c = 0; c < nch; c++) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0,
+               a6 = a0, a7 = a0;
+        const float *Rk = Rp + c * r * 16;
+        for (Py_ssize_t k = 0; k < r; k++, Rk += 16) {
+            __m256 r0 = _mm256_loadu_ps(Rk), r1 = _mm256_loadu_ps(Rk + 8);
+            __m256 l0 = _mm256_broadcast_ss(L + k), l1 = _mm256_broadcast_ss(L + r + k);
+            __m256 l2 = _mm256_broadcast_ss(L + 2 * r + k);
+            __m256 l3 = _mm256_broadcast_ss(L + 3 * r + k);
+            a0 = _mm256_fmadd_ps(l0, r0, a0); a1 = _mm256_fmadd_ps(l0, r1, a1);
+            a2 = _mm256_fmadd_ps(l1, r0, a2); a3 = _mm256_fmadd_ps(l1, r1, a3);
+            a4 = _mm256_fmadd_ps(l2, r0, a4); a5 = _mm256_fmadd_ps(l2, r1, a5);
+            a6 = _mm256_fmadd_ps(l3, r0, a6); a7 = _mm256_fmadd_ps(l3, r1, a7);
+        }
+        _mm256_store_ps(tile, a0); _mm256_store_ps(tile + 8, a1);
+        _mm256_store_ps(tile + 16, a2); _mm256_store_ps(tile + 24, a3);
+        _mm256_store_ps(tile + 32, a4); _mm256_store_ps(tile + 40, a5);
+        _mm256_store_ps(tile + 48, a6); _mm256_store_ps(tile + 56, a7);
+        const __m256 ca0 = _mm256_loadu_ps(ca + c * 16), ca1 = _mm256_loadu_ps(ca + c * 16 + 8);
+        for (int t = 0; t < TILE_ROWS; t++) {
+            const char *wp = b->w + (i0 + t) * ws + c * 16 * SIZES[wc];
+            char *op = b->out + (i0 + t) * os + c * 16 * 2;
+            const __m256 rbv = _mm256_set1_ps(b->rb32[i0 + t]);
+            __m256i rnd[2];
+            int near_bits = 0;
+            for (int h = 0; h < 2; h++) {
+                __m256 x = wc == F32 ? _mm256_loadu_ps((const float *)wp + 8 * h)
+                    : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+                          _mm_loadu_si128((const __m128i *)(wp + 16 * h))), 16));
+                __m256 e = _mm256_add_ps(x, _mm256_load_ps(tile + 16 * t + 8 * h));
+                __m256 g = _mm256_fmadd_ps(gcv, _mm256_fmadd_ps(rbv, h ? ca1 : ca0,
+                                                                _mm256_and_ps(x, absmask)), tiny);
+                __m256i eb = _mm256_castps_si256(e);
+                bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(eb, expo), expo));
+                __m256 mu = _mm256_castsi256_ps(_mm256_or_si256(_mm256_andnot_si256(lo16, eb),
+                                                                half));
+                __m256 near = _mm256_or_ps(
+                    _mm256_cmp_ps(_mm256_and_ps(_mm256_sub_ps(e, mu), absmask), g, _CMP_LE_OQ),
+                    _mm256_cmp_ps(g, _mm256_mul_ps(_mm256_and_ps(e, absmask), far),
+                                  _CMP_GT_OQ));
+                near_bits |= _mm256_movemask_ps(near) << (8 * h);
+                __m256i v = _mm256_srli_epi32(_mm256_add_epi32(eb, _mm256_add_epi32(
+                    mid, _mm256_and_si256(_mm256_srli_epi32(eb, 16), one))), 16);
+                bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(v, bexpo), bexpo));
+                rnd[h] = v;
+            }
+            /* 16 bf16 values in order (packus interleaves the 128-bit halves) */
+            __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rnd[0], rnd[1]), 0xD8);
+            _mm256_storeu_si256((__m256i *)op, packed);
+            while (near_bits) {
+                int lane = __builtin_ctz(near_bits);
+                near_bits &= near_bits - 1;
+                if (repair_bf16(b, i0 + t, c * 16 + lane)) return 2;
+            }
+        }
+        if (!_mm256_testz_si256(bad, bad)) return 1;
+    }
+    return 0;
+}
+
+AVX2 static int rows4_bf16(const block_t *b, Py_ssize_t i0, Py_ssize_t nch) {
+    return b->wc == F32 ? rows4_bf16_t(b, i0, nch, F32) : rows4_bf16_t(b, i0, nch, BF16);
 }
 #endif
 
@@ -428,7 +539,13 @@ static int lowrank_loop(const block_t *b, double *p) {
 #ifdef HAVE_AVX2_PATH
         if (nch) {
             int fused = (b->wc == F32 || b->wc == BF16) && (b->oc == F32 || b->oc == BF16);
-            flags = fused ? rows4_fused(b, i0, nch) : rows4_packed(b, i0, nch, p);
+            Py_ssize_t c0 = 0;  /* 8-column chunks done by the binary32 product */
+            if (fused && b->L32 != NULL) {
+                flags = rows4_bf16(b, i0, b->n / 16);
+                c0 = b->n / 16 * 2;
+            }
+            if (!flags)
+                flags = fused ? rows4_fused(b, i0, c0, nch) : rows4_packed(b, i0, nch, p);
         }
 #endif
         if (!flags && nch * CHUNK < b->n)
@@ -445,12 +562,19 @@ static PyObject *lowrank_round(PyObject *self, PyObject *args) {
     Py_buffer w, L, R, Rp, rb, ca, out, tmp = {0};
     int wc, oc;
     Py_ssize_t m, r, n, lo, hi, step;
-    PyObject *tmp_obj;
-    if (!PyArg_ParseTuple(args, "y*iy*y*y*y*y*w*innnnnnO", &w, &wc, &L, &R, &Rp, &rb, &ca,
-                          &out, &oc, &m, &r, &n, &lo, &hi, &step, &tmp_obj))
+    PyObject *tmp_obj, *f32_obj = Py_None;
+    Py_buffer L32 = {0}, Rp32 = {0}, rb32 = {0}, ca32 = {0};
+    double tiny32 = 0.0;
+    if (!PyArg_ParseTuple(args, "y*iy*y*y*y*y*w*innnnnnO|O", &w, &wc, &L, &R, &Rp, &rb, &ca,
+                          &out, &oc, &m, &r, &n, &lo, &hi, &step, &tmp_obj, &f32_obj))
         return NULL;
     PyObject *res = NULL;
-    int have_tmp = 0;
+    int have_tmp = 0, have_f32 = 0;
+    if (f32_obj != Py_None) {
+        if (!PyArg_ParseTuple(f32_obj, "y*y*y*y*d", &L32, &Rp32, &rb32, &ca32, &tiny32))
+            goto done;
+        have_f32 = 1;
+    }
     if (tmp_obj != Py_None) {
         if (PyObject_GetBuffer(tmp_obj, &tmp, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
             goto done;
@@ -463,7 +587,10 @@ static PyObject *lowrank_round(PyObject *self, PyObject *args) {
     } else if (w.len != m * n * SIZES[wc] || out.len != m * n * SIZES[oc]
                || L.len != m * r * 8 || R.len != r * n * 8
                || Rp.len != (n / CHUNK) * CHUNK * r * 8 || rb.len != m * 8 || ca.len != n * 8
-               || (have_tmp && tmp.len < step * n * SIZES[oc])) {
+               || (have_tmp && tmp.len < step * n * SIZES[oc])
+               || (have_f32 && (oc != BF16 || (wc != F32 && wc != BF16)
+                                || L32.len != m * r * 4 || Rp32.len != (n / 16) * 16 * r * 4
+                                || rb32.len != m * 4 || ca32.len != n * 4))) {
         PyErr_SetString(PyExc_ValueError, "buffer sizes do not agree");
     } else {
         double *p = PyMem_RawMalloc(sizeof(double) * TILE_ROWS * STRIPE);
@@ -484,7 +611,10 @@ static PyObject *lowrank_round(PyObject *self, PyObject *args) {
             block_t blk = {(const char *)w.buf + i * ws, wc, ws, (const double *)L.buf + i * r,
                            R.buf, Rp.buf, (const double *)rb.buf + i, ca.buf,
                            have_tmp ? (char *)tmp.buf : dst, oc, os, rows, r, n,
-                           (double)(2 * r + 10) * 0x1p-53};
+                           (double)(2 * r + 10) * 0x1p-53,
+                           have_f32 ? (const float *)L32.buf + i * r : NULL, Rp32.buf,
+                           ca32.buf, have_f32 ? (const float *)rb32.buf + i : NULL,
+                           (float)(2 * r + 16) * 0x1p-24f, (float)tiny32};
             int status = lowrank_loop(&blk, p);
             if (status == 0 && have_tmp) memcpy(dst, tmp.buf, (size_t)(rows * os));
             if (status) {
@@ -514,6 +644,12 @@ done:
     PyBuffer_Release(&ca);
     PyBuffer_Release(&out);
     if (have_tmp) PyBuffer_Release(&tmp);
+    if (have_f32) {
+        PyBuffer_Release(&L32);
+        PyBuffer_Release(&Rp32);
+        PyBuffer_Release(&rb32);
+        PyBuffer_Release(&ca32);
+    }
     return res;
 }
 
@@ -565,7 +701,9 @@ static PyMethodDef methods[] = {
      "(1 NaN/Inf/overflow, 2 a close call; its output rows are unspecified: use the numpy "
      "kernels). Rp: R packed as [n // 8][r][8]; rb = sum_k |L|, ca = max_k |R|; tmp: None "
      "or a scratch buffer of step rows of out, written first (then out is written only for "
-     "the blocks done: in place, out is w)."},
+     "the blocks done: in place, out is w). f32 (BF16 outputs of F32/BF16 bases, optional): "
+     "(L32, Rp32, rb32, ca32, tiny32): the float32 operands, R packed as [n // 16][r][16], "
+     "and the float32 underflow term of the bound."},
     {"simd", simd, METH_VARARGS, "simd([on]) -> bool: whether the AVX2/FMA path of "
      "lowrank_round runs (on=False: the plain C path; True: AVX2/FMA where the CPU has it)."},
     {NULL, NULL, 0, NULL},

@@ -225,11 +225,11 @@ def _direct(w_stored, base, L, R, out, tmp=False):
     """``lowrank_round`` on one block: (status, output bits)."""
     from loratool.ops.merge.exact import _NpOp, _compiled_operands
     m, n = w_stored.shape
-    packed, rb, ca = _compiled_operands(_NpOp("lowrank", 1.0, "m", L, R, None))
+    packed, rb, ca, f32 = _compiled_operands(_NpOp("lowrank", 1.0, "m", L, R, None), base, out)
     dst = np.zeros((m, n), dtype=BITS[out])
     scratch = np.zeros_like(dst) if tmp else None
     left = EXTENSION.lowrank_round(w_stored, CODES[base], L, R, packed, rb, ca, dst,
-                                   CODES[out], m, R.shape[0], n, 0, m, m, scratch)
+                                   CODES[out], m, R.shape[0], n, 0, m, m, scratch, f32)
     assert left in ([], [(0, 1)], [(0, 2)])
     return (left[0][1] if left else 0), dst
 

@@ -197,7 +197,7 @@ class NumpyExactEngine:
         job = _Tensor(w2, out.reshape(w2.shape), dtype, out_dtype, ops, name,
                       self.fast and _fast_ok(ops), self.ext)
         if job.fast and job.ext is not None and out_dtype != "F64" and ops[0].L.shape[1]:
-            job.packed = _compiled_operands(ops[0])
+            job.packed = _compiled_operands(ops[0], dtype, out_dtype)
         step = self.block_rows if job.fast else max(1, REFERENCE_ELEMS // max(cols, 1))
         blocks = -(-rows // step)
         k = min(self.workers, blocks)
@@ -244,15 +244,26 @@ def _fast_ok(ops) -> bool:
     return math.isfinite(bound) and bound < _SAFE_BOUND
 
 
-def _compiled_operands(op: _NpOp) -> tuple:
+def _compiled_operands(op: _NpOp, dtype: str, out_dtype: str) -> tuple:
     """What the compiled product needs besides L and R, once per tensor: R packed as
     [cols // 8][r][8] (8 columns of every k contiguous, the kernel's register tile), and
     per row ``sum_k |s L_ik|`` and per column ``max_k |R_kj|``, whose product bounds
-    ``sum_k |s L_ik| |R_kj|`` and so the float64 product's rounding error."""
+    ``sum_k |s L_ik| |R_kj|`` and so the float64 product's rounding error. For BF16 outputs
+    of F32/BF16 bases also the float32 operands (R packed 16 columns at a time), when the
+    factors are well inside float32's range (see the C file)."""
     r, cols = op.R.shape
-    n8 = cols // 8 * 8
+    n8, n16 = cols // 8 * 8, cols // 16 * 16
     packed = np.ascontiguousarray(op.R[:, :n8].reshape(r, n8 // 8, 8).transpose(1, 0, 2))
-    return packed, np.abs(op.L).sum(axis=1), np.abs(op.R).max(axis=0)
+    rb, ca = np.abs(op.L).sum(axis=1), np.abs(op.R).max(axis=0)
+    f32 = None
+    big = max(float(rb.max(initial=0.0)), float(ca.max(initial=0.0)))
+    if out_dtype == "BF16" and dtype in ("F32", "BF16") and big < 2.0**60:
+        tiny = r * 2.0**-149 * (1.0 + float(np.abs(op.L).max(initial=0.0)) + big)
+        f32 = (op.L.astype(np.float32),
+               np.ascontiguousarray(op.R[:, :n16].astype(np.float32)
+                                    .reshape(r, n16 // 16, 16).transpose(1, 0, 2)),
+               rb.astype(np.float32), ca.astype(np.float32), tiny)
+    return packed, rb, ca, f32
 
 
 def _product(job: _Tensor, i: int, j: int, s: _Scratch) -> np.ndarray:
@@ -269,13 +280,13 @@ def _compiled_product_rows(job: _Tensor, lo: int, hi: int, step: int, s: _Scratc
     ``(first row, status)`` of the blocks it left (NaN/Inf, overflow, close calls), whose
     output rows the numpy kernels must write (in place, W is still there)."""
     op = job.ops[0]
-    packed, rb, ca = job.packed
+    packed, rb, ca, f32 = job.packed
     rows, cols = job.w2.shape
     tmp = s.get("y", step * cols, FLOAT_NP[job.out_dtype]) if job.out_dtype == job.dtype \
         else None
     return job.ext.lowrank_round(job.w2, _EXT_CODES[job.dtype], op.L, op.R, packed, rb, ca,
                                  job.o2, _EXT_CODES[job.out_dtype], rows, op.R.shape[0], cols,
-                                 lo, hi, step, tmp)
+                                 lo, hi, step, tmp, f32)
 
 
 def _compiled_block(job: _Tensor, i: int, j: int, s: _Scratch) -> bool:
