@@ -234,7 +234,15 @@ static int rows_generic(const block_t *b, Py_ssize_t i0, int mt, Py_ssize_t j0,
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define HAVE_AVX2_PATH 1
-#define AVX2 __attribute__((target("avx2,fma")))
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+/* 8 base values as binary32 (exact). */
+AVX2 static inline __attribute__((always_inline)) __m256 load8_f32(const char *wp, int wc) {
+    if (wc == F32) return _mm256_loadu_ps((const float *)wp);
+    __m128i h = _mm_loadu_si128((const __m128i *)wp);
+    if (wc == F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
 
 /* The rank-r products of 4 rows x 8 columns (chunk c of the packed R) in 8 accumulators. */
 #define TILE_PRODUCT(L, r, Rp, c, acc)                                                      \
@@ -324,9 +332,7 @@ AVX2 static inline __attribute__((always_inline)) void fused_row(
     const __m256i expo = _mm256_set1_epi32(0x7F800000), lo16 = _mm256_set1_epi32(0xFFFF);
     const __m256i mid = _mm256_set1_epi32(0x7FFF), two = _mm256_set1_epi32(2);
     const __m256i one = _mm256_set1_epi32(1), bexpo = _mm256_set1_epi32(0x7F80);
-    __m256 wf = wc == F32 ? _mm256_loadu_ps((const float *)wp)
-        : _mm256_castsi256_ps(_mm256_slli_epi32(
-              _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)wp)), 16));
+    __m256 wf = load8_f32(wp, wc);
     __m256d x0 = _mm256_cvtps_pd(_mm256_castps256_ps128(wf));
     __m256d x1 = _mm256_cvtps_pd(_mm256_extractf128_ps(wf, 1));
     __m256d e0 = _mm256_add_pd(x0, a0), e1 = _mm256_add_pd(x1, a1);
@@ -411,56 +417,66 @@ AVX2 static inline __attribute__((always_inline)) int rows4_fused_t(
 }
 
 /* One compiled copy per dtype pair, so that the dtype tests leave the loop. */
+#define FUSED(WC) (b->oc == F32 ? rows4_fused_t(b, i0, c0, nch, WC, F32) \
+                                 : rows4_fused_t(b, i0, c0, nch, WC, BF16))
 AVX2 static int rows4_fused(const block_t *b, Py_ssize_t i0, Py_ssize_t c0, Py_ssize_t nch) {
-    if (b->wc == F32)
-        return b->oc == F32 ? rows4_fused_t(b, i0, c0, nch, F32, F32)
-                            : rows4_fused_t(b, i0, c0, nch, F32, BF16);
-    return b->oc == F32 ? rows4_fused_t(b, i0, c0, nch, BF16, F32)
-                        : rows4_fused_t(b, i0, c0, nch, BF16, BF16);
+    return b->wc == F32 ? FUSED(F32) : b->wc == BF16 ? FUSED(BF16) : FUSED(F16);
 }
 
-/* ---- BF16 outputs: the product in binary32 --------------------------------------------
+/* ---- BF16 and F16 outputs: the product in binary32 ---------------------------------------
  *
- * For a BF16 output the binary64 product is far more precise than needed: a binary32
+ * For a BF16 or F16 output the binary64 product is far more precise than needed: a binary32
  * product (8 lanes per instruction instead of 4) is certified the same way, with the binary32
  * error bound. With a = fl32(s L), b = fl32(R) (relative error 2^-24 each), p32 their product
- * in binary32 (any order, FMA) and e32 = fl32(w + p32):
- *     |e32 - exact| <= (r + 3) 2^-24 (1 + eps) M + tiny32,
+ * in binary32 (any order, FMA) and e32 = fl32(w + p32) (w exact in binary32):
+ *     |e32 - exact| <= (r + 3) 2^-24 (1 + r 2^-23) M + tiny32   (2 conversions, r roundings
+ *                                                            in the product, 1 in the sum),
  * tiny32 covering binary32 underflow (r 2^-149 (1 + max|s L| + max|R|), from the caller); numpy's
- * binary64 sum is within (r + 2) 2^-53 M of the exact value. gc32 = (2r + 16) 2^-24 bounds
- * both with margin for the rounding of the bound. A BF16 midpoint within g of e32 can only be
- * the one with e32's high 16 bits (mu) while g <= 2^-10 |e32| (the others are at least half a
- * BF16 ulp minus a binary32 ulp away), so |e32 - mu| > g (exact in binary32: Sterbenz) and
- * g <= 2^-10 |e32| certify RN_bf16(e32), the integer rounding of e32's bits (e32 is not a
- * midpoint: |e32 - mu| > 0). The lanes that fail (about 1 in 1,000 on random data) are
- * recomputed one by one in binary64 with the binary64 certificate (repair_bf16); a lane that
- * fails that too sends the block to the numpy kernels. */
+ * binary64 sum is within (r + 2) 2^-53 M of the exact value. gc32 = (r + 5) 2^-24 bounds
+ * both, with room for the 5 roundings of the bound itself (rb32, ca32, the fma's, g) and
+ * for (r + 2) 2^-53 << 2^-24. The only output midpoint that can be within g of e32 is mu, the
+ * midpoint of the output interval holding |e32| (its binary32 pattern: e32's high bits, then
+ * a 1 and zeros; F16 below its normal range, where the spacing is 2^-24: (floor(|e32| 2^24)
+ * + 1/2) 2^-24), while g <= 2^-10 |e32| (BF16) or 2^-13 |e32| (F16): the other midpoints are
+ * at least half an output ulp minus a binary32 ulp away. So ||e32| - mu| > g (exact in
+ * binary32: Sterbenz) and that bound on g certify RN(e32), a single rounding of e32 (integer
+ * rounding of its bits for BF16, vcvtps2ph for F16; e32 is not a midpoint, being more than
+ * g from one). The lanes that fail (about 1 in 500 to 1,000 on random data; F16 values
+ * below 2^-14 often) are recomputed one by one in binary64 with the binary64 certificate
+ * (repair); a lane that fails that too sends the block to the numpy kernels. */
 
-/* out (BF16 bits) of entry (i, j) of the block from the binary64 product; 0 when certified. */
-AVX2 __attribute__((noinline)) static int repair_bf16(const block_t *b, Py_ssize_t i,
-                                                     Py_ssize_t j) {
-    const double *L = b->L + i * b->r;
-    double acc = 0.0;
-    for (Py_ssize_t k = 0; k < b->r; k++) acc = fma(L[k], b->R[k * b->n + j], acc);
+/* Entry (i, j) of the block from the binary64 product, stored when the binary64 certificate
+ * holds; 1 when it does not (a close call for numpy). */
+AVX2 __attribute__((noinline)) static int repair(const block_t *b, Py_ssize_t i, Py_ssize_t j) {
+    const double *L = b->L + i * b->r, *Rj = b->Rp + (j / CHUNK) * b->r * CHUNK + j % CHUNK;
+    double acc = 0.0;  /* R from the packed copy: the r values lie in consecutive lines */
+    for (Py_ssize_t k = 0; k < b->r; k++) acc = fma(L[k], Rj[k * CHUNK], acc);
     double x = load(b->w + i * b->ws, j, b->wc), e = x + acc;
     double g = b->gc * (fabs(x) + b->rb[i] * b->ca[j]) + 0x1p-1060;
-    uint64_t v = rn(BF16, e);
-    if (rn(BF16, e - g) != rn(BF16, e + g) || special(BF16, e, v)) return 1;
+    uint64_t v = rn(b->oc, e);
+    if (rn(b->oc, e - g) != rn(b->oc, e + g) || special(b->oc, e, v)) return 1;
     uint16_t h = (uint16_t)v;
     memcpy(b->out + i * b->os + 2 * j, &h, 2);
     return 0;
 }
 
-/* Rows i0 .. i0 + 4, the first nch * 16 columns: binary32 product, BF16 output. */
-AVX2 static int rows4_bf16_t(const block_t *b, Py_ssize_t i0, Py_ssize_t nch, const int wc) {
+
+/* Rows i0 .. i0 + 4, the first nch * 16 columns: binary32 product, BF16 or F16 output. */
+AVX2 static inline __attribute__((always_inline)) int rows4_lowp_t(
+        const block_t *b, Py_ssize_t i0, Py_ssize_t nch, const int wc, const int oc) {
     const float *L = b->L32 + i0 * b->r, *Rp = b->Rp32, *ca = b->ca32;
     const Py_ssize_t r = b->r, ws = b->ws, os = b->os;
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     const __m256 gcv = _mm256_set1_ps(b->gc32), tiny = _mm256_set1_ps(b->tiny32);
-    const __m256 far = _mm256_set1_ps(0x1p-10f);
-    const __m256i expo = _mm256_set1_epi32(0x7F800000), lo16 = _mm256_set1_epi32(0xFFFF);
-    const __m256i mid = _mm256_set1_epi32(0x7FFF), half = _mm256_set1_epi32(0x8000);
-    const __m256i one = _mm256_set1_epi32(1), bexpo = _mm256_set1_epi32(0x7F80);
+    /* other midpoints are at least half an ulp minus a binary32 ulp away */
+    const __m256 far = _mm256_set1_ps(oc == BF16 ? 0x1p-10f : 0x1p-13f);
+    const __m256 f16_min_normal = _mm256_set1_ps(0x1p-14f);
+    const __m256i expo = _mm256_set1_epi32(0x7F800000), one = _mm256_set1_epi32(1);
+    /* the low bits binary32 has beyond the output's significand, and their half */
+    const __m256i low = _mm256_set1_epi32(oc == BF16 ? 0xFFFF : 0x1FFF);
+    const __m256i half = _mm256_set1_epi32(oc == BF16 ? 0x8000 : 0x1000);
+    const __m256i mid = _mm256_set1_epi32(0x7FFF), bexpo = _mm256_set1_epi32(0x7F80);
+    const __m256i hexpo = _mm256_set1_epi32(0x7C00);
     __m256i bad = _mm256_setzero_si256();
     float tile[64] __attribute__((aligned(32)));  /* the 4 x 16 products, row by row */
     for (Py_ssize_t c = 0; c < nch; c++) {
@@ -486,36 +502,52 @@ AVX2 static int rows4_bf16_t(const block_t *b, Py_ssize_t i0, Py_ssize_t nch, co
             const char *wp = b->w + (i0 + t) * ws + c * 16 * SIZES[wc];
             char *op = b->out + (i0 + t) * os + c * 16 * 2;
             const __m256 rbv = _mm256_set1_ps(b->rb32[i0 + t]);
-            __m256i rnd[2];
+            __m256i v[2];
             int near_bits = 0;
             for (int h = 0; h < 2; h++) {
-                __m256 x = wc == F32 ? _mm256_loadu_ps((const float *)wp + 8 * h)
-                    : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
-                          _mm_loadu_si128((const __m128i *)(wp + 16 * h))), 16));
+                __m256 x = load8_f32(wp + 8 * h * SIZES[wc], wc);
                 __m256 e = _mm256_add_ps(x, _mm256_load_ps(tile + 16 * t + 8 * h));
                 __m256 g = _mm256_fmadd_ps(gcv, _mm256_fmadd_ps(rbv, h ? ca1 : ca0,
                                                                 _mm256_and_ps(x, absmask)), tiny);
-                __m256i eb = _mm256_castps_si256(e);
+                __m256 ea = _mm256_and_ps(e, absmask);
+                __m256i eb = _mm256_castps_si256(ea);
                 bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(eb, expo), expo));
-                __m256 mu = _mm256_castsi256_ps(_mm256_or_si256(_mm256_andnot_si256(lo16, eb),
+                /* the midpoint of the output's interval holding |e|, in binary32 */
+                __m256 mu = _mm256_castsi256_ps(_mm256_or_si256(_mm256_andnot_si256(low, eb),
                                                                 half));
+                if (oc == F16) {  /* below F16's normal range the spacing is 2^-24 */
+                    __m256 sub = _mm256_mul_ps(_mm256_add_ps(_mm256_floor_ps(
+                        _mm256_mul_ps(ea, _mm256_set1_ps(0x1p24f))), _mm256_set1_ps(0.5f)),
+                        _mm256_set1_ps(0x1p-24f));
+                    mu = _mm256_blendv_ps(mu, sub, _mm256_cmp_ps(ea, f16_min_normal,
+                                                                 _CMP_LT_OQ));
+                }
                 __m256 near = _mm256_or_ps(
-                    _mm256_cmp_ps(_mm256_and_ps(_mm256_sub_ps(e, mu), absmask), g, _CMP_LE_OQ),
-                    _mm256_cmp_ps(g, _mm256_mul_ps(_mm256_and_ps(e, absmask), far),
-                                  _CMP_GT_OQ));
+                    _mm256_cmp_ps(_mm256_and_ps(_mm256_sub_ps(ea, mu), absmask), g, _CMP_LE_OQ),
+                    _mm256_cmp_ps(g, _mm256_mul_ps(ea, far), _CMP_GT_OQ));
                 near_bits |= _mm256_movemask_ps(near) << (8 * h);
-                __m256i v = _mm256_srli_epi32(_mm256_add_epi32(eb, _mm256_add_epi32(
-                    mid, _mm256_and_si256(_mm256_srli_epi32(eb, 16), one))), 16);
-                bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(v, bexpo), bexpo));
-                rnd[h] = v;
+                __m256i q;
+                if (oc == BF16) {
+                    __m256i sb = _mm256_castps_si256(e);
+                    q = _mm256_srli_epi32(_mm256_add_epi32(sb, _mm256_add_epi32(
+                        mid, _mm256_and_si256(_mm256_srli_epi32(sb, 16), one))), 16);
+                    bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(q, bexpo),
+                                                                  bexpo));
+                } else {
+                    q = _mm256_cvtepu16_epi32(_mm256_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT
+                                                              | _MM_FROUND_NO_EXC));
+                    bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(q, hexpo),
+                                                                  hexpo));
+                }
+                v[h] = q;
             }
-            /* 16 bf16 values in order (packus interleaves the 128-bit halves) */
-            __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rnd[0], rnd[1]), 0xD8);
+            /* 16 values in order (packus interleaves the 128-bit halves) */
+            __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(v[0], v[1]), 0xD8);
             _mm256_storeu_si256((__m256i *)op, packed);
             while (near_bits) {
                 int lane = __builtin_ctz(near_bits);
                 near_bits &= near_bits - 1;
-                if (repair_bf16(b, i0 + t, c * 16 + lane)) return 2;
+                if (repair(b, i0 + t, c * 16 + lane)) return 2;
             }
         }
         if (!_mm256_testz_si256(bad, bad)) return 1;
@@ -523,8 +555,10 @@ AVX2 static int rows4_bf16_t(const block_t *b, Py_ssize_t i0, Py_ssize_t nch, co
     return 0;
 }
 
-AVX2 static int rows4_bf16(const block_t *b, Py_ssize_t i0, Py_ssize_t nch) {
-    return b->wc == F32 ? rows4_bf16_t(b, i0, nch, F32) : rows4_bf16_t(b, i0, nch, BF16);
+#define LOWP(WC) (b->oc == BF16 ? rows4_lowp_t(b, i0, nch, WC, BF16) \
+                                : rows4_lowp_t(b, i0, nch, WC, F16))
+AVX2 static int rows4_lowp(const block_t *b, Py_ssize_t i0, Py_ssize_t nch) {
+    return b->wc == F32 ? LOWP(F32) : b->wc == BF16 ? LOWP(BF16) : LOWP(F16);
 }
 #endif
 
@@ -536,20 +570,22 @@ static int lowrank_loop(const block_t *b, double *p) {
     Py_ssize_t nch = use_avx2 ? b->n / CHUNK : 0, i0 = 0;
     int flags = 0;
     for (; i0 + TILE_ROWS <= b->m && !flags; i0 += TILE_ROWS) {
+        Py_ssize_t done = 0;  /* columns done by the tiles */
 #ifdef HAVE_AVX2_PATH
-        if (nch) {
-            int fused = (b->wc == F32 || b->wc == BF16) && (b->oc == F32 || b->oc == BF16);
-            Py_ssize_t c0 = 0;  /* 8-column chunks done by the binary32 product */
-            if (fused && b->L32 != NULL) {
-                flags = rows4_bf16(b, i0, b->n / 16);
-                c0 = b->n / 16 * 2;
-            }
-            if (!flags)
-                flags = fused ? rows4_fused(b, i0, c0, nch) : rows4_packed(b, i0, nch, p);
+        int narrow_w = b->wc == F32 || b->wc == BF16 || b->wc == F16;
+        if (nch && narrow_w && b->L32 != NULL) {  /* BF16/F16 output: binary32 product */
+            flags = rows4_lowp(b, i0, b->n / 16);
+            done = b->n / 16 * 16;
+        } else if (nch && narrow_w && (b->oc == F32 || b->oc == BF16)) {
+            flags = rows4_fused(b, i0, 0, nch);
+            done = nch * CHUNK;
+        } else if (nch) {
+            flags = rows4_packed(b, i0, nch, p);
+            done = nch * CHUNK;
         }
 #endif
-        if (!flags && nch * CHUNK < b->n)
-            flags = rows_generic(b, i0, TILE_ROWS, nch * CHUNK, b->n - nch * CHUNK, p);
+        if (!flags && done < b->n)
+            flags = rows_generic(b, i0, TILE_ROWS, done, b->n - done, p);
     }
     for (; i0 < b->m && !flags; i0 += TILE_ROWS) {
         int mt = b->m - i0 < TILE_ROWS ? (int)(b->m - i0) : TILE_ROWS;
@@ -588,7 +624,7 @@ static PyObject *lowrank_round(PyObject *self, PyObject *args) {
                || L.len != m * r * 8 || R.len != r * n * 8
                || Rp.len != (n / CHUNK) * CHUNK * r * 8 || rb.len != m * 8 || ca.len != n * 8
                || (have_tmp && tmp.len < step * n * SIZES[oc])
-               || (have_f32 && (oc != BF16 || (wc != F32 && wc != BF16)
+               || (have_f32 && ((oc != BF16 && oc != F16) || wc == F64
                                 || L32.len != m * r * 4 || Rp32.len != (n / 16) * 16 * r * 4
                                 || rb32.len != m * 4 || ca32.len != n * 4))) {
         PyErr_SetString(PyExc_ValueError, "buffer sizes do not agree");
@@ -614,7 +650,7 @@ static PyObject *lowrank_round(PyObject *self, PyObject *args) {
                            (double)(2 * r + 10) * 0x1p-53,
                            have_f32 ? (const float *)L32.buf + i * r : NULL, Rp32.buf,
                            ca32.buf, have_f32 ? (const float *)rb32.buf + i : NULL,
-                           (float)(2 * r + 16) * 0x1p-24f, (float)tiny32};
+                           (float)(r + 5) * 0x1p-24f, (float)tiny32};
             int status = lowrank_loop(&blk, p);
             if (status == 0 && have_tmp) memcpy(dst, tmp.buf, (size_t)(rows * os));
             if (status) {
@@ -701,7 +737,8 @@ static PyMethodDef methods[] = {
      "(1 NaN/Inf/overflow, 2 a close call; its output rows are unspecified: use the numpy "
      "kernels). Rp: R packed as [n // 8][r][8]; rb = sum_k |L|, ca = max_k |R|; tmp: None "
      "or a scratch buffer of step rows of out, written first (then out is written only for "
-     "the blocks done: in place, out is w). f32 (BF16 outputs of F32/BF16 bases, optional): "
+     "the blocks done: in place, out is w). f32 (BF16/F16 outputs of F32/BF16/F16 bases, "
+     "optional): "
      "(L32, Rp32, rb32, ca32, tiny32): the float32 operands, R packed as [n // 16][r][16], "
      "and the float32 underflow term of the bound."},
     {"simd", simd, METH_VARARGS, "simd([on]) -> bool: whether the AVX2/FMA path of "
@@ -714,7 +751,8 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastmerge", NULL, -
 PyMODINIT_FUNC PyInit__fastmerge(void) {
 #ifdef HAVE_AVX2_PATH
     __builtin_cpu_init();
-    cpu_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    cpu_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+               && __builtin_cpu_supports("f16c");
     use_avx2 = cpu_avx2;
 #endif
     return PyModule_Create(&module);

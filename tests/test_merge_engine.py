@@ -26,11 +26,15 @@ DTYPES = ("F32", "BF16", "F16")
 
 
 def _fast_engines(workers: int, **kw) -> dict:
-    """The numpy fast kernel and, when built, the compiled one (CI builds it:
-    ``LORATOOL_REQUIRE_EXT=1``, see test_extension_built_when_required)."""
+    """The numpy fast kernel and, when built, the compiled one, with its own product and
+    after numpy's (CI builds it: ``LORATOOL_REQUIRE_EXT=1``, see
+    test_extension_built_when_required)."""
     out = {f"numpy-{workers}": NumpyExactEngine(workers, compiled=False, **kw)}
     if EXTENSION is not None:
-        out[f"compiled-{workers}"] = NumpyExactEngine(workers, compiled=True, **kw)
+        out[f"compiled-{workers}"] = NumpyExactEngine(workers, compiled=True,
+                                                      compiled_product=True, **kw)
+        out[f"compiled-add-{workers}"] = NumpyExactEngine(workers, compiled=True,
+                                                          compiled_product=False, **kw)
     return out
 
 
@@ -49,7 +53,7 @@ def test_extension_built_when_required(monkeypatch):
     monkeypatch.setattr(exact, "_fast_block", boom)
     rng = np.random.default_rng(0)
     w = rng.standard_normal((5 * BLOCK_ROWS, 64)).astype(np.float32)
-    engine = NumpyExactEngine(2, compiled=True)
+    engine = NumpyExactEngine(2, compiled=True, compiled_product=True)
     try:
         for out in ("F32", "BF16", "F16"):
             _run(engine, w, "F32", rng.standard_normal((w.shape[0], 4)),
@@ -322,7 +326,7 @@ def test_compiled_product_equals_numpy_property(rows, cols, rank, base, out, w_e
     before = EXTENSION.simd()
     EXTENSION.simd(simd_on)
     engines = [NumpyExactEngine(1, compiled=False, block_rows=4),
-               NumpyExactEngine(1, compiled=True, block_rows=4)]
+               NumpyExactEngine(1, compiled=True, compiled_product=True, block_rows=4)]
     try:
         results = []
         for engine in engines:

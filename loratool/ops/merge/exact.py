@@ -154,7 +154,8 @@ class NumpyExactEngine:
 
     ``fast=False`` runs every block through the reference kernel (tests compare the two);
     ``compiled=False`` never uses the compiled kernel, ``True`` requires it (default: when
-    built).
+    built); ``compiled_product``: whether the compiled kernel computes the product too
+    (default: where its AVX2/FMA path runs), or adds and rounds after numpy's.
     """
 
     device = "cpu"
@@ -162,12 +163,19 @@ class NumpyExactEngine:
     pinned = False
 
     def __init__(self, workers: int | None = None, *, fast: bool = True,
-                 block_rows: int = BLOCK_ROWS, compiled: bool | None = None):
+                 block_rows: int = BLOCK_ROWS, compiled: bool | None = None,
+                 compiled_product: bool | None = None):
         if compiled and EXTENSION is None:
             raise RuntimeError("the compiled merge kernel loratool._fastmerge is not built")
         self.workers = workers or cores()
         self.fast = fast
         self.ext = EXTENSION if compiled is not False else None
+        # The compiled kernel computes the product too where its AVX2/FMA path runs (its plain
+        # C product is slower than BLAS: elsewhere it only adds and rounds after numpy's
+        # product, as for F64 outputs). True/False force either (tests, benchmarks).
+        if compiled_product is None:
+            compiled_product = self.ext is not None and self.ext.simd()
+        self.compiled_product = compiled_product
         self.block_rows = block_rows
         self._pool = None
         self._scratch: dict[int, _Scratch] = {}
@@ -196,7 +204,8 @@ class NumpyExactEngine:
                          as_f64(op.vec)) for op in ops]
         job = _Tensor(w2, out.reshape(w2.shape), dtype, out_dtype, ops, name,
                       self.fast and _fast_ok(ops), self.ext)
-        if job.fast and job.ext is not None and out_dtype != "F64" and ops[0].L.shape[1]:
+        if job.fast and job.ext is not None and self.compiled_product and out_dtype != "F64" \
+                and ops[0].L.shape[1]:
             job.packed = _compiled_operands(ops[0], dtype, out_dtype)
         step = self.block_rows if job.fast else max(1, REFERENCE_ELEMS // max(cols, 1))
         blocks = -(-rows // step)
@@ -248,16 +257,16 @@ def _compiled_operands(op: _NpOp, dtype: str, out_dtype: str) -> tuple:
     """What the compiled product needs besides L and R, once per tensor: R packed as
     [cols // 8][r][8] (8 columns of every k contiguous, the kernel's register tile), and
     per row ``sum_k |s L_ik|`` and per column ``max_k |R_kj|``, whose product bounds
-    ``sum_k |s L_ik| |R_kj|`` and so the float64 product's rounding error. For BF16 outputs
-    of F32/BF16 bases also the float32 operands (R packed 16 columns at a time), when the
-    factors are well inside float32's range (see the C file)."""
+    ``sum_k |s L_ik| |R_kj|`` and so the float64 product's rounding error. For BF16/F16
+    outputs of F32/BF16/F16 bases also the float32 operands (R packed 16 columns at a time),
+    when the factors are well inside float32's range (see the C file)."""
     r, cols = op.R.shape
     n8, n16 = cols // 8 * 8, cols // 16 * 16
     packed = np.ascontiguousarray(op.R[:, :n8].reshape(r, n8 // 8, 8).transpose(1, 0, 2))
     rb, ca = np.abs(op.L).sum(axis=1), np.abs(op.R).max(axis=0)
     f32 = None
     big = max(float(rb.max(initial=0.0)), float(ca.max(initial=0.0)))
-    if out_dtype == "BF16" and dtype in ("F32", "BF16") and big < 2.0**60:
+    if out_dtype in ("BF16", "F16") and dtype in ("F32", "BF16", "F16") and big < 2.0**60:
         tiny = r * 2.0**-149 * (1.0 + float(np.abs(op.L).max(initial=0.0)) + big)
         f32 = (op.L.astype(np.float32),
                np.ascontiguousarray(op.R[:, :n16].astype(np.float32)
@@ -292,6 +301,8 @@ def _compiled_product_rows(job: _Tensor, lo: int, hi: int, step: int, s: _Scratc
 def _compiled_block(job: _Tensor, i: int, j: int, s: _Scratch) -> bool:
     """Rows ``i:j`` by the compiled add-and-round after numpy's product (float64 outputs);
     False (to be redone by ``_fast_block``) when a result is NaN/Inf or overflows."""
+    if "F16" in (job.dtype, job.out_dtype):
+        return False  # its F16 conversions do not vectorize: numpy's are faster (benchmarks/)
     m, cols = j - i, job.w2.shape[1]
     dst = job.o2[i:j]
     inplace = job.out_dtype == job.dtype

@@ -1,0 +1,118 @@
+"""Benchmark: the exact merge engine's kernels on one LLaMA-sized tensor, in process.
+
+Three ways to compute one tensor's exact merge (``loratool.ops.merge.exact``), timed in the
+same run on the same data, with their outputs compared byte for byte:
+
+  numpy         numpy only: BLAS float64 product per 16-row block, numpy add and rounding
+  compiled-add  numpy's BLAS product, then the compiled add-and-round pass (before issue 11's
+                second round; still the path of float64 outputs)
+  compiled      the compiled kernel computes the product too (AVX2/FMA register tiles;
+                binary32 product for BF16 outputs), certified equal to numpy's bytes
+
+Also reports how many 16-row blocks the compiled kernel left to numpy (close calls), and
+the plain-C path of the compiled kernel (``--plain``: what a CPU without AVX2/FMA runs).
+
+    python benchmarks/merge_kernels.py                  # 5632 x 2048, rank 16, 1 and 2 workers
+    python benchmarks/merge_kernels.py --rows 2048 --cols 2048 --rank 64 --plain
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from loratool.ops.merge import exact  # noqa: E402
+from loratool.ops.merge.plan import Op  # noqa: E402
+
+PAIRS = [("F32", "F32"), ("BF16", "BF16"), ("F16", "F16"), ("F32", "BF16")]
+
+
+def _base(rows: int, cols: int, dtype: str, rng) -> np.ndarray:
+    w = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
+    if dtype == "F32":
+        return w
+    if dtype == "F16":
+        return w.astype(np.float16)
+    return (w.view(np.uint32) >> 16).astype(np.uint16)  # bf16 bits (truncated: any values do)
+
+
+def _time(engine, w, dtype, op, out, repeats):
+    walls, cpus, data = [], [], None
+    for _ in range(repeats):
+        raw = np.frombuffer(w.tobytes(), dtype=np.uint8).copy()
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        data, _ = engine.run(raw, dtype, w.shape, [op], out, "w")
+        walls.append(time.perf_counter() - t0)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpus.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+    return statistics.median(walls), statistics.median(cpus), bytes(data)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=5632)
+    ap.add_argument("--cols", type=int, default=2048)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--plain", action="store_true", help="also the compiled kernel's plain C path")
+    args = ap.parse_args()
+    if exact.EXTENSION is None:
+        sys.exit("loratool._fastmerge is not built (pip install -e . with a C compiler)")
+    rng = np.random.default_rng(0)
+    L = rng.standard_normal((args.rows, args.rank)) * 0.01
+    R = rng.standard_normal((args.rank, args.cols)) * (1 / args.cols ** 0.5)
+    op = Op("lowrank", 2.0 * 0.7, 0, "m", L, R)
+    left = {"n": 0}
+    run_rows = exact._compiled_product_rows
+
+    def counting(*a):
+        res = run_rows(*a)
+        left["n"] += len(res)
+        return res
+    exact._compiled_product_rows = counting
+    blocks = -(-args.rows // exact.BLOCK_ROWS)
+    print(f"tensor [{args.rows}, {args.cols}], rank {args.rank}, median of {args.repeats}; "
+          f"load {os.getloadavg()[0]:.2f}")
+    print(f"{'dtypes':12s} {'workers':>7s} {'kernel':14s} {'wall ms':>8s} {'cpu ms':>8s} "
+          f"{'ns/elem':>8s} {'vs numpy':>9s}  bytes")
+    for dtype, out in PAIRS:
+        w = _base(args.rows, args.cols, dtype, rng)
+        for workers in args.workers:
+            kernels = {"numpy": dict(compiled=False),
+                       "compiled-add": dict(compiled=True, compiled_product=False),
+                       "compiled": dict(compiled=True, compiled_product=True)}
+            if args.plain:
+                kernels["compiled-plain"] = dict(compiled=True, compiled_product=True)
+            base_wall, base_bytes = None, None
+            for label, kw in kernels.items():
+                engine = exact.NumpyExactEngine(workers, **kw)
+                simd = exact.EXTENSION.simd()
+                if label == "compiled-plain":
+                    exact.EXTENSION.simd(False)
+                left["n"] = 0
+                try:
+                    wall, cpu, data = _time(engine, w, dtype, op, out, args.repeats)
+                finally:
+                    exact.EXTENSION.simd(simd)
+                    engine.close()
+                base_wall = base_wall or wall
+                base_bytes = base_bytes or data
+                same = "identical" if data == base_bytes else "DIFFERENT"
+                extra = (f", {left['n'] / args.repeats:.0f} of {blocks} blocks to numpy"
+                         if label.startswith("compiled") and label != "compiled-add" else "")
+                print(f"{dtype + '->' + out:12s} {workers:7d} {label:14s} {wall * 1e3:8.1f} "
+                      f"{cpu * 1e3:8.1f} {wall / w.size * 1e9:8.2f} {base_wall / wall:8.2f}x  "
+                      f"{same}{extra}")
+
+
+if __name__ == "__main__":
+    main()
