@@ -264,20 +264,25 @@ def test_compiled_product_reports_close_calls_and_nonfinite(simd, out):
     status, got = _direct(_to_stored(w, "F32"), "F32", L, R, out)
     assert status == 0
     assert np.array_equal(got, _oracle(w, L, R, 1.0, out))
+    # midpoints at 1, and for F16 also below its normal range (spacing 2^-24 there)
+    for w0, h in [(1.0, half)] + ([(2.0**-20, 2.0**-25)] if out == "F16" else []):
+        w = np.full((m, n), w0)
+        for i, j in itertools.product((0, 5, 10), (0, 9, 36)):  # tiles, chunks, leftovers
+            for off in (0.0, 2.0**-50, -2.0**-50):
+                L2, R2 = np.zeros((m, r)), np.zeros((r, n))
+                L2[i, 0], R2[0, j] = h, 1.0 + off  # W + delta on (or by a hair) a midpoint
+                status, _ = _direct(_to_stored(w, "F32"), "F32", L2, R2, out)
+                assert status == 2, (w0, i, j, off)
+            # off the midpoint by more than the certificate's margin (2^-22 of a half ulp),
+            # but so little that the binary32 rounding lands on it
+            for off in (2.0**-22, -2.0**-22):
+                L2, R2 = np.zeros((m, r)), np.zeros((r, n))
+                L2[i, 0], R2[0, j] = h, 1.0 + off
+                status, got = _direct(_to_stored(w, "F32"), "F32", L2, R2, out)
+                assert status == 0, (w0, i, j, off)
+                assert np.array_equal(got, _oracle(w, L2, R2, 1.0, out)), (w0, i, j, off)
     w = np.ones((m, n))
-    for i, j in itertools.product((0, 5, 10), (0, 9, 36)):  # tiles, chunks, leftovers
-        for off in (0.0, 2.0**-50, -2.0**-50):
-            L2, R2 = np.zeros((m, r)), np.zeros((r, n))
-            L2[i, 0], R2[0, j] = half, 1.0 + off  # W + delta on (or by the hair) a midpoint
-            status, _ = _direct(_to_stored(w, "F32"), "F32", L2, R2, out)
-            assert status == 2, (i, j, off)
-        # off the midpoint by more than the certificate's margin (2^-22 of a half ulp), but
-        # so little that the binary32 rounding lands on it (BF16: then e's side decides)
-        for off in (2.0**-22, -2.0**-22):
-            L2, R2 = np.zeros((m, r)), np.zeros((r, n))
-            L2[i, 0], R2[0, j] = half, 1.0 + off
-            status, got = _direct(_to_stored(w, "F32"), "F32", L2, R2, out)
-            assert status == 0 and np.array_equal(got, _oracle(w, L2, R2, 1.0, out)), (i, j)
+    for i, j in itertools.product((0, 5, 10), (0, 9, 36)):
         bad = w.copy()
         bad[i, j] = np.nan
         assert _direct(_to_stored(bad, "F32"), "F32", L, R, out)[0] == 1
