@@ -173,7 +173,13 @@ def _rm(path: str) -> None:
 
 def run_size(root: str, layers: int, repeats: int, device: str, cases: list[str],
              bf16: bool = False, check: bool = True) -> dict:
-    data = build(root, layers, bf16)
+    # built in a child process: the model and the bf16 conversion leave the builder with
+    # gigabytes of freed-but-kept heap, and that memory pressure slowed the timed runs (cp of
+    # the fp32 base measured 3.7-4.1 s after an in-process build, 1.5-2.3 s otherwise)
+    built = subprocess.run([sys.executable, os.path.abspath(__file__), "--build-only", root,
+                            "--layers", str(layers)] + (["--bf16"] if bf16 else []),
+                           check=True, stdout=subprocess.PIPE, text=True)
+    data = json.loads(built.stdout.strip().splitlines()[-1])
     peft_file = os.path.join(data["peft"], "adapter_model.safetensors")
     py = sys.executable
     merge = [py, "-m", "loratool", "merge", "--device", device, "--quiet"]
@@ -258,7 +264,12 @@ def report(res: dict) -> str:
                         ("loratool-peft-fsync", "cp-sync")):
         if case in cases and floor in cases:
             ratio = cases[case]["wall"] / cases[floor]["wall"]
-            lines.append(f"{case} / {floor}: wall {ratio:.2f}x")
+            # the same ratio run by run (each round runs every case once, in turn): the
+            # machine's slow and fast spells hit both sides of a pair alike
+            paired = statistics.median(a["wall"] / b["wall"] for a, b in
+                                       zip(res["runs"][case], res["runs"][floor]))
+            lines.append(f"{case} / {floor}: wall {ratio:.2f}x (median of per-round "
+                         f"ratios {paired:.2f}x)")
     if "peft" in cases and "loratool-peft" in cases:
         lines.append(f"PEFT path / loratool-peft: wall "
                      f"{cases['peft']['wall'] / cases['loratool-peft']['wall']:.2f}x")
@@ -293,7 +304,12 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16", action="store_true", help="also build a bf16 copy of the base")
     ap.add_argument("--skip-check", action="store_true",
                     help="skip the comparison with the naive merge (it needs 2 more copies)")
+    ap.add_argument("--build-only", metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.build_only:  # the child process of run_size
+        data = build(args.build_only, args.layers[0], args.bf16)
+        print(json.dumps(data), flush=True)
+        return 0
     all_results = []
     for layers in args.layers:
         root = tempfile.mkdtemp(prefix="loratool-bench-", dir=args.workdir)

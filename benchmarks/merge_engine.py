@@ -1,77 +1,133 @@
-"""Benchmark: the exact CPU merge engine on one LLaMA-sized tensor, in process.
+"""Benchmark: the exact CPU merge engine's kernels on one LLaMA-sized tensor, in process.
 
-Times ``NumpyExactEngine.run`` on a [5632, 2048] tensor with a rank-16 update (the MLP
-projections of the merge benchmark's fixture), fp32 and bf16 bases kept in their dtype:
-the reference kernel (the engine before issue 11) against the numpy fast kernel at several
-row block sizes and the compiled kernel (``loratool._fastmerge``, when built) at 16 rows,
-with 1 and 2 workers, and a plain copy of the tensor as the floor. Medians of ``--repeats``
-runs; ratios are against the reference kernel of the same run.
+The ways to compute one tensor's exact merge (``loratool.ops.merge.exact``), timed in the
+same run on the same data (medians), with their outputs compared byte for byte:
 
-    python benchmarks/merge_engine.py --repeats 7
+  reference     whole 2 MiB float64 blocks (the engine before issue 11; ``--reference``)
+  numpy         numpy only: BLAS float64 product per 16-row block, numpy add and rounding
+  compiled-add  numpy's BLAS product, then the compiled add-and-round pass (before issue 11's
+                second round; still the path of float64 outputs)
+  compiled      the compiled kernel computes the product too (AVX2/FMA register tiles;
+                binary32 product for BF16 outputs), certified equal to numpy's bytes
+
+Also reports how many 16-row blocks the compiled kernel left to numpy (close calls), and
+the plain-C path of the compiled kernel (``--plain``: what a CPU without AVX2/FMA runs).
+
+    python benchmarks/merge_engine.py                  # 5632 x 2048, rank 16, 1 and 2 workers
+    python benchmarks/merge_engine.py --rows 2048 --cols 2048 --rank 64 --plain --reference
+
+A copy of the base tensor (numpy, in memory) is printed first as the floor.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
 import sys
 import time
 
 import numpy as np
 
-from loratool.ops.merge.exact import BLOCK_ROWS, EXTENSION, NumpyExactEngine
-from loratool.ops.merge.plan import Op
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ROWS, COLS, RANK = 5632, 2048, 16
+from loratool.ops.merge import exact  # noqa: E402
+from loratool.ops.merge.plan import Op  # noqa: E402
+
+PAIRS = [("F32", "F32"), ("BF16", "BF16"), ("F16", "F16"), ("F32", "BF16")]
 
 
-def _time(engine, raw0: np.ndarray, dtype: str, op, repeats: int) -> float:
-    times = []
+def _base(rows: int, cols: int, dtype: str, rng) -> np.ndarray:
+    w = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
+    if dtype == "F32":
+        return w
+    if dtype == "F16":
+        return w.astype(np.float16)
+    return (w.view(np.uint32) >> 16).astype(np.uint16)  # bf16 bits (truncated: any values do)
+
+
+def _time(engine, w, dtype, op, out, repeats):
+    walls, cpus, data = [], [], None
     for _ in range(repeats):
-        raw = raw0.copy()
-        t0 = time.perf_counter()
-        engine.run(raw, dtype, (ROWS, COLS), [op], dtype, "w")
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        raw = np.frombuffer(w.tobytes(), dtype=np.uint8).copy()
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        data, _ = engine.run(raw, dtype, w.shape, [op], out, "w")
+        walls.append(time.perf_counter() - t0)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpus.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+    return statistics.median(walls), statistics.median(cpus), bytes(data)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=5632)
+    ap.add_argument("--cols", type=int, default=2048)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--blocks", type=int, nargs="+", default=[8, 16, 32, 64, 128])
-    args = ap.parse_args(argv)
+    ap.add_argument("--plain", action="store_true", help="also the compiled kernel's plain C path")
+    ap.add_argument("--reference", action="store_true", help="also the reference kernel")
+    args = ap.parse_args()
+    if exact.EXTENSION is None:
+        sys.exit("loratool._fastmerge is not built (pip install -e . with a C compiler)")
     rng = np.random.default_rng(0)
-    w32 = rng.standard_normal((ROWS, COLS)).astype(np.float32)
-    bases = {"F32": w32, "BF16": (w32.view(np.uint32) >> 16).astype(np.uint16)}
-    op = Op("lowrank", 2.0, 0, "m", rng.standard_normal((ROWS, RANK)) * 0.01,
-            rng.standard_normal((RANK, COLS)) * 0.01)
+    L = rng.standard_normal((args.rows, args.rank)) * 0.01
+    R = rng.standard_normal((args.rank, args.cols)) * (1 / args.cols ** 0.5)
+    op = Op("lowrank", 2.0 * 0.7, 0, "m", L, R)
+    left = {"n": 0}
+    run_rows = exact._compiled_product_rows
+
+    def counting(*a):
+        res = run_rows(*a)
+        left["n"] += len(res)
+        return res
+    exact._compiled_product_rows = counting
+    blocks = -(-args.rows // exact.BLOCK_ROWS)
+    print(f"tensor [{args.rows}, {args.cols}], rank {args.rank}, median of {args.repeats}; "
+          f"load {os.getloadavg()[0]:.2f}")
+    w32 = _base(args.rows, args.cols, "F32", rng)
     copies = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         w32.copy()
         copies.append(time.perf_counter() - t0)
-    print(f"copy of the fp32 tensor (floor): {statistics.median(copies) * 1e3:.0f} ms")
-    compiled = [f"compiled, {BLOCK_ROWS} rows"] if EXTENSION is not None else []
-    heads = [f"numpy, {b} rows" for b in args.blocks] + compiled
-    print("| base | workers | reference | " + " | ".join(heads) + " |")
-    print("|---|---:|---:|" + "---:|" * len(heads))
-    for dtype, w in bases.items():
-        raw0 = np.frombuffer(w.tobytes(), dtype=np.uint8)
-        for workers in (1, 2):
-            engines = [NumpyExactEngine(workers, fast=False)] + [
-                NumpyExactEngine(workers, block_rows=b, compiled=False) for b in args.blocks
-            ] + [NumpyExactEngine(workers, compiled=True) for _ in compiled]
-            try:
-                times = [_time(e, raw0, dtype, op, args.repeats) for e in engines]
-            finally:
-                for e in engines:
-                    e.close()
-            cells = [f"{t * 1e3:.0f} ms ({times[0] / t:.2f}x)" for t in times[1:]]
-            print(f"| {dtype} | {workers} | {times[0] * 1e3:.0f} ms | " + " | ".join(cells)
-                  + " |", flush=True)
-    return 0
+    print(f"copy of the F32 tensor (floor): {statistics.median(copies) * 1e3:.1f} ms")
+    print(f"{'dtypes':12s} {'workers':>7s} {'kernel':14s} {'wall ms':>8s} {'cpu ms':>8s} "
+          f"{'ns/elem':>8s} {'vs numpy':>9s}  bytes")
+    for dtype, out in PAIRS:
+        w = _base(args.rows, args.cols, dtype, rng)
+        for workers in args.workers:
+            kernels = {"numpy": dict(compiled=False),
+                       "compiled-add": dict(compiled=True, compiled_product=False),
+                       "compiled": dict(compiled=True, compiled_product=True)}
+            if args.plain:
+                kernels["compiled-plain"] = dict(compiled=True, compiled_product=True)
+            if args.reference:
+                kernels["reference"] = dict(fast=False)
+            base_wall, base_bytes = None, None
+            for label, kw in kernels.items():
+                engine = exact.NumpyExactEngine(workers, **kw)
+                simd = exact.EXTENSION.simd()
+                if label == "compiled-plain":
+                    exact.EXTENSION.simd(False)
+                left["n"] = 0
+                try:
+                    wall, cpu, data = _time(engine, w, dtype, op, out, args.repeats)
+                finally:
+                    exact.EXTENSION.simd(simd)
+                    engine.close()
+                if label == "numpy":
+                    base_wall = wall
+                base_bytes = base_bytes or data
+                same = "identical" if data == base_bytes else "DIFFERENT"
+                extra = (f", {left['n'] / args.repeats:.0f} of {blocks} blocks to numpy"
+                         if label.startswith("compiled") and label != "compiled-add" else "")
+                print(f"{dtype + '->' + out:12s} {workers:7d} {label:14s} {wall * 1e3:8.1f} "
+                      f"{cpu * 1e3:8.1f} {wall / w.size * 1e9:8.2f} "
+                      f"{(base_wall or wall) / wall:8.2f}x  "
+                      f"{same}{extra}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

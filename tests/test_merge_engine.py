@@ -38,6 +38,24 @@ def _fast_engines(workers: int, **kw) -> dict:
     return out
 
 
+def test_extension_loaded_only_by_a_merge():
+    """Commands that never merge (inspect) do not load the compiled kernel, so a missing build
+    with LORATOOL_REQUIRE_EXT=1 cannot break them; a merge engine loads it."""
+    import subprocess
+    import sys
+    code = ("import sys; from loratool.cli import main\n"
+            "try: main(['inspect', sys.argv[1]])\n"
+            "except SystemExit: pass\n"
+            "assert 'loratool._fastmerge' not in sys.modules, 'loaded by inspect'\n"
+            "from loratool.ops.merge.exact import NumpyExactEngine\n"
+            "NumpyExactEngine(1)\n"
+            "print('loaded', 'loratool._fastmerge' in sys.modules)\n")
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "adapter.safetensors")
+    out = subprocess.run([sys.executable, "-c", code, example], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip().endswith("loaded " + str(EXTENSION is not None))
+
+
 def test_extension_built_when_required(monkeypatch):
     if os.environ.get("LORATOOL_REQUIRE_EXT") == "1":
         assert EXTENSION is not None

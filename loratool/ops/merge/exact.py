@@ -61,7 +61,17 @@ def _load_extension():
     return _fastmerge
 
 
-EXTENSION = _load_extension()
+@functools.lru_cache(maxsize=None)
+def extension():
+    """The compiled kernel's module, loaded on first use (``inspect`` and friends import this
+    module through the merge package but never need it), or None."""
+    return _load_extension()
+
+
+def __getattr__(name: str):
+    if name == "EXTENSION":  # ``exact.EXTENSION``: the same, as an attribute
+        return extension()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cores() -> int:
@@ -165,11 +175,11 @@ class NumpyExactEngine:
     def __init__(self, workers: int | None = None, *, fast: bool = True,
                  block_rows: int = BLOCK_ROWS, compiled: bool | None = None,
                  compiled_product: bool | None = None):
-        if compiled and EXTENSION is None:
+        if compiled and extension() is None:
             raise RuntimeError("the compiled merge kernel loratool._fastmerge is not built")
         self.workers = workers or cores()
         self.fast = fast
-        self.ext = EXTENSION if compiled is not False else None
+        self.ext = extension() if compiled is not False else None
         # The compiled kernel computes the product too where its AVX2/FMA path runs (its plain
         # C product is slower than BLAS: elsewhere it only adds and rounds after numpy's
         # product, as for F64 outputs). True/False force either (tests, benchmarks).
