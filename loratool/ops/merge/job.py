@@ -19,7 +19,7 @@ from ...checkpoint import (KIND_SHARDED, TIED_KEY, checkpoint_kind, list_tensors
                            resolve_checkpoint, sidecar_path)
 from ...errors import CheckpointError, OperationError
 from ...stfile import DTYPE_SIZES
-from .exact import NumpyExactEngine
+from .exact import NumpyExactEngine, cores
 from .npadapter import header_allows_numpy
 from .options import (DTYPE_CHOICES, default_output, normalize_adapters, output_format_for,
                       resolve_device)
@@ -297,8 +297,11 @@ def _engine(engines: Engines, device: str, items, options):
     """(engine, whether the adapters are read by numpy); ``options``: the foreign readers'."""
     precision = engines.precision or ("fp64" if device == "cpu" else "fp32")
     if precision == "fp64":
-        engine = NumpyExactEngine(engines.workers, fast=engines.fast,
-                                  compiled=engines.compiled)
+        # one core is left to the reader and writer threads: with the compiled kernel the
+        # merge is bound by their copies (2 cores: 1 worker measured as fast or faster, with
+        # less CPU, than 2; benchmarks/README.md)
+        workers = engines.workers or max(1, cores() - 1)
+        engine = NumpyExactEngine(workers, fast=engines.fast, compiled=engines.compiled)
     else:
         from .torch_engine import FastEngine
         engine = FastEngine(device)
