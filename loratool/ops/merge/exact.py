@@ -1,5 +1,5 @@
 """The exact CPU engine: ``W + sum_i s_i * L_i @ R_i`` evaluated in float64 and rounded once
-to the stored dtype, in numpy, blocked by rows and shared out to one worker per core.
+to the stored dtype, in numpy, blocked by rows and shared out to worker threads.
 
 Three block kernels give the same bits:
 

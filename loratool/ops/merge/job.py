@@ -36,7 +36,7 @@ class Engines:
 
     precision: str | None = None  # "fp64": the exact numpy engine; "fp32": torch's float32
     numpy_loader: bool | None = None  # True: loratool files read by numpy (no torch)
-    workers: int | None = None  # exact engine threads (default: one per core)
+    workers: int | None = None  # exact engine threads (default: one per core but one)
     fast: bool = True  # False: the exact engine's reference kernel for every block
     compiled: bool | None = None  # the compiled kernel: False never, True required
 
