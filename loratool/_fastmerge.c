@@ -214,19 +214,28 @@ typedef struct {
     const float *L32, *Rp32, *ca32; const float *rb32; float gc32, tiny32;
 } block_t;
 
+/* The generic epilogue on rows i0 .. i0 + mt, columns s .. s + ns, whose products are in the
+ * tile p (rows STRIPE apart). */
+static int epi_rows(const block_t *b, Py_ssize_t i0, int mt, Py_ssize_t s, Py_ssize_t ns,
+                    const double *p) {
+    const epi_fn epi = EPI_TABLE[b->wc][b->oc];
+    for (int t = 0; t < mt; t++) {
+        Py_ssize_t i = i0 + t;
+        int flags = epi(b->w + i * b->ws + s * SIZES[b->wc], p + t * STRIPE, b->ca + s,
+                        b->rb[i], b->gc, b->out + i * b->os + s * SIZES[b->oc], ns);
+        if (flags) return flags;
+    }
+    return 0;
+}
+
 /* Rows i0 .. i0 + mt, columns j0 .. j0 + nj (unpacked R) by the generic code. */
 static int rows_generic(const block_t *b, Py_ssize_t i0, int mt, Py_ssize_t j0,
                         Py_ssize_t nj, double *p) {
-    const epi_fn epi = EPI_TABLE[b->wc][b->oc];
     for (Py_ssize_t s = j0; s < j0 + nj; s += STRIPE) {
         Py_ssize_t ns = j0 + nj - s < STRIPE ? j0 + nj - s : STRIPE;
         dot_plain(b->L + i0 * b->r, b->r, b->R, b->n, s, ns, mt, p, STRIPE);
-        for (int t = 0; t < mt; t++) {
-            Py_ssize_t i = i0 + t;
-            int flags = epi(b->w + i * b->ws + s * SIZES[b->wc], p + t * STRIPE, b->ca + s,
-                            b->rb[i], b->gc, b->out + i * b->os + s * SIZES[b->oc], ns);
-            if (flags) return flags;
-        }
+        int flags = epi_rows(b, i0, mt, s, ns, p);
+        if (flags) return flags;
     }
     return 0;
 }
@@ -262,7 +271,6 @@ AVX2 static inline __attribute__((always_inline)) __m256 load8_f32(const char *w
 /* Rows i0 .. i0 + 4, the first nch * 8 columns, for any dtypes: products into p, then the
  * generic epilogue (F16 or F64 sides). */
 AVX2 static int rows4_packed(const block_t *b, Py_ssize_t i0, Py_ssize_t nch, double *p) {
-    const epi_fn epi = EPI_TABLE[b->wc][b->oc];
     const double *L = b->L + i0 * b->r;
     for (Py_ssize_t c0 = 0; c0 < nch; c0 += STRIPE / CHUNK) {
         Py_ssize_t c1 = nch - c0 < STRIPE / CHUNK ? nch : c0 + STRIPE / CHUNK;
@@ -274,18 +282,14 @@ AVX2 static int rows4_packed(const block_t *b, Py_ssize_t i0, Py_ssize_t nch, do
                 _mm256_storeu_pd(p + t * STRIPE + (c - c0) * CHUNK + 4, acc[2 * t + 1]);
             }
         }
-        Py_ssize_t s = c0 * CHUNK, ns = (c1 - c0) * CHUNK;
-        for (int t = 0; t < TILE_ROWS; t++) {
-            Py_ssize_t i = i0 + t;
-            int flags = epi(b->w + i * b->ws + s * SIZES[b->wc], p + t * STRIPE, b->ca + s,
-                            b->rb[i], b->gc, b->out + i * b->os + s * SIZES[b->oc], ns);
-            if (flags) return flags;
-        }
+        int flags = epi_rows(b, i0, TILE_ROWS, c0 * CHUNK, (c1 - c0) * CHUNK, p);
+        if (flags) return flags;
     }
     return 0;
 }
 
-/* The common case fused in registers: F32/BF16 base, F32/BF16 output, 4 rows x 8 columns.
+/* The common case fused in registers: F32/BF16/F16 base, F32/BF16 output, 4 rows x 8 columns
+ * (BF16 outputs take it only where the binary32 product below is not used).
  * F32 output: the certificate compares RN(e - g) and RN(e + g) bit for bit. BF16 output: e is
  * rounded to binary32 first (f); while g <= |e| 2^-25 (under half a binary32 ulp), a BF16
  * rounding boundary (a midpoint: binary32 pattern ending in 0x8000) within g of e is within

@@ -364,3 +364,25 @@ def test_compiled_product_equals_numpy_property(rows, cols, rank, base, out, w_e
         EXTENSION.simd(before)
         for e in engines:
             e.close()
+
+
+@needs_ext
+@pytest.mark.parametrize("out", DTYPES)
+def test_compiled_product_float64_base_and_huge_factors(simd, out):
+    """The compiled product's other tiles: a float64 base (products into a tile, then the
+    generic epilogue) and, for BF16/F16 outputs, factors too large for the binary32 product:
+    numpy's bytes either way."""
+    rng = np.random.default_rng(21)
+    w = rng.standard_normal((37, 45)) * 0.05
+    L, R = rng.standard_normal((37, 6)) * 0.01, rng.standard_normal((6, 45)) * 0.01
+    cases = [("F64", w, L, R, 0.7),  # float64 base
+             ("F32", w.astype(np.float32), L * 2.0**70, R * 2.0**-70, 0.7)]  # huge L
+    for base, stored, L_, R_, scale in cases:
+        engines = [NumpyExactEngine(1, compiled=False, block_rows=8),
+                   NumpyExactEngine(1, compiled=True, compiled_product=True, block_rows=8)]
+        try:
+            got = [_run(e, stored, base, L_, R_, scale, out) for e in engines]
+            assert np.array_equal(got[0], got[1]), base
+        finally:
+            for e in engines:
+                e.close()
