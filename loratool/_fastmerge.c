@@ -435,7 +435,7 @@ AVX2 static int rows4_fused(const block_t *b, Py_ssize_t i0, Py_ssize_t c0, Py_s
  * in binary32 (any order, FMA) and e32 = fl32(w + p32) (w exact in binary32):
  *     |e32 - exact| <= (r + 3) 2^-24 (1 + r 2^-23) M + tiny32   (2 conversions, r roundings
  *                                                            in the product, 1 in the sum),
- * tiny32 covering binary32 underflow (r 2^-149 (1 + max|s L| + max|R|), from the caller); numpy's
+ * tiny32 covering binary32 underflow (4 r 2^-149 (1 + max|s L| + max|R|), from the caller); numpy's
  * binary64 sum is within (r + 2) 2^-53 M of the exact value. gc32 = (r + 5) 2^-24 bounds
  * both, with room for the 5 roundings of the bound itself (rb32, ca32, the fma's, g) and
  * for (r + 2) 2^-53 << 2^-24. The only output midpoint that can be within g of e32 is mu, the

@@ -277,7 +277,9 @@ def _compiled_operands(op: _NpOp, dtype: str, out_dtype: str) -> tuple:
     f32 = None
     big = max(float(rb.max(initial=0.0)), float(ca.max(initial=0.0)))
     if out_dtype in ("BF16", "F16") and dtype in ("F32", "BF16", "F16") and big < 2.0**60:
-        tiny = r * 2.0**-149 * (1.0 + float(np.abs(op.L).max(initial=0.0)) + big)
+        # binary32 underflow: at most 2^-150 (1 + the other factor) per product, 2^-150 for
+        # the sum, and the bound's own subnormal roundings: 4 r 2^-149 (...) covers them
+        tiny = 4 * r * 2.0**-149 * (1.0 + float(np.abs(op.L).max(initial=0.0)) + big)
         f32 = (op.L.astype(np.float32),
                np.ascontiguousarray(op.R[:, :n16].astype(np.float32)
                                     .reshape(r, n16 // 16, 16).transpose(1, 0, 2)),
