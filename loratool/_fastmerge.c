@@ -441,12 +441,11 @@ AVX2 static int rows4_fused(const block_t *b, Py_ssize_t i0, Py_ssize_t c0, Py_s
  * for (r + 2) 2^-53 << 2^-24. The only output midpoint that can be within g of e32 is mu, the
  * midpoint of the output interval holding |e32| (its binary32 pattern: e32's high bits, then
  * a 1 and zeros; F16 below its normal range, where the spacing is 2^-24: (floor(|e32| 2^24)
- * + 1/2) 2^-24), while g <= 2^-10 |e32| (BF16) or 2^-13 |e32| (F16): the other midpoints are
- * at least half an output ulp minus a binary32 ulp away. So ||e32| - mu| > g (exact in
+ * + 1/2) 2^-24), while g <= 2^-10 |e32| (BF16) or 2^-13 |e32| (F16; 2^-26 below 2^-14):
+ * the other midpoints are at least half an output ulp minus a binary32 ulp away. So ||e32| - mu| > g (exact in
  * binary32: Sterbenz) and that bound on g certify RN(e32), a single rounding of e32 (integer
  * rounding of its bits for BF16, vcvtps2ph for F16; e32 is not a midpoint, being more than
- * g from one). The lanes that fail (about 1 in 500 to 1,000 on random data; F16 values
- * below 2^-14 often) are recomputed one by one in binary64 with the binary64 certificate
+ * g from one). The lanes that fail (about 1 in 500 to 1,000 on random data) are recomputed one by one in binary64 with the binary64 certificate
  * (repair); a lane that fails that too sends the block to the numpy kernels. */
 
 /* Entry (i, j) of the block from the binary64 product, stored when the binary64 certificate
@@ -519,16 +518,21 @@ AVX2 static inline __attribute__((always_inline)) int rows4_lowp_t(
                 /* the midpoint of the output's interval holding |e|, in binary32 */
                 __m256 mu = _mm256_castsi256_ps(_mm256_or_si256(_mm256_andnot_si256(low, eb),
                                                                 half));
+                __m256 farv = _mm256_mul_ps(ea, far);
                 if (oc == F16) {  /* below F16's normal range the spacing is 2^-24 */
                     __m256 sub = _mm256_mul_ps(_mm256_add_ps(_mm256_floor_ps(
                         _mm256_mul_ps(ea, _mm256_set1_ps(0x1p24f))), _mm256_set1_ps(0.5f)),
                         _mm256_set1_ps(0x1p-24f));
-                    mu = _mm256_blendv_ps(mu, sub, _mm256_cmp_ps(ea, f16_min_normal,
-                                                                 _CMP_LT_OQ));
+                    __m256 tiny_e = _mm256_cmp_ps(ea, f16_min_normal, _CMP_LT_OQ);
+                    mu = _mm256_blendv_ps(mu, sub, tiny_e);
+                    /* there the other midpoints are 2^-24 away: g < 2^-26 keeps mu alone;
+                     * and g < |e32|, since the sign of a result rounded to zero is e's */
+                    farv = _mm256_blendv_ps(farv, _mm256_min_ps(_mm256_set1_ps(0x1p-26f), ea),
+                                            tiny_e);
                 }
                 __m256 near = _mm256_or_ps(
                     _mm256_cmp_ps(_mm256_and_ps(_mm256_sub_ps(ea, mu), absmask), g, _CMP_LE_OQ),
-                    _mm256_cmp_ps(g, _mm256_mul_ps(ea, far), _CMP_GT_OQ));
+                    _mm256_cmp_ps(g, farv, _CMP_GE_OQ));
                 near_bits |= _mm256_movemask_ps(near) << (8 * h);
                 __m256i q;
                 if (oc == BF16) {
