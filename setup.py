@@ -13,5 +13,8 @@ from setuptools import Extension, setup
 FLAGS = [] if os.name == "nt" else ["-O3", "-fno-fast-math", "-ffp-contract=off",
                                      "-fno-strict-aliasing"]
 
+HEADERS = ["loratool/_fastmerge_round.h", "loratool/_fastmerge_tiles.h",
+           "loratool/_fastmerge_lowp.h"]  # included by _fastmerge.c: one translation unit
+
 setup(ext_modules=[Extension("loratool._fastmerge", ["loratool/_fastmerge.c"],
-                             extra_compile_args=FLAGS, optional=True)])
+                             depends=HEADERS, extra_compile_args=FLAGS, optional=True)])

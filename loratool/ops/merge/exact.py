@@ -1,13 +1,19 @@
 """The exact CPU engine: ``W + sum_i s_i * L_i @ R_i`` evaluated in float64 and rounded once
 to the stored dtype, in numpy, blocked by rows and shared out to worker threads.
 
-Three block kernels give the same bits:
+The block kernels give the same bits:
 
-* ``_compiled_block`` (when the optional C extension ``loratool._fastmerge`` is built): the
-  rank-r product by numpy's matmul (the same float64 bits as the numpy kernels), then one
-  compiled pass reads W in its stored dtype, adds in float64 and rounds once, directly to the
-  output dtype. Any NaN/Inf or overflow in a block hands that block to ``_fast_block``, so
-  non-finite values are handled by exactly the numpy code.
+* ``_compiled_product_rows`` (the optional C extension ``loratool._fastmerge`` built, on a CPU
+  with AVX2/FMA/F16C; F32/BF16/F16 outputs): the compiled kernel computes the rank-r product
+  itself (register tiles, FMA; binary32 for BF16/F16 outputs), adds W and rounds, for a
+  worker's whole share of rows in one call. Its float64 sum may differ from numpy's in the
+  last bits, so every entry is certified to round to the value numpy's sum rounds to (an
+  error bound, see ``_fastmerge.c``); the blocks with an entry it cannot certify, or with
+  NaN/Inf or an overflow, are left to the numpy kernels below, which decide them.
+* ``_compiled_block`` (float64 outputs, and CPUs without AVX2/FMA/F16C): the rank-r product
+  by numpy's matmul, then one compiled pass reads W in its stored dtype, adds in float64 and
+  rounds once, directly to the output dtype. Any NaN/Inf or overflow in a block hands that
+  block to ``_fast_block``, so non-finite values are handled by exactly the numpy code.
 
 * ``_fast_block`` (one low-rank update with finite factors, the usual merge): W stays in its
   stored dtype (bf16 is widened to float32 per block); only the rank-r product is float64;
@@ -311,8 +317,9 @@ def _compiled_product_rows(job: _Tensor, lo: int, hi: int, step: int, s: _Scratc
 
 
 def _compiled_block(job: _Tensor, i: int, j: int, s: _Scratch) -> bool:
-    """Rows ``i:j`` by the compiled add-and-round after numpy's product (float64 outputs);
-    False (to be redone by ``_fast_block``) when a result is NaN/Inf or overflows."""
+    """Rows ``i:j`` by the compiled add-and-round after numpy's product (float64 outputs, and
+    CPUs without AVX2/FMA/F16C); False (to be redone by ``_fast_block``) when a result is
+    NaN/Inf or overflows, or a side is F16."""
     if "F16" in (job.dtype, job.out_dtype):
         return False  # its F16 conversions do not vectorize: numpy's are faster (benchmarks/)
     m, cols = j - i, job.w2.shape[1]
