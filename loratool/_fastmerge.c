@@ -55,11 +55,12 @@ static int use_avx2 = 0;
 /* The block: 4-row tiles over the packed columns (fused, or products + generic epilogue),
  * then the remaining columns and rows by the generic code. */
 static int lowrank_loop(const block_t *b, double *p) {
-    Py_ssize_t nch = use_avx2 ? b->n / CHUNK : 0, i0 = 0;
+    Py_ssize_t i0 = 0;
     int flags = 0;
     for (; i0 + TILE_ROWS <= b->m && !flags; i0 += TILE_ROWS) {
         Py_ssize_t done = 0;  /* columns done by the tiles */
 #ifdef HAVE_AVX2_PATH
+        Py_ssize_t nch = use_avx2 ? b->n / CHUNK : 0;
         int narrow_w = b->wc == F32 || b->wc == BF16 || b->wc == F16;
         if (nch && narrow_w && b->L32 != NULL) {  /* BF16/F16 output: binary32 product */
             flags = rows4_lowp(b, i0, b->n / 16);
