@@ -2,10 +2,17 @@
  *
  * lowrank_round(...): out = RN_out(w + L @ R) for the usual merge (one low-rank update), the
  *   rank-r product computed here as well, each entry certified to round to the value the
- *   numpy kernel (BLAS's product) gives; see the section "lowrank_round" below.
+ *   numpy kernel (BLAS's product) gives: the certificate and the binary64 tiles in
+ *   _fastmerge_tiles.h, the binary32 tiles of BF16/F16 outputs in _fastmerge_lowp.h.
  *
  * add_round(w, w_code, d, out, out_code) -> bool: out[i] = RN_out(w[i] + d[i]), one rounding
- *   from binary64, d the float64 product computed by numpy's BLAS (used for F64 outputs).
+ *   from binary64, d the float64 product computed by numpy's BLAS (F64 outputs, and CPUs
+ *   without AVX2/FMA/F16C).
+ *
+ * simd([on]) -> bool: whether lowrank_round's AVX2/FMA/F16C code runs (tests switch it off to
+ *   check the plain C code gives the same bytes).
+ *
+ * The rounding helpers shared by both are in _fastmerge_round.h.
  *
  * Codes: 0 F64, 1 F32, 2 F16, 3 BF16 (as bits). Rounding is to nearest even, directly from
  * binary64 to the output dtype (BF16/F16: no double rounding). Both report NaN/Inf results
@@ -24,7 +31,6 @@
 #include <string.h>
 
 #include "_fastmerge_round.h"
-
 
 #define LOOP(WC, OC)                                                                        \
     CLONES static int loop_##WC##_##OC(const char *w, const double *d, char *out, Py_ssize_t n) { \
