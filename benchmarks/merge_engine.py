@@ -8,7 +8,10 @@ same run on the same data (medians), with their outputs compared byte for byte:
   compiled-add  numpy's BLAS product, then the compiled add-and-round pass (before issue 11's
                 second round; still the path of float64 outputs)
   compiled      the compiled kernel computes the product too (AVX2/FMA register tiles;
-                binary32 product for BF16 outputs), certified equal to numpy's bytes
+                binary32 product for BF16/F16 outputs), certified equal to numpy's bytes,
+                forced at any rank
+  default       what a merge uses: the compiled product up to the ranks where it pays
+                (``exact._PRODUCT_MAX_RANK``), else the compiled add after numpy's product
 
 Also reports how many 16-row blocks the compiled kernel left to numpy (close calls), and
 the plain-C path of the compiled kernel (``--plain``: what a CPU without AVX2/FMA runs).
@@ -100,7 +103,8 @@ def main() -> None:
         for workers in args.workers:
             kernels = {"numpy": dict(compiled=False),
                        "compiled-add": dict(compiled=True, compiled_product=False),
-                       "compiled": dict(compiled=True, compiled_product=True)}
+                       "compiled": dict(compiled=True, compiled_product=True),
+                       "default": dict(compiled=True)}
             if args.plain:
                 kernels["compiled-plain"] = dict(compiled=True, compiled_product=True)
             if args.reference:
@@ -122,7 +126,7 @@ def main() -> None:
                 base_bytes = base_bytes or data
                 same = "identical" if data == base_bytes else "DIFFERENT"
                 extra = (f", {left['n'] / args.repeats:.0f} of {blocks} blocks to numpy"
-                         if label.startswith("compiled") and label != "compiled-add" else "")
+                         if label in ("compiled", "compiled-plain", "default") else "")
                 print(f"{dtype + '->' + out:12s} {workers:7d} {label:14s} {wall * 1e3:8.1f} "
                       f"{cpu * 1e3:8.1f} {wall / w.size * 1e9:8.2f} "
                       f"{(base_wall or wall) / wall:8.2f}x  "

@@ -247,7 +247,8 @@ def _direct(w_stored, base, L, R, out, tmp=False):
     """``lowrank_round`` on one block: (status, output bits)."""
     from loratool.ops.merge.exact import _NpOp, _compiled_operands
     m, n = w_stored.shape
-    packed, rb, ca, f32 = _compiled_operands(_NpOp("lowrank", 1.0, "m", L, R, None), base, out)
+    packed, rb, ca, f32 = _compiled_operands(_NpOp("lowrank", 1.0, "m", L, R, None), base, out,
+                                             forced=True)
     dst = np.zeros((m, n), dtype=BITS[out])
     scratch = np.zeros_like(dst) if tmp else None
     left = EXTENSION.lowrank_round(w_stored, CODES[base], L, R, packed, rb, ca, dst,
@@ -386,3 +387,19 @@ def test_compiled_product_float64_base_and_huge_factors(simd, out):
         finally:
             for e in engines:
                 e.close()
+
+
+@needs_ext
+def test_compiled_product_rank_limits():
+    """By default the compiled product runs only up to the ranks where it pays (measured:
+    its certificate fails more often as the rank grows); forced, it runs at any rank."""
+    from loratool.ops.merge.exact import _compiled_operands, _NpOp, _product_pays
+    assert _product_pays(16, "F32") and _product_pays(64, "F32") and not _product_pays(65, "F32")
+    assert _product_pays(4096, "BF16") and _product_pays(16, "F16")
+    assert not _product_pays(17, "F16") and not _product_pays(16, "F64")
+    assert _product_pays(65, "F32", forced=True) and _product_pays(17, "F16", forced=True)
+    rng = np.random.default_rng(2)
+    op = _NpOp("lowrank", 1.0, "m", rng.standard_normal((8, 65)), rng.standard_normal((65, 32)),
+               None)
+    assert _compiled_operands(op, "BF16", "BF16")[3] is None  # binary64 tiles above rank 64
+    assert _compiled_operands(op, "BF16", "BF16", forced=True)[3] is not None

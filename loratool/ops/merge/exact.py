@@ -171,7 +171,8 @@ class NumpyExactEngine:
     ``fast=False`` runs every block through the reference kernel (tests compare the two);
     ``compiled=False`` never uses the compiled kernel, ``True`` requires it (default: when
     built); ``compiled_product``: whether the compiled kernel computes the product too
-    (default: where its AVX2/FMA path runs), or adds and rounds after numpy's.
+    (default: where its AVX2/FMA path runs and the rank is below ``_PRODUCT_MAX_RANK``; True
+    forces it at any rank, for tests), or adds and rounds after numpy's.
     """
 
     device = "cpu"
@@ -189,6 +190,7 @@ class NumpyExactEngine:
         # The compiled kernel computes the product too where its AVX2/FMA path runs (its plain
         # C product is slower than BLAS: elsewhere it only adds and rounds after numpy's
         # product, as for F64 outputs). True/False force either (tests, benchmarks).
+        self.forced = compiled_product is True  # also past the rank limits below
         if compiled_product is None:
             compiled_product = self.ext is not None and self.ext.simd()
         self.compiled_product = compiled_product
@@ -220,9 +222,9 @@ class NumpyExactEngine:
                          as_f64(op.vec)) for op in ops]
         job = _Tensor(w2, out.reshape(w2.shape), dtype, out_dtype, ops, name,
                       self.fast and _fast_ok(ops), self.ext)
-        if job.fast and job.ext is not None and self.compiled_product and out_dtype != "F64" \
-                and ops[0].L.shape[1]:
-            job.packed = _compiled_operands(ops[0], dtype, out_dtype)
+        if job.fast and job.ext is not None and self.compiled_product \
+                and _product_pays(ops[0].L.shape[1], out_dtype, self.forced):
+            job.packed = _compiled_operands(ops[0], dtype, out_dtype, self.forced)
         step = self.block_rows if job.fast else max(1, REFERENCE_ELEMS // max(cols, 1))
         blocks = -(-rows // step)
         k = min(self.workers, blocks)
@@ -269,7 +271,25 @@ def _fast_ok(ops) -> bool:
     return math.isfinite(bound) and bound < _SAFE_BOUND
 
 
-def _compiled_operands(op: _NpOp, dtype: str, out_dtype: str) -> tuple:
+# Ranks up to which the compiled product pays: its certificate's bound grows with the rank,
+# and so do the blocks it leaves to numpy (F32 outputs) or the entries it recomputes alone
+# (binary32 product). Measured on [2048, 2048] tensors (benchmarks/merge_engine.py --rank):
+# F32 outputs 1.26x numpy at rank 64 (30 % of blocks left), 0.89x at 256; the binary32
+# product for BF16 2.3x at 64, 0.29x at 256, for F16 3x at 16, 0.71x at 64. BF16 outputs
+# above the binary32 limit take the binary64 tiles (their certificate rarely fails there);
+# F16 outputs above it stay in numpy (the binary64 tiles' F16 epilogue is not vectorized).
+_PRODUCT_MAX_RANK = {"F32": 64, "BF16": None, "F16": 16}
+_BINARY32_MAX_RANK = {"BF16": 64, "F16": 16}
+
+
+def _product_pays(rank: int, out_dtype: str, forced: bool = False) -> bool:
+    if rank == 0 or out_dtype not in _PRODUCT_MAX_RANK:  # F64 outputs keep numpy's product
+        return False
+    limit = _PRODUCT_MAX_RANK[out_dtype]
+    return forced or limit is None or rank <= limit
+
+
+def _compiled_operands(op: _NpOp, dtype: str, out_dtype: str, forced: bool = False) -> tuple:
     """What the compiled product needs besides L and R, once per tensor: R packed as
     [cols // 8][r][8] (8 columns of every k contiguous, the kernel's register tile), and
     per row ``sum_k |s L_ik|`` and per column ``max_k |R_kj|``, whose product bounds
@@ -282,7 +302,9 @@ def _compiled_operands(op: _NpOp, dtype: str, out_dtype: str) -> tuple:
     rb, ca = np.abs(op.L).sum(axis=1), np.abs(op.R).max(axis=0)
     f32 = None
     big = max(float(rb.max(initial=0.0)), float(ca.max(initial=0.0)))
-    if out_dtype in ("BF16", "F16") and dtype in ("F32", "BF16", "F16") and big < 2.0**60:
+    limit = _BINARY32_MAX_RANK.get(out_dtype, -1)
+    if dtype in ("F32", "BF16", "F16") and (r <= limit or forced and limit > 0) \
+            and big < 2.0**60:
         # binary32 underflow: at most 2^-150 (1 + the other factor) per product, 2^-150 for
         # the sum, and the bound's own subnormal roundings: 4 r 2^-149 (...) covers them
         tiny = 4 * r * 2.0**-149 * (1.0 + float(np.abs(op.L).max(initial=0.0)) + big)
