@@ -51,11 +51,11 @@ AVX2 static inline __attribute__((always_inline)) int rows4_lowp_t(
     /* other midpoints are at least half an ulp minus a binary32 ulp away */
     const __m256 far = _mm256_set1_ps(oc == BF16 ? 0x1p-10f : 0x1p-13f);
     const __m256 f16_min_normal = _mm256_set1_ps(0x1p-14f);
-    const __m256i expo = _mm256_set1_epi32(0x7F800000), one = _mm256_set1_epi32(1);
+    const __m256i expo = _mm256_set1_epi32(0x7F800000);
     /* the low bits binary32 has beyond the output's significand, and their half */
     const __m256i low = _mm256_set1_epi32(oc == BF16 ? 0xFFFF : 0x1FFF);
     const __m256i half = _mm256_set1_epi32(oc == BF16 ? 0x8000 : 0x1000);
-    const __m256i mid = _mm256_set1_epi32(0x7FFF), bexpo = _mm256_set1_epi32(0x7F80);
+    const __m256i bexpo = _mm256_set1_epi32(0x7F80);
     const __m256i hexpo = _mm256_set1_epi32(0x7C00);
     __m256i bad = _mm256_setzero_si256();
     float tile[64] __attribute__((aligned(32)));  /* the 4 x 16 products, row by row */
@@ -113,9 +113,7 @@ AVX2 static inline __attribute__((always_inline)) int rows4_lowp_t(
                 near_bits |= _mm256_movemask_ps(near) << (8 * h);
                 __m256i q;
                 if (oc == BF16) {
-                    __m256i sb = _mm256_castps_si256(e);
-                    q = _mm256_srli_epi32(_mm256_add_epi32(sb, _mm256_add_epi32(
-                        mid, _mm256_and_si256(_mm256_srli_epi32(sb, 16), one))), 16);
+                    q = bf16_round(_mm256_castps_si256(e));
                     bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(q, bexpo),
                                                                   bexpo));
                 } else {

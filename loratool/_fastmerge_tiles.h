@@ -108,20 +108,35 @@ AVX2 static inline __attribute__((always_inline)) __m256 load8_f32(const char *w
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-/* The rank-r products of 4 rows x 8 columns (chunk c of the packed R) in 8 accumulators. */
-#define TILE_PRODUCT(L, r, Rp, c, acc)                                                      \
-    do {                                                                                    \
-        for (int q = 0; q < 8; q++) acc[q] = _mm256_setzero_pd();                           \
-        const double *Rk = Rp + (c) * (r) * CHUNK;                                         \
-        for (Py_ssize_t k = 0; k < (r); k++, Rk += CHUNK) {                                 \
-            __m256d r0 = _mm256_loadu_pd(Rk), r1 = _mm256_loadu_pd(Rk + 4);                \
-            for (int t = 0; t < TILE_ROWS; t++) {                                           \
-                __m256d l = _mm256_broadcast_sd(L + t * (r) + k);                           \
-                acc[2 * t] = _mm256_fmadd_pd(l, r0, acc[2 * t]);                            \
-                acc[2 * t + 1] = _mm256_fmadd_pd(l, r1, acc[2 * t + 1]);                    \
-            }                                                                               \
-        }                                                                                   \
-    } while (0)
+/* The rank-r products of 4 rows (of L, r apart) x 8 columns (Rk: their chunk of the packed R)
+ * in 8 accumulators kept in registers; acc[2t] and acc[2t + 1] are row t's columns 0-3, 4-7. */
+AVX2 static inline __attribute__((always_inline)) void product_4x8(
+        const double *L, Py_ssize_t r, const double *Rk, __m256d acc[8]) {
+    __m256d a00 = _mm256_setzero_pd(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00,
+            a30 = a00, a31 = a00;
+    for (Py_ssize_t k = 0; k < r; k++, Rk += CHUNK) {
+        __m256d r0 = _mm256_loadu_pd(Rk), r1 = _mm256_loadu_pd(Rk + 4), l;
+        l = _mm256_broadcast_sd(L + k);
+        a00 = _mm256_fmadd_pd(l, r0, a00); a01 = _mm256_fmadd_pd(l, r1, a01);
+        l = _mm256_broadcast_sd(L + r + k);
+        a10 = _mm256_fmadd_pd(l, r0, a10); a11 = _mm256_fmadd_pd(l, r1, a11);
+        l = _mm256_broadcast_sd(L + 2 * r + k);
+        a20 = _mm256_fmadd_pd(l, r0, a20); a21 = _mm256_fmadd_pd(l, r1, a21);
+        l = _mm256_broadcast_sd(L + 3 * r + k);
+        a30 = _mm256_fmadd_pd(l, r0, a30); a31 = _mm256_fmadd_pd(l, r1, a31);
+    }
+    acc[0] = a00; acc[1] = a01; acc[2] = a10; acc[3] = a11;
+    acc[4] = a20; acc[5] = a21; acc[6] = a30; acc[7] = a31;
+}
+
+/* binary32 bit patterns (8 lanes) rounded to BF16 by integer rounding, to nearest even: the
+ * BF16 bits in the low 16 bits of each lane (the caller handles NaN/Inf, and patterns on a
+ * BF16 midpoint that stand for a value off it). */
+AVX2 static inline __attribute__((always_inline)) __m256i bf16_round(__m256i bits) {
+    const __m256i mid = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
+    return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(
+        mid, _mm256_and_si256(_mm256_srli_epi32(bits, 16), one))), 16);
+}
 
 /* Rows i0 .. i0 + 4, the first nch * 8 columns, for any dtypes: products into p, then the
  * generic epilogue (F16 or F64 sides). */
@@ -131,7 +146,7 @@ AVX2 static int rows4_packed(const block_t *b, Py_ssize_t i0, Py_ssize_t nch, do
         Py_ssize_t c1 = nch - c0 < STRIPE / CHUNK ? nch : c0 + STRIPE / CHUNK;
         for (Py_ssize_t c = c0; c < c1; c++) {
             __m256d acc[8];
-            TILE_PRODUCT(L, b->r, b->Rp, c, acc);
+            product_4x8(L, b->r, b->Rp + c * b->r * CHUNK, acc);
             for (int t = 0; t < TILE_ROWS; t++) {
                 _mm256_storeu_pd(p + t * STRIPE + (c - c0) * CHUNK, acc[2 * t]);
                 _mm256_storeu_pd(p + t * STRIPE + (c - c0) * CHUNK + 4, acc[2 * t + 1]);
@@ -190,7 +205,7 @@ AVX2 static inline __attribute__((always_inline)) void fused_row(
     const __m256d quarter_ulp = _mm256_set1_pd(0x1p-25);
     const __m256i expo = _mm256_set1_epi32(0x7F800000), lo16 = _mm256_set1_epi32(0xFFFF);
     const __m256i mid = _mm256_set1_epi32(0x7FFF), two = _mm256_set1_epi32(2);
-    const __m256i one = _mm256_set1_epi32(1), bexpo = _mm256_set1_epi32(0x7F80);
+    const __m256i bexpo = _mm256_set1_epi32(0x7F80);
     __m256 wf = load8_f32(wp, wc);
     __m256d x0 = _mm256_cvtps_pd(_mm256_castps256_ps128(wf));
     __m256d x1 = _mm256_cvtps_pd(_mm256_extractf128_ps(wf, 1));
@@ -220,9 +235,7 @@ AVX2 static inline __attribute__((always_inline)) void fused_row(
         __m256d big1 = _mm256_cmp_pd(g1, _mm256_mul_pd(_mm256_and_pd(e1, absmask),
                                                        quarter_ulp), _CMP_GT_OQ);
         *close = _mm256_or_si256(*close, _mm256_castpd_si256(_mm256_or_pd(big0, big1)));
-        __m256i rnd = _mm256_add_epi32(fb, _mm256_add_epi32(
-            mid, _mm256_and_si256(_mm256_srli_epi32(fb, 16), one)));
-        rnd = _mm256_srli_epi32(rnd, 16);
+        __m256i rnd = bf16_round(fb);
         *bad = _mm256_or_si256(*bad, _mm256_cmpeq_epi32(_mm256_and_si256(rnd, bexpo),
                                                       bexpo));
         __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(rnd),
@@ -246,28 +259,16 @@ AVX2 static inline __attribute__((always_inline)) int rows4_fused_t(
     const __m256d rb0 = _mm256_set1_pd(b->rb[i0]), rb1 = _mm256_set1_pd(b->rb[i0 + 1]);
     const __m256d rb2 = _mm256_set1_pd(b->rb[i0 + 2]), rb3 = _mm256_set1_pd(b->rb[i0 + 3]);
     for (Py_ssize_t c = c0; c < nch; c++) {
-        __m256d a00 = _mm256_setzero_pd(), a01 = a00, a10 = a00, a11 = a00, a20 = a00,
-                a21 = a00, a30 = a00, a31 = a00;
-        const double *Rk = Rp + c * r * CHUNK;
-        for (Py_ssize_t k = 0; k < r; k++, Rk += CHUNK) {
-            __m256d r0 = _mm256_loadu_pd(Rk), r1 = _mm256_loadu_pd(Rk + 4), l;
-            l = _mm256_broadcast_sd(L + k);
-            a00 = _mm256_fmadd_pd(l, r0, a00); a01 = _mm256_fmadd_pd(l, r1, a01);
-            l = _mm256_broadcast_sd(L + r + k);
-            a10 = _mm256_fmadd_pd(l, r0, a10); a11 = _mm256_fmadd_pd(l, r1, a11);
-            l = _mm256_broadcast_sd(L + 2 * r + k);
-            a20 = _mm256_fmadd_pd(l, r0, a20); a21 = _mm256_fmadd_pd(l, r1, a21);
-            l = _mm256_broadcast_sd(L + 3 * r + k);
-            a30 = _mm256_fmadd_pd(l, r0, a30); a31 = _mm256_fmadd_pd(l, r1, a31);
-        }
+        __m256d a[8];
+        product_4x8(L, r, Rp + c * r * CHUNK, a);
         const __m256d ca0 = _mm256_loadu_pd(ca + c * CHUNK);
         const __m256d ca1 = _mm256_loadu_pd(ca + c * CHUNK + 4);
         const Py_ssize_t wo = c * CHUNK * wsz, oo = c * CHUNK * osz;
-        fused_row(w + wo, out + oo, wc, oc, a00, a01, rb0, ca0, ca1, gc, &bad, &close);
-        fused_row(w + ws + wo, out + os + oo, wc, oc, a10, a11, rb1, ca0, ca1, gc, &bad, &close);
-        fused_row(w + 2 * ws + wo, out + 2 * os + oo, wc, oc, a20, a21, rb2, ca0, ca1, gc,
+        fused_row(w + wo, out + oo, wc, oc, a[0], a[1], rb0, ca0, ca1, gc, &bad, &close);
+        fused_row(w + ws + wo, out + os + oo, wc, oc, a[2], a[3], rb1, ca0, ca1, gc, &bad, &close);
+        fused_row(w + 2 * ws + wo, out + 2 * os + oo, wc, oc, a[4], a[5], rb2, ca0, ca1, gc,
                   &bad, &close);
-        fused_row(w + 3 * ws + wo, out + 3 * os + oo, wc, oc, a30, a31, rb3, ca0, ca1, gc,
+        fused_row(w + 3 * ws + wo, out + 3 * os + oo, wc, oc, a[6], a[7], rb3, ca0, ca1, gc,
                   &bad, &close);
         if (!_mm256_testz_si256(bad, bad)) return 1;
         if (!_mm256_testz_si256(close, close)) return 2;

@@ -299,7 +299,8 @@ def _compiled_operands(op: _NpOp, dtype: str, out_dtype: str, forced: bool = Fal
     r, cols = op.R.shape
     n8, n16 = cols // 8 * 8, cols // 16 * 16
     packed = np.ascontiguousarray(op.R[:, :n8].reshape(r, n8 // 8, 8).transpose(1, 0, 2))
-    rb, ca = np.abs(op.L).sum(axis=1), np.abs(op.R).max(axis=0)
+    abs_l = np.abs(op.L)
+    rb, ca = abs_l.sum(axis=1), np.abs(op.R).max(axis=0)
     f32 = None
     big = max(float(rb.max(initial=0.0)), float(ca.max(initial=0.0)))
     limit = _BINARY32_MAX_RANK.get(out_dtype, -1)
@@ -307,7 +308,7 @@ def _compiled_operands(op: _NpOp, dtype: str, out_dtype: str, forced: bool = Fal
             and big < 2.0**60:
         # binary32 underflow: at most 2^-150 (1 + the other factor) per product, 2^-150 for
         # the sum, and the bound's own subnormal roundings: 4 r 2^-149 (...) covers them
-        tiny = 4 * r * 2.0**-149 * (1.0 + float(np.abs(op.L).max(initial=0.0)) + big)
+        tiny = 4 * r * 2.0**-149 * (1.0 + float(abs_l.max(initial=0.0)) + big)
         f32 = (op.L.astype(np.float32),
                np.ascontiguousarray(op.R[:, :n16].astype(np.float32)
                                     .reshape(r, n16 // 16, 16).transpose(1, 0, 2)),
