@@ -51,12 +51,12 @@ AVX2 static inline __attribute__((always_inline)) int rows4_lowp_t(
     /* other midpoints are at least half an ulp minus a binary32 ulp away */
     const __m256 far = _mm256_set1_ps(oc == BF16 ? 0x1p-10f : 0x1p-13f);
     const __m256 f16_min_normal = _mm256_set1_ps(0x1p-14f);
-    const __m256i expo = _mm256_set1_epi32(0x7F800000);
+    /* |e32| from which the output is Inf or NaN: e32 itself Inf or NaN, or rounding to
+     * Inf (BF16: 0x7F7F8000 is a tie whose even neighbour is Inf; F16: 65520 likewise) */
+    const __m256i overflow = _mm256_set1_epi32(oc == BF16 ? 0x7F7F7FFF : 0x477FEFFF);
     /* the low bits binary32 has beyond the output's significand, and their half */
     const __m256i low = _mm256_set1_epi32(oc == BF16 ? 0xFFFF : 0x1FFF);
     const __m256i half = _mm256_set1_epi32(oc == BF16 ? 0x8000 : 0x1000);
-    const __m256i bexpo = _mm256_set1_epi32(0x7F80);
-    const __m256i hexpo = _mm256_set1_epi32(0x7C00);
     __m256i bad = _mm256_setzero_si256();
     float tile[64] __attribute__((aligned(32)));  /* the 4 x 16 products, row by row */
     for (Py_ssize_t c = 0; c < nch; c++) {
@@ -91,16 +91,19 @@ AVX2 static inline __attribute__((always_inline)) int rows4_lowp_t(
                                                                 _mm256_and_ps(x, absmask)), tiny);
                 __m256 ea = _mm256_and_ps(e, absmask);
                 __m256i eb = _mm256_castps_si256(ea);
-                bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(eb, expo), expo));
+                bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(eb, overflow));
                 /* the midpoint of the output's interval holding |e|, in binary32 */
                 __m256 mu = _mm256_castsi256_ps(_mm256_or_si256(_mm256_andnot_si256(low, eb),
                                                                 half));
                 __m256 farv = _mm256_mul_ps(ea, far);
-                if (oc == F16) {  /* below F16's normal range the spacing is 2^-24 */
+                const __m256 tiny_e = oc == F16 ? _mm256_cmp_ps(ea, f16_min_normal, _CMP_LT_OQ)
+                                                : _mm256_setzero_ps();
+                if (oc == F16 && !_mm256_testz_ps(tiny_e, tiny_e)) {
+                    /* below F16's normal range (a few lanes in a thousand) the spacing is
+                     * 2^-24 */
                     __m256 sub = _mm256_mul_ps(_mm256_add_ps(_mm256_floor_ps(
                         _mm256_mul_ps(ea, _mm256_set1_ps(0x1p24f))), _mm256_set1_ps(0.5f)),
                         _mm256_set1_ps(0x1p-24f));
-                    __m256 tiny_e = _mm256_cmp_ps(ea, f16_min_normal, _CMP_LT_OQ);
                     mu = _mm256_blendv_ps(mu, sub, tiny_e);
                     /* there the other midpoints are 2^-24 away: g < 2^-26 keeps mu alone;
                      * and g < |e32|, since the sign of a result rounded to zero is e's */
@@ -111,18 +114,9 @@ AVX2 static inline __attribute__((always_inline)) int rows4_lowp_t(
                     _mm256_cmp_ps(_mm256_and_ps(_mm256_sub_ps(ea, mu), absmask), g, _CMP_LE_OQ),
                     _mm256_cmp_ps(g, farv, _CMP_GE_OQ));
                 near_bits |= _mm256_movemask_ps(near) << (8 * h);
-                __m256i q;
-                if (oc == BF16) {
-                    q = bf16_round(_mm256_castps_si256(e));
-                    bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(q, bexpo),
-                                                                  bexpo));
-                } else {
-                    q = _mm256_cvtepu16_epi32(_mm256_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT
-                                                              | _MM_FROUND_NO_EXC));
-                    bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(q, hexpo),
-                                                                  hexpo));
-                }
-                v[h] = q;
+                v[h] = oc == BF16 ? bf16_round(_mm256_castps_si256(e))
+                    : _mm256_cvtepu16_epi32(_mm256_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT
+                                                               | _MM_FROUND_NO_EXC));
             }
             /* 16 values in order (packus interleaves the 128-bit halves) */
             __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(v[0], v[1]), 0xD8);

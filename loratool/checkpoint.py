@@ -193,6 +193,9 @@ KIND_SHARDED = "sharded"
 KIND_PICKLE = "pickle"
 SIDECAR_SUFFIX = ".loratool.json"  # metadata of a .pt/.bin checkpoint lives beside it
 _COPY_CHUNK = 1 << 26
+# An unchanged tensor is copied in parts of this size, so that the writer thread can write
+# each merged tensor as soon as it is ready between two parts (streaming._WriteThread).
+COPY_STEP = 1 << 25
 
 
 def checkpoint_kind(path: str | os.PathLike) -> str:
@@ -259,8 +262,14 @@ class SafetensorsSource:
                                       "changed while reading)", code="LT401", path=self.path)
             done += n
 
-    def copy_raw(self, t: SourceTensor, writer: StreamWriter) -> None:
-        writer.copy_from_fd(t.name, self._fd, self._offset(t), t.nbytes)
+    def copy_steps(self, t: SourceTensor, writer: StreamWriter, step: int = COPY_STEP):
+        """Copy the tensor's bytes to ``writer`` unchanged, file to file, one part of ``step``
+        bytes per iteration."""
+        offset = self._offset(t)
+        for start in range(0, max(t.nbytes, 1), step):
+            writer.copy_from_fd(t.name, self._fd, offset, t.nbytes, start,
+                                min(t.nbytes, start + step))
+            yield
 
     def close(self) -> None:
         if self._fd is not None:
@@ -301,8 +310,9 @@ class StateDictSource:
     def read_into(self, t: SourceTensor, out) -> None:
         memoryview(out).cast("B")[: t.nbytes] = self._bytes(t)
 
-    def copy_raw(self, t: SourceTensor, writer: StreamWriter) -> None:
-        writer.write(t.name, self._bytes(t))
+    def copy_steps(self, t: SourceTensor, writer: StreamWriter, step: int = COPY_STEP):
+        writer.write(t.name, self._bytes(t))  # already in memory: one step
+        yield
 
     def close(self) -> None:
         self.state = {}
@@ -363,44 +373,83 @@ def open_source(path: str | os.PathLike):
 
 @functools.lru_cache(maxsize=None)
 def _writer_class():
+    from .errors import ContainerError
     from .stfile import SafetensorsWriter
 
     class _StreamWriter(SafetensorsWriter):
-        def copy_from_fd(self, name: str, fd: int, offset: int, nbytes: int) -> None:
-            """Write the next tensor as ``nbytes`` raw bytes of ``fd`` from ``offset``,
-            file-to-file in the kernel when it can (no user-space copy)."""
-            from .errors import ContainerError
-            info = self._infos[self._next]
-            if name != info.name or nbytes != info.nbytes:
-                raise ContainerError(f"tensor {name!r} ({nbytes} bytes) copied out of order; "
-                                     f"expected {info.name!r} ({info.nbytes} bytes)",
-                                     code="LT008")
-            f = self._f
-            f.flush()
-            out = f.fileno()
-            done = 0
+        """Writes each tensor at its offset, in any order (the header fixes them all): the
+        merge writes a merged tensor as soon as it is ready and copies the unchanged ones
+        when it has nothing else to write, so the engine never waits behind a long copy."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
             try:
-                while done < nbytes:
-                    n = os.copy_file_range(fd, out, nbytes - done, offset + done)
+                self._f.flush()  # the header; from here on, positional writes only
+                self._data = self._f.tell()
+            except BaseException as e:
+                self.__exit__(type(e), e, e.__traceback__)
+                raise
+            self._fd = self._f.fileno()
+            self._byname = {info.name: info for info in self._infos}
+            self._left = {info.name: info.nbytes for info in self._infos}  # bytes to write
+
+        def _info(self, name: str, nbytes: int):
+            info = self._byname.get(name)
+            if info is None:
+                raise ContainerError(f"tensor {name!r} is not in the output's header",
+                                     code="LT008")
+            if nbytes != info.nbytes:
+                raise ContainerError(f"tensor {name!r}: {nbytes} bytes given, header "
+                                     f"declares {info.nbytes}", code="LT007")
+            return info
+
+        def write(self, name: str, data) -> None:
+            mv = memoryview(data).cast("B")
+            info = self._info(name, mv.nbytes)
+            if self._left[name] != info.nbytes and info.nbytes:
+                raise ContainerError(f"tensor {name!r} written twice", code="LT008")
+            self._f.pwrite(mv, self._data + info.begin)
+            self._left[name] = 0
+
+        def copy_from_fd(self, name: str, fd: int, offset: int, nbytes: int,
+                         start: int = 0, stop: int | None = None) -> None:
+            """Write bytes ``start:stop`` of tensor ``name`` (``nbytes`` raw bytes of ``fd``
+            from ``offset``), file to file in the kernel when it can (no user-space copy)."""
+            info = self._info(name, nbytes)
+            stop = nbytes if stop is None else stop
+            done = start
+            try:
+                while done < stop:
+                    n = os.copy_file_range(fd, self._fd, stop - done, offset + done,
+                                           self._data + info.begin + done)
                     if n <= 0:
                         break
                     done += n
             except OSError:
                 pass  # another filesystem or an old kernel: the plain loop below finishes
-            f.seek(0, os.SEEK_END)  # the kernel moved the fd offset; resync the buffered file
-            while done < nbytes:
-                data = os.pread(fd, min(_COPY_CHUNK, nbytes - done), offset + done)
+            while done < stop:
+                data = os.pread(fd, min(_COPY_CHUNK, stop - done), offset + done)
                 if not data:
                     raise CheckpointError(f"tensor {name!r}: source ended early", code="LT401")
-                f.write(data)
+                self._f.pwrite(data, self._data + info.begin + done)
                 done += len(data)
-            self._next += 1
+            self._left[name] -= stop - start
+
+        def commit(self) -> None:
+            left = [n for n, k in self._left.items() if k]
+            if left:
+                raise ContainerError(f"{len(left)} of {len(self._infos)} tensors not written "
+                                     f"(first: {left[0]!r})", code="LT008")
+            self._next = len(self._infos)
+            super().commit()
 
     return _StreamWriter
 
 
 def StreamWriter(dest, entries, metadata=None, *, overwrite=False, fsync=False):  # noqa: N802
-    """``stfile.SafetensorsWriter`` plus ``copy_from_fd`` for unchanged tensors."""
+    """A safetensors writer (``stfile.SafetensorsWriter``'s temporary file and commit) that
+    writes tensors at their offsets in any order: ``write(name, data)`` and
+    ``copy_from_fd`` for unchanged tensors, in parts."""
     return _writer_class()(dest, entries, metadata, overwrite=overwrite, fsync=fsync)
 
 

@@ -232,6 +232,13 @@ class _FullDisk:
         self._left -= n
         return self._f.write(data)
 
+    def pwrite(self, data, offset):  # the merge's positional writes (checkpoint.StreamWriter)
+        n = memoryview(data).nbytes
+        if n > self._left:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._left -= n
+        os.pwrite(self._f.fileno(), data, offset)
+
     def __getattr__(self, name):
         return getattr(self._f, name)
 

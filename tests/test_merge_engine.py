@@ -308,6 +308,33 @@ def test_compiled_product_reports_close_calls_and_nonfinite(simd, out):
 
 
 @needs_ext
+@pytest.mark.parametrize("out", DTYPES)
+def test_compiled_product_overflow_edge(simd, out):
+    """Sums just above the largest finite output value: below the tie that rounds to Inf the
+    result is that value (status 0); past the tie (far from it, so not a close call) the
+    output would be Inf: status 1, for numpy to refuse (LT412), in every tile position. For
+    BF16/F16 outputs the float32 base itself lies above the largest output value and the
+    update is small, so that the binary32 product runs (its factors must stay below 2^60)."""
+    top, ulp = {"F32": (float(np.finfo(np.float32).max), 2.0**104),
+                "BF16": (float.fromhex("0x1.fep127"), 2.0**120),
+                "F16": (65504.0, 32.0)}[out]
+    # (base value, the update as L * R, expected status), fractions of the ulp above ``top``
+    cases = [(top, (0.3 * ulp, 1.0), 0), (top, (0.8 * ulp, 1.0), 1)] if out == "F32" else [
+        (top + 0.25 * ulp, (2.0**-5 * ulp, 1.0) if out == "F16" else (2.0**59, 2.0**56), 0),
+        (top + 0.75 * ulp, (2.0**-5 * ulp, 1.0) if out == "F16" else (2.0**59, 2.0**56), 1)]
+    m, n, r = 11, 37, 2
+    for (w0, (a, b), want), i, j in itertools.product(cases, (0, 5, 10), (0, 9, 36)):
+        w = np.ones((m, n))
+        w[i, j] = w0
+        L, R = np.zeros((m, r)), np.zeros((r, n))
+        L[i, 0], R[0, j] = a, b
+        status, got = _direct(_to_stored(w, "F32"), "F32", L, R, out)
+        assert status == want, (w0, i, j)
+        if want == 0:
+            assert np.array_equal(got, _oracle(w, L, R, 1.0, out)), (i, j)
+
+
+@needs_ext
 @pytest.mark.parametrize("base,out", list(itertools.product(DTYPES, DTYPES)))
 def test_compiled_product_equals_numpy_on_odd_shapes(simd, base, out):
     """Shapes that use every path of the compiled product (columns not a multiple of 8,

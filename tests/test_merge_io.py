@@ -279,12 +279,13 @@ def test_write_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     save_file(base, bp)
     ap = _adapter_file(tmp_path, ad)
     calls = []
+    write = _writer_class().write
 
     def boom(self, name, data):
         calls.append(name)
         if len(calls) == 3:
             raise OSError(28, "No space left on device")
-        return type(self).__mro__[1].write(self, name, data)
+        return write(self, name, data)
 
     monkeypatch.setattr(_writer_class(), "write", boom)
     before = sorted(os.listdir(tmp_path))

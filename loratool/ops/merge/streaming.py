@@ -5,6 +5,7 @@ independent of the checkpoint's size."""
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import queue
@@ -74,40 +75,70 @@ class _Prefetcher:
 
 
 class _WriteThread:
-    """Writes (or kernel-copies) tensors in output order on its own thread, so that writing
-    tensor i overlaps merging tensor i+1 and reading tensor i+2; after each write it calls the
-    item's release callbacks (returning its buffers to the reader or the engine)."""
+    """Writes merged tensors and copies unchanged ones on its own thread, so that writing
+    overlaps merging the next tensor and reading the one after; after each tensor it calls
+    the item's release callbacks (returning its buffers to the reader or the engine).
+
+    The writer puts each tensor at its offset, so the order is free: a merged tensor is
+    written as soon as it arrives, because its buffer is what the reader and the engine wait
+    for; unchanged tensors are copied part by part (``COPY_STEP``) whenever nothing else is
+    queued, and at the end. (In file order, a checkpoint whose embeddings come first kept the
+    engine waiting behind their copy.)"""
 
     def __init__(self, writer):
         self._writer = writer
         self._q: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
+        self._abort = threading.Event()
         self._thread = threading.Thread(target=self._run, name="loratool-write", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        copies: collections.deque = collections.deque()  # [steps, releases], oldest first
         while True:
-            item = self._q.get()
+            try:
+                item = self._q.get(block=not copies)
+            except queue.Empty:  # nothing to write: one part of the oldest copy
+                self._copy_step(copies)
+                continue
             if item is None:
+                while copies:
+                    self._copy_step(copies)
                 return
             kind, a, b, releases = item
+            if kind == "copy":
+                copies.append((a.copy_steps(b, self._writer), releases))
+                continue
             try:
                 if self._error is None:
-                    if kind == "copy":
-                        a.copy_raw(b, self._writer)
-                    else:
-                        self._writer.write(a, b)
+                    self._writer.write(a, b)
             except BaseException as e:  # raised in the main thread by check()/finish()
                 self._error = e
             finally:
-                for release in releases:  # always: buffers go back even after an error
-                    if release is None:
-                        continue
-                    try:
-                        release()
-                    except BaseException as e:  # a failing progress callback, say
-                        if self._error is None:
-                            self._error = e
+                self._release(releases)
+
+    def _copy_step(self, copies) -> None:
+        steps, releases = copies[0]
+        try:
+            if self._error is None and not self._abort.is_set():
+                next(steps)
+                return
+        except StopIteration:
+            pass
+        except BaseException as e:
+            self._error = e
+        copies.popleft()
+        self._release(releases)
+
+    def _release(self, releases) -> None:
+        for release in releases:  # always: buffers go back even after an error
+            if release is None:
+                continue
+            try:
+                release()
+            except BaseException as e:  # a failing progress callback, say
+                if self._error is None:
+                    self._error = e
 
     def check(self) -> None:
         if self._error is not None:
@@ -129,8 +160,10 @@ class _WriteThread:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         if self._thread.is_alive():
+            if exc_type is not None:  # the output is abandoned: copy nothing more
+                self._abort.set()
             self._q.put(None)
             self._thread.join()
         return False
