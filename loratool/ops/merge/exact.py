@@ -216,15 +216,17 @@ class NumpyExactEngine:
         out = src if out_dtype == dtype else np.empty(shape, dtype=FLOAT_NP[out_dtype])
         w2 = src.reshape(shape[0] if len(shape) else 1, -1)
         rows, cols = w2.shape
+        # The factors' operands go to buffers reused from tensor to tensor: fresh arrays
+        # of this size cost page faults that were ~10 % of a bf16 merge's engine thread.
+        own = self._scratch.setdefault("operands", _Scratch())
         with np.errstate(over="ignore", invalid="ignore"):
-            ops = [_NpOp(op.kind, op.scale, op.module,
-                         None if op.L is None else as_f64(op.L) * op.scale, as_f64(op.R),
-                         as_f64(op.vec)) for op in ops]
+            ops = [_NpOp(op.kind, op.scale, op.module, _scaled(op.L, op.scale, own, f"L{q}"),
+                         _f64(op.R, own, f"R{q}"), as_f64(op.vec)) for q, op in enumerate(ops)]
         job = _Tensor(w2, out.reshape(w2.shape), dtype, out_dtype, ops, name,
-                      self.fast and _fast_ok(ops), self.ext)
+                      self.fast and _fast_ok(ops, own), self.ext)
         if job.fast and job.ext is not None and self.compiled_product \
                 and _product_pays(ops[0].L.shape[1], out_dtype, self.forced):
-            job.packed = _compiled_operands(ops[0], dtype, out_dtype, self.forced)
+            job.packed = _compiled_operands(ops[0], dtype, out_dtype, self.forced, own)
         step = self.block_rows if job.fast else max(1, REFERENCE_ELEMS // max(cols, 1))
         blocks = -(-rows // step)
         k = min(self.workers, blocks)
@@ -258,7 +260,30 @@ class NumpyExactEngine:
                     _reference_block(job, i, j, scratch)
 
 
-def _fast_ok(ops) -> bool:
+def _f64(x, s: _Scratch, key: str) -> np.ndarray | None:
+    """``x`` (numpy or torch) as a contiguous float64 array, in ``s``'s buffer ``key`` when it
+    needs a copy."""
+    if not isinstance(x, np.ndarray) or x.dtype == np.float64 and x.flags.c_contiguous:
+        return as_f64(x)
+    out = s.get(key, x.size, np.float64).reshape(x.shape)
+    np.copyto(out, x)  # exact: float32/float16 values are float64 values
+    return out
+
+
+def _scaled(L, scale: float, s: _Scratch, key: str) -> np.ndarray | None:
+    """s L in float64 (one rounding per entry), in ``s``'s buffer ``key``."""
+    if L is None:
+        return None
+    L = _f64(L, s, key)
+    return np.multiply(L, scale, out=s.get(key, L.size, np.float64).reshape(L.shape))
+
+
+def _abs(x: np.ndarray, s: _Scratch | None, key: str) -> np.ndarray:
+    """|x|, in ``s``'s buffer ``key`` when given."""
+    return np.abs(x, out=None if s is None else s.get(key, x.size, np.float64).reshape(x.shape))
+
+
+def _fast_ok(ops, s: _Scratch | None = None) -> bool:
     """One low-rank update whose float64 product cannot overflow (so no flag can come from
     it, whatever BLAS does with the floating-point status)."""
     if len(ops) != 1 or ops[0].kind != "lowrank":
@@ -267,7 +292,7 @@ def _fast_ok(ops) -> bool:
     if L.size == 0 or R.size == 0:
         return True
     with np.errstate(over="ignore", invalid="ignore"):
-        bound = float(np.abs(L).max()) * float(np.abs(R).max()) * L.shape[1]
+        bound = float(_abs(L, s, "absL").max()) * float(_abs(R, s, "absR").max()) * L.shape[1]
     return math.isfinite(bound) and bound < _SAFE_BOUND
 
 
@@ -289,18 +314,33 @@ def _product_pays(rank: int, out_dtype: str, forced: bool = False) -> bool:
     return forced or limit is None or rank <= limit
 
 
-def _compiled_operands(op: _NpOp, dtype: str, out_dtype: str, forced: bool = False) -> tuple:
+def _compiled_operands(op: _NpOp, dtype: str, out_dtype: str, forced: bool = False,
+                       s: _Scratch | None = None) -> tuple:
     """What the compiled product needs besides L and R, once per tensor: R packed as
     [cols // 8][r][8] (8 columns of every k contiguous, the kernel's register tile), and
     per row ``sum_k |s L_ik|`` and per column ``max_k |R_kj|``, whose product bounds
     ``sum_k |s L_ik| |R_kj|`` and so the float64 product's rounding error. For BF16/F16
     outputs of F32/BF16/F16 bases also the float32 operands (R packed 16 columns at a time),
     when the factors are well inside float32's range (see the C file)."""
-    r, cols = op.R.shape
+    s = s or _Scratch()  # the engine passes its own: buffers reused from tensor to tensor
+    rows, r = op.L.shape
+    cols = op.R.shape[1]
     n8, n16 = cols // 8 * 8, cols // 16 * 16
-    packed = np.ascontiguousarray(op.R[:, :n8].reshape(r, n8 // 8, 8).transpose(1, 0, 2))
-    abs_l = np.abs(op.L)
-    rb, ca = abs_l.sum(axis=1), np.abs(op.R).max(axis=0)
+
+    def buf(key, shape, dtype):
+        return s.get(key, math.prod(shape), dtype).reshape(shape)
+
+    def cast(key, x, dtype):
+        out = buf(key, x.shape, dtype)
+        np.copyto(out, x, casting="same_kind")
+        return out
+
+    packed = buf("Rp", (n8 // 8, r, 8), np.float64)
+    np.copyto(packed, op.R[:, :n8].reshape(r, n8 // 8, 8).transpose(1, 0, 2))
+    abs_l, abs_r = _abs(op.L, s, "absL"), _abs(op.R, s, "absR")
+    # Any summation order is fine: the kernel's bound has room for its rounding.
+    rb, ca = np.einsum("ij->i", abs_l, out=buf("rb", (rows,), np.float64)), \
+        abs_r.max(axis=0, out=buf("ca", (cols,), np.float64))
     f32 = None
     big = max(float(rb.max(initial=0.0)), float(ca.max(initial=0.0)))
     limit = _BINARY32_MAX_RANK.get(out_dtype, -1)
@@ -309,10 +349,11 @@ def _compiled_operands(op: _NpOp, dtype: str, out_dtype: str, forced: bool = Fal
         # binary32 underflow: at most 2^-150 (1 + the other factor) per product, 2^-150 for
         # the sum, and the bound's own subnormal roundings: 4 r 2^-149 (...) covers them
         tiny = 4 * r * 2.0**-149 * (1.0 + float(abs_l.max(initial=0.0)) + big)
-        f32 = (op.L.astype(np.float32),
-               np.ascontiguousarray(op.R[:, :n16].astype(np.float32)
-                                    .reshape(r, n16 // 16, 16).transpose(1, 0, 2)),
-               rb.astype(np.float32), ca.astype(np.float32), tiny)
+        r32 = buf("Rp32", (n16 // 16, r, 16), np.float32)
+        np.copyto(r32, op.R[:, :n16].reshape(r, n16 // 16, 16).transpose(1, 0, 2),
+                  casting="same_kind")
+        f32 = (cast("L32", op.L, np.float32), r32, cast("rb32", rb, np.float32),
+               cast("ca32", ca, np.float32), tiny)
     return packed, rb, ca, f32
 
 
