@@ -262,9 +262,10 @@ class SafetensorsSource:
                                       "changed while reading)", code="LT401", path=self.path)
             done += n
 
-    def copy_steps(self, t: SourceTensor, writer: StreamWriter, step: int = COPY_STEP):
+    def copy_steps(self, t: SourceTensor, writer: StreamWriter, step: int | None = None):
         """Copy the tensor's bytes to ``writer`` unchanged, file to file, one part of ``step``
-        bytes per iteration."""
+        bytes (default ``COPY_STEP``) per iteration."""
+        step = step or COPY_STEP
         offset = self._offset(t)
         for start in range(0, max(t.nbytes, 1), step):
             writer.copy_from_fd(t.name, self._fd, offset, t.nbytes, start,
@@ -310,7 +311,7 @@ class StateDictSource:
     def read_into(self, t: SourceTensor, out) -> None:
         memoryview(out).cast("B")[: t.nbytes] = self._bytes(t)
 
-    def copy_steps(self, t: SourceTensor, writer: StreamWriter, step: int = COPY_STEP):
+    def copy_steps(self, t: SourceTensor, writer: StreamWriter, step: int | None = None):
         writer.write(t.name, self._bytes(t))  # already in memory: one step
         yield
 

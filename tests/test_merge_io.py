@@ -298,6 +298,82 @@ def test_write_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == before
 
 
+def test_stream_writer_positions_any_order(tmp_path):
+    """The merge's writer puts each tensor at its offset: written in any order, unchanged ones
+    copied in parts, the file equals the one written in order; a tensor missing, written
+    twice or of the wrong size is refused (nothing is left behind)."""
+    import random
+
+    from loratool import checkpoint
+    from loratool.errors import ContainerError
+    from loratool.stfile import SafetensorsWriter
+    rng = random.Random(5)
+    entries = [(f"t{i}", "F32", (i % 3 + 1, 5)) for i in range(7)] + [("empty", "F32", (0,))]
+    data = {n: os.urandom(4 * (int(s[0]) * (s[1] if len(s) > 1 else 1))) for n, _, s in entries}
+    meta = {"k": "v"}
+    want = str(tmp_path / "want.safetensors")
+    with SafetensorsWriter(want, entries, meta) as w:
+        for n, _, _ in entries:
+            w.write(n, data[n])
+        w.commit()
+    src = str(tmp_path / "src.bin")
+    with open(src, "wb") as f:
+        f.write(b"".join(data[n] for n, _, _ in entries))
+    offsets, pos = {}, 0
+    for n, _, _ in entries:
+        offsets[n], pos = pos, pos + len(data[n])
+    got = str(tmp_path / "got.safetensors")
+    order = [n for n, _, _ in entries]
+    rng.shuffle(order)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        with checkpoint.StreamWriter(got, entries, meta) as w:
+            for i, n in enumerate(order):
+                if i % 2:
+                    w.write(n, data[n])
+                else:  # copied in parts of 7 bytes, last part first
+                    size = len(data[n])
+                    for start in reversed(range(0, max(size, 1), 7)):
+                        w.copy_from_fd(n, fd, offsets[n], size, start, min(size, start + 7))
+            w.commit()
+        with open(want, "rb") as a, open(got, "rb") as b:
+            assert a.read() == b.read()
+        for bad, code in (("missing", "LT008"), ("twice", "LT008"), ("size", "LT007")):
+            dest = str(tmp_path / f"{bad}.safetensors")
+            with pytest.raises(ContainerError) as e:
+                with checkpoint.StreamWriter(dest, entries, meta) as w:
+                    for n, _, _ in entries[: -2 if bad == "missing" else None]:
+                        w.write(n, data[n] + (b"x" if bad == "size" else b""))
+                    if bad == "twice":
+                        w.write("t3", data["t3"])
+                    w.commit()
+            assert e.value.code == code
+            assert not os.path.exists(dest)
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(tmp_path)) == ["got.safetensors", "src.bin", "want.safetensors"]
+
+
+def test_merge_copies_unchanged_tensors_in_parts(tmp_path, monkeypatch):
+    """Unchanged tensors copied in many small parts, between the merged tensors' writes: the
+    output is the same file as with whole-tensor copies."""
+    from loratool import checkpoint
+    ad = mixed_adapter(36)
+    base = base_for(ad)
+    base["unrelated.weight"] = torch.randn(33, 17)
+    bp = str(tmp_path / "base.safetensors")
+    save_file(base, bp)
+    ap = _adapter_file(tmp_path, ad)
+    whole, parts = str(tmp_path / "whole.safetensors"), str(tmp_path / "parts.safetensors")
+    merge(bp, [ap], output=whole, device="cpu")
+    monkeypatch.setattr(checkpoint, "COPY_STEP", 12)
+    merge(bp, [ap], output=parts, device="cpu")
+    with open(whole, "rb") as a, open(parts, "rb") as b:
+        assert a.read() == b.read()
+    out = load_file(parts)
+    assert torch.equal(out["unrelated.weight"], base["unrelated.weight"])
+
+
 def test_progress_reports_every_byte_and_its_errors_propagate(tmp_path):
     ad = mixed_adapter(36)
     base = base_for(ad)
