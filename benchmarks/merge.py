@@ -207,10 +207,14 @@ def run_size(root: str, layers: int, repeats: int, device: str, cases: list[str]
         if os.path.exists(path):
             subprocess.run(["cat", path], stdout=subprocess.DEVNULL, check=True)
     results: dict[str, list[dict]] = {c: [] for c in cases}
-    for _ in range(repeats):
-        for case in cases:
+    for k in range(repeats):
+        # each round starts one case later: on disk the run right after a deleted output paid
+        # 1.5-2.5 s more system time (the filesystem freeing the 2.8 GB just removed), which
+        # always fell on the same case; the sync takes most of it out of the timed runs
+        for case in cases[k % len(cases):] + cases[:k % len(cases)]:
             _rm(out)
             _rm(out + ".safetensors")
+            os.sync()
             results[case].append(measure(commands[case], env))
     if check:
         _check(data, out, env)
