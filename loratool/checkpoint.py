@@ -419,10 +419,11 @@ def _writer_class():
             info = self._info(name, nbytes)
             stop = nbytes if stop is None else stop
             done = start
+            kernel_copy = getattr(os, "copy_file_range", None)  # Linux only
             try:
-                while done < stop:
-                    n = os.copy_file_range(fd, self._fd, stop - done, offset + done,
-                                           self._data + info.begin + done)
+                while kernel_copy is not None and done < stop:
+                    n = kernel_copy(fd, self._fd, stop - done, offset + done,
+                                    self._data + info.begin + done)
                     if n <= 0:
                         break
                     done += n

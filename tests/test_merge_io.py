@@ -298,11 +298,15 @@ def test_write_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == before
 
 
-def test_stream_writer_positions_any_order(tmp_path):
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "read-write"])
+def test_stream_writer_positions_any_order(tmp_path, monkeypatch, kernel_copy):
     """The merge's writer puts each tensor at its offset: written in any order, unchanged ones
-    copied in parts, the file equals the one written in order; a tensor missing, written
-    twice or of the wrong size is refused (nothing is left behind)."""
+    copied in parts (by the kernel, or read and written where there is no copy_file_range),
+    the file equals the one written in order; a tensor missing, written twice or of the wrong
+    size is refused (nothing is left behind)."""
     import random
+    if not kernel_copy:
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
 
     from loratool import checkpoint
     from loratool.errors import ContainerError
