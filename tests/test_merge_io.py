@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 
 import pytest
@@ -376,6 +377,33 @@ def test_merge_copies_unchanged_tensors_in_parts(tmp_path, monkeypatch):
         assert a.read() == b.read()
     out = load_file(parts)
     assert torch.equal(out["unrelated.weight"], base["unrelated.weight"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice: Linux")
+def test_reader_thread_yields_to_engine_and_writer(tmp_path, monkeypatch):
+    """The reader thread runs READER_NICE levels below the engine (this thread) and the writer;
+    the caller's own priority is left alone."""
+    import threading
+
+    from loratool.checkpoint import SafetensorsSource
+    from loratool.ops.merge import streaming
+    ad = mixed_adapter(37)
+    base = base_for(ad)
+    bp = str(tmp_path / "base.safetensors")
+    save_file(base, bp)
+    seen = []
+    read_into = SafetensorsSource.read_into
+
+    def spy(self, t, out):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return read_into(self, t, out)
+
+    monkeypatch.setattr(SafetensorsSource, "read_into", spy)
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    merge(bp, [_adapter_file(tmp_path, ad)], output=str(tmp_path / "out.safetensors"),
+          device="cpu")
+    assert seen and set(seen) == {min(19, mine + streaming.READER_NICE)}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
 
 
 def test_progress_reports_every_byte_and_its_errors_propagate(tmp_path):
