@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -208,10 +209,12 @@ def run_size(root: str, layers: int, repeats: int, device: str, cases: list[str]
             subprocess.run(["cat", path], stdout=subprocess.DEVNULL, check=True)
     results: dict[str, list[dict]] = {c: [] for c in cases}
     for k in range(repeats):
-        # each round starts one case later: on disk the run right after a deleted output paid
-        # 1.5-2.5 s more system time (the filesystem freeing the 2.8 GB just removed), which
-        # always fell on the same case; the sync takes most of it out of the timed runs
-        for case in cases[k % len(cases):] + cases[:k % len(cases)]:
+        # each round in its own order (seeded): on disk the run right after `cp-sync` paid
+        # 1.5-2.5 s more system time, which in a fixed (or rotated) order always fell on the
+        # same case; the sync after removing an output takes part of it out of the timed runs
+        order = list(cases)
+        random.Random(k).shuffle(order)
+        for case in order:
             _rm(out)
             _rm(out + ".safetensors")
             os.sync()
