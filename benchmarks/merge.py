@@ -2,8 +2,8 @@
 
 Builds a LLaMA-shaped fp32 checkpoint (random init, saved by transformers as one
 model.safetensors) and a rank-16 adapter on every projection (q, k, v, o, gate, up, down), then
-runs each case in a fresh process, several times, sampling the process's memory from
-/proc/<pid>/status every few milliseconds:
+runs each case in a fresh process, several rounds (each round its cases in a seeded shuffled
+order), sampling the process's memory from /proc/<pid>/status every few milliseconds:
 
   loratool   python -m loratool merge BASE ADAPTER -o OUT --device DEVICE
   naive      safetensors load_file (whole state dict) + W += s B@A + save_file
