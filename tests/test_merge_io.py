@@ -406,6 +406,36 @@ def test_reader_thread_yields_to_engine_and_writer(tmp_path, monkeypatch):
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
 
 
+def test_copy_failure_midway_leaves_nothing(tmp_path, monkeypatch):
+    """A full disk while an unchanged tensor is copied (part by part, on the writer thread):
+    the error reaches the caller as a failed write, nothing is left behind."""
+    from loratool import checkpoint
+    from loratool.checkpoint import _writer_class
+    ad = mixed_adapter(38)
+    base = base_for(ad)
+    base["unrelated.weight"] = torch.randn(40, 30)
+    bp = str(tmp_path / "base.safetensors")
+    save_file(base, bp)
+    ap = _adapter_file(tmp_path, ad)
+    monkeypatch.setattr(checkpoint, "COPY_STEP", 64)
+    calls = []
+    copy = _writer_class().copy_from_fd
+
+    def full(self, *args):
+        calls.append(args[0])
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+        return copy(self, *args)
+
+    monkeypatch.setattr(_writer_class(), "copy_from_fd", full)
+    before = sorted(os.listdir(tmp_path))
+    r = CliRunner().invoke(main, ["merge", bp, ap, "--device", "cpu", "-o",
+                                  str(tmp_path / "out.safetensors")])
+    assert r.exit_code == 1 and "[LT505]" in r.stderr and "No space left" in r.stderr, r.stderr
+    assert len(calls) == 5
+    assert sorted(os.listdir(tmp_path)) == before
+
+
 def test_progress_reports_every_byte_and_its_errors_propagate(tmp_path):
     ad = mixed_adapter(36)
     base = base_for(ad)
