@@ -359,16 +359,21 @@ def test_stream_writer_positions_any_order(tmp_path, monkeypatch, kernel_copy):
     assert sorted(os.listdir(tmp_path)) == ["got.safetensors", "src.bin", "want.safetensors"]
 
 
-def test_merge_copies_unchanged_tensors_in_parts(tmp_path, monkeypatch):
-    """Unchanged tensors copied in many small parts, between the merged tensors' writes: the
-    output is the same file as with whole-tensor copies."""
-    from loratool import checkpoint
-    ad = mixed_adapter(36)
+def _base_with_untouched(tmp_path, seed: int):
+    """(base file, adapter file, base tensors): the adapter's base plus a tensor it leaves."""
+    ad = mixed_adapter(seed)
     base = base_for(ad)
     base["unrelated.weight"] = torch.randn(33, 17)
     bp = str(tmp_path / "base.safetensors")
     save_file(base, bp)
-    ap = _adapter_file(tmp_path, ad)
+    return bp, _adapter_file(tmp_path, ad), base
+
+
+def test_merge_copies_unchanged_tensors_in_parts(tmp_path, monkeypatch):
+    """Unchanged tensors copied in many small parts, between the merged tensors' writes: the
+    output is the same file as with whole-tensor copies."""
+    from loratool import checkpoint
+    bp, ap, base = _base_with_untouched(tmp_path, 36)
     whole, parts = str(tmp_path / "whole.safetensors"), str(tmp_path / "parts.safetensors")
     merge(bp, [ap], output=whole, device="cpu")
     monkeypatch.setattr(checkpoint, "COPY_STEP", 12)
@@ -411,12 +416,7 @@ def test_copy_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     the error reaches the caller as a failed write, nothing is left behind."""
     from loratool import checkpoint
     from loratool.checkpoint import _writer_class
-    ad = mixed_adapter(38)
-    base = base_for(ad)
-    base["unrelated.weight"] = torch.randn(40, 30)
-    bp = str(tmp_path / "base.safetensors")
-    save_file(base, bp)
-    ap = _adapter_file(tmp_path, ad)
+    bp, ap, _ = _base_with_untouched(tmp_path, 38)
     monkeypatch.setattr(checkpoint, "COPY_STEP", 64)
     calls = []
     copy = _writer_class().copy_from_fd
