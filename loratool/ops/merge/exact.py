@@ -222,11 +222,12 @@ class NumpyExactEngine:
         with np.errstate(over="ignore", invalid="ignore"):
             ops = [_NpOp(op.kind, op.scale, op.module, _scaled(op.L, op.scale, own, f"L{q}"),
                          _f64(op.R, own, f"R{q}"), as_f64(op.vec)) for q, op in enumerate(ops)]
+        mags = _magnitudes(ops, own)
         job = _Tensor(w2, out.reshape(w2.shape), dtype, out_dtype, ops, name,
-                      self.fast and _fast_ok(ops, own), self.ext)
+                      self.fast and _fast_ok(ops, mags), self.ext)
         if job.fast and job.ext is not None and self.compiled_product \
                 and _product_pays(ops[0].L.shape[1], out_dtype, self.forced):
-            job.packed = _compiled_operands(ops[0], dtype, out_dtype, self.forced, own)
+            job.packed = _compiled_operands(ops[0], dtype, out_dtype, self.forced, own, mags)
         step = self.block_rows if job.fast else max(1, REFERENCE_ELEMS // max(cols, 1))
         blocks = -(-rows // step)
         k = min(self.workers, blocks)
@@ -278,21 +279,34 @@ def _scaled(L, scale: float, s: _Scratch, key: str) -> np.ndarray | None:
     return np.multiply(L, scale, out=s.get(key, L.size, np.float64).reshape(L.shape))
 
 
-def _abs(x: np.ndarray, s: _Scratch | None, key: str) -> np.ndarray:
-    """|x|, in ``s``'s buffer ``key`` when given."""
-    return np.abs(x, out=None if s is None else s.get(key, x.size, np.float64).reshape(x.shape))
+def _abs(x: np.ndarray, s: _Scratch, key: str) -> np.ndarray:
+    """|x|, in ``s``'s buffer ``key``."""
+    return np.abs(x, out=s.get(key, x.size, np.float64).reshape(x.shape))
 
 
-def _fast_ok(ops, s: _Scratch | None = None) -> bool:
+def _single_lowrank(ops) -> bool:
+    return len(ops) == 1 and ops[0].kind == "lowrank"
+
+
+def _magnitudes(ops, s: _Scratch) -> tuple | None:
+    """(|s L|, |R|) of one low-rank update, in ``s``'s buffers (``_fast_ok`` and
+    ``_compiled_operands`` both need them), else None."""
+    if not _single_lowrank(ops):
+        return None
+    return _abs(ops[0].L, s, "absL"), _abs(ops[0].R, s, "absR")
+
+
+def _fast_ok(ops, mags: tuple | None = None) -> bool:
     """One low-rank update whose float64 product cannot overflow (so no flag can come from
-    it, whatever BLAS does with the floating-point status)."""
-    if len(ops) != 1 or ops[0].kind != "lowrank":
+    it, whatever BLAS does with the floating-point status). ``mags``: ``_magnitudes``."""
+    if not _single_lowrank(ops):
         return False
     L, R = ops[0].L, ops[0].R
     if L.size == 0 or R.size == 0:
         return True
+    abs_l, abs_r = mags or (np.abs(L), np.abs(R))
     with np.errstate(over="ignore", invalid="ignore"):
-        bound = float(_abs(L, s, "absL").max()) * float(_abs(R, s, "absR").max()) * L.shape[1]
+        bound = float(abs_l.max()) * float(abs_r.max()) * L.shape[1]
     return math.isfinite(bound) and bound < _SAFE_BOUND
 
 
@@ -315,7 +329,7 @@ def _product_pays(rank: int, out_dtype: str, forced: bool = False) -> bool:
 
 
 def _compiled_operands(op: _NpOp, dtype: str, out_dtype: str, forced: bool = False,
-                       s: _Scratch | None = None) -> tuple:
+                       s: _Scratch | None = None, mags: tuple | None = None) -> tuple:
     """What the compiled product needs besides L and R, once per tensor: R packed as
     [cols // 8][r][8] (8 columns of every k contiguous, the kernel's register tile), and
     per row ``sum_k |s L_ik|`` and per column ``max_k |R_kj|``, whose product bounds
@@ -337,7 +351,7 @@ def _compiled_operands(op: _NpOp, dtype: str, out_dtype: str, forced: bool = Fal
 
     packed = buf("Rp", (n8 // 8, r, 8), np.float64)
     np.copyto(packed, op.R[:, :n8].reshape(r, n8 // 8, 8).transpose(1, 0, 2))
-    abs_l, abs_r = _abs(op.L, s, "absL"), _abs(op.R, s, "absR")
+    abs_l, abs_r = mags or (_abs(op.L, s, "absL"), _abs(op.R, s, "absR"))
     # Any summation order is fine: the kernel's bound has room for its rounding.
     rb, ca = np.einsum("ij->i", abs_l, out=buf("rb", (rows,), np.float64)), \
         abs_r.max(axis=0, out=buf("ca", (cols,), np.float64))
