@@ -142,10 +142,10 @@ static PyObject *lowrank_round(PyObject *self, PyObject *args) {
             block_t blk = {(const char *)w.buf + i * ws, wc, ws, (const double *)L.buf + i * r,
                            R.buf, Rp.buf, (const double *)rb.buf + i, ca.buf,
                            have_tmp ? (char *)tmp.buf : dst, oc, os, rows, r, n,
-                           (double)(2 * r + 10) * 0x1p-53,
+                           (double)(2 * r + 6) * 0x1p-53, 3 * 0x1p-53,
                            have_f32 ? (const float *)L32.buf + i * r : NULL, Rp32.buf,
                            ca32.buf, have_f32 ? (const float *)rb32.buf + i : NULL,
-                           (float)(r + 5) * 0x1p-24f, (float)tiny32};
+                           (float)(r + 4) * 0x1p-24f, 3 * 0x1p-24f, (float)tiny32};
             int status = lowrank_loop(&blk, p);
             if (status == 0 && have_tmp) memcpy(dst, tmp.buf, (size_t)(rows * os));
             if (status) {

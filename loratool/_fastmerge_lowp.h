@@ -8,14 +8,16 @@
  *
  * For a BF16 or F16 output the binary64 product is far more precise than needed: a binary32
  * product (8 lanes per instruction instead of 4) is certified the same way, with the binary32
- * error bound. With a = fl32(s L), b = fl32(R) (relative error 2^-24 each), p32 their product
- * in binary32 (any order, FMA) and e32 = fl32(w + p32) (w exact in binary32):
- *     |e32 - exact| <= (r + 3) 2^-24 (1 + r 2^-23) M + tiny32   (2 conversions, r roundings
- *                                                            in the product, 1 in the sum),
- * tiny32 covering binary32 underflow (4 r 2^-149 (1 + max|s L| + max|R|), from the caller); numpy's
- * binary64 sum is within (r + 2) 2^-53 M of the exact value. gc32 = (r + 5) 2^-24 bounds
- * both, with room for the 5 roundings of the bound itself (rb32, ca32, the fma's, g) and
- * for (r + 2) 2^-53 << 2^-24. The only output midpoint that can be within g of e32 is mu, the
+ * error bound. With a = fl32(s L), b = fl32(R) (relative error u = 2^-24 each), p32 their
+ * product in binary32 (any order, FMA) and e32 = fl32(w + p32) (w exact in binary32):
+ *     |e32 - exact| <= (r + 2) u (1 + r 2^-23) P + u (1 + 2u) |e32| + tiny32
+ * (P = sum_k |s L_ik| |R_kj|: 2 conversions and r roundings in the product, 1 in the sum;
+ * tiny32 covers binary32 underflow: 4 r 2^-149 (1 + max|s L| + max|R|), from the caller).
+ * numpy's binary64 sum is within (r + 2) 2^-53 (|w| + P) of the exact value. So
+ *     g = (r + 4) u rb_i ca_j + 3 u |e32| + tiny32      (rb_i ca_j >= P, see the binary64 tiles)
+ * bounds both, with room for the 5 roundings of the bound itself (rb32, ca32, gp32 rb32, the
+ * fma's) and for numpy's share, of order 2^-53. The only output midpoint that can be within g
+ * of e32 is mu, the
  * midpoint of the output interval holding |e32| (its binary32 pattern: e32's high bits, then
  * a 1 and zeros; F16 below its normal range, where the spacing is 2^-24: (floor(|e32| 2^24)
  * + 1/2) 2^-24), while g <= 2^-10 |e32| (BF16) or 2^-13 |e32| (F16; 2^-26 below 2^-14):
@@ -32,7 +34,7 @@ AVX2 __attribute__((noinline)) static int repair(const block_t *b, Py_ssize_t i,
     double acc = 0.0;  /* R from the packed copy: the r values lie in consecutive lines */
     for (Py_ssize_t k = 0; k < b->r; k++) acc = fma(L[k], Rj[k * CHUNK], acc);
     double x = load(b->w + i * b->ws, j, b->wc), e = x + acc;
-    double g = b->gc * (fabs(x) + b->rb[i] * b->ca[j]) + 0x1p-1060;
+    double g = b->gp * b->rb[i] * b->ca[j] + b->ge * fabs(e) + 0x1p-1060;
     uint64_t v = rn(b->oc, e);
     if (rn(b->oc, e - g) != rn(b->oc, e + g) || special(b->oc, e, v)) return 1;
     uint16_t h = (uint16_t)v;
@@ -47,7 +49,7 @@ AVX2 static inline __attribute__((always_inline)) int rows4_lowp_t(
     const float *L = b->L32 + i0 * b->r, *Rp = b->Rp32, *ca = b->ca32;
     const Py_ssize_t r = b->r, ws = b->ws, os = b->os;
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-    const __m256 gcv = _mm256_set1_ps(b->gc32), tiny = _mm256_set1_ps(b->tiny32);
+    const __m256 gev = _mm256_set1_ps(b->ge32), tiny = _mm256_set1_ps(b->tiny32);
     /* other midpoints are at least half an ulp minus a binary32 ulp away */
     const __m256 far = _mm256_set1_ps(oc == BF16 ? 0x1p-10f : 0x1p-13f);
     const __m256 f16_min_normal = _mm256_set1_ps(0x1p-14f);
@@ -57,7 +59,8 @@ AVX2 static inline __attribute__((always_inline)) int rows4_lowp_t(
     /* the low bits binary32 has beyond the output's significand, and their half */
     const __m256i low = _mm256_set1_epi32(oc == BF16 ? 0xFFFF : 0x1FFF);
     const __m256i half = _mm256_set1_epi32(oc == BF16 ? 0x8000 : 0x1000);
-    __m256i bad = _mm256_setzero_si256();
+    const __m256i round_half = _mm256_set1_epi32(0x8000);
+    __m256i big = _mm256_setzero_si256();  /* the largest |e32| (as bits) of the chunk */
     float tile[64] __attribute__((aligned(32)));  /* the 4 x 16 products, row by row */
     for (Py_ssize_t c = 0; c < nch; c++) {
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0,
@@ -81,17 +84,17 @@ AVX2 static inline __attribute__((always_inline)) int rows4_lowp_t(
         for (int t = 0; t < TILE_ROWS; t++) {
             const char *wp = b->w + (i0 + t) * ws + c * 16 * SIZES[wc];
             char *op = b->out + (i0 + t) * os + c * 16 * 2;
-            const __m256 rbv = _mm256_set1_ps(b->rb32[i0 + t]);
+            const __m256 rbv = _mm256_set1_ps(b->gp32 * b->rb32[i0 + t]);
             __m256i v[2];
+            __m128i f16[2];
             int near_bits = 0;
             for (int h = 0; h < 2; h++) {
                 __m256 x = load8_f32(wp + 8 * h * SIZES[wc], wc);
                 __m256 e = _mm256_add_ps(x, _mm256_load_ps(tile + 16 * t + 8 * h));
-                __m256 g = _mm256_fmadd_ps(gcv, _mm256_fmadd_ps(rbv, h ? ca1 : ca0,
-                                                                _mm256_and_ps(x, absmask)), tiny);
                 __m256 ea = _mm256_and_ps(e, absmask);
+                __m256 g = _mm256_fmadd_ps(gev, ea, _mm256_fmadd_ps(rbv, h ? ca1 : ca0, tiny));
                 __m256i eb = _mm256_castps_si256(ea);
-                bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(eb, overflow));
+                big = _mm256_max_epi32(big, eb);
                 /* the midpoint of the output's interval holding |e|, in binary32 */
                 __m256 mu = _mm256_castsi256_ps(_mm256_or_si256(_mm256_andnot_si256(low, eb),
                                                                 half));
@@ -110,16 +113,24 @@ AVX2 static inline __attribute__((always_inline)) int rows4_lowp_t(
                     farv = _mm256_blendv_ps(farv, _mm256_min_ps(_mm256_set1_ps(0x1p-26f), ea),
                                             tiny_e);
                 }
-                __m256 near = _mm256_or_ps(
-                    _mm256_cmp_ps(_mm256_and_ps(_mm256_sub_ps(ea, mu), absmask), g, _CMP_LE_OQ),
-                    _mm256_cmp_ps(g, farv, _CMP_GE_OQ));
+                /* near: |e32| - mu within g, or g too large for mu to be the only
+                 * candidate (g >= farv); one compare: min(|e32| - mu|, farv) <= g */
+                __m256 dist = _mm256_and_ps(_mm256_sub_ps(ea, mu), absmask);
+                __m256 near = _mm256_cmp_ps(_mm256_min_ps(dist, farv), g, _CMP_LE_OQ);
                 near_bits |= _mm256_movemask_ps(near) << (8 * h);
-                v[h] = oc == BF16 ? bf16_round(_mm256_castps_si256(e))
-                    : _mm256_cvtepu16_epi32(_mm256_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT
-                                                               | _MM_FROUND_NO_EXC));
+                /* a lane that passes is not a midpoint (it is more than g > 0 from mu), so
+                 * rounding needs no tie rule: BF16 adds half the dropped bits' range to the
+                 * pattern (sign untouched: |e32| < 2^31 - 2^15 here, larger is refused) */
+                if (oc == BF16)
+                    v[h] = _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(e),
+                                                              round_half), 16);
+                else
+                    f16[h] = _mm256_cvtps_ph(e, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             }
             /* 16 values in order (packus interleaves the 128-bit halves) */
-            __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(v[0], v[1]), 0xD8);
+            __m256i packed = oc == BF16
+                ? _mm256_permute4x64_epi64(_mm256_packus_epi32(v[0], v[1]), 0xD8)
+                : _mm256_set_m128i(f16[1], f16[0]);
             _mm256_storeu_si256((__m256i *)op, packed);
             while (near_bits) {
                 int lane = __builtin_ctz(near_bits);
@@ -127,7 +138,8 @@ AVX2 static inline __attribute__((always_inline)) int rows4_lowp_t(
                 if (repair(b, i0 + t, c * 16 + lane)) return 2;
             }
         }
-        if (!_mm256_testz_si256(bad, bad)) return 1;
+        if (_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(big, overflow))))
+            return 1;
     }
     return 0;
 }

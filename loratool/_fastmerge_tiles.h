@@ -7,13 +7,18 @@
  *
  * out = RN_out(w + L @ R) for a block of m rows (L: [m, r] float64, s folded in; R: [r, n]).
  * The product is evaluated in binary64 in this kernel's own order (FMA where the CPU has it),
- * which can differ in the last binary64 bits from numpy's BLAS. Both evaluations are within
- *     gamma = (r + 2) u M,  M = |w| + sum_k |L_ik| |R_kj|,  u = 2^-53
- * of the exact value (any summation order, with or without FMA), so they are within 2 gamma
- * of each other. This kernel uses the upper bound M' = |w| + rb_i ca_j (rb_i = sum_k |L_ik|,
- * ca_j = max_k |R_kj|) and g = (2r + 10) u M' + 2^-1060 (rounding of the bound itself and
- * underflow included), and checks RN(e - g) == RN(e + g): rounding is monotone, so then every
- * value in [e - g, e + g], BLAS's sum included, rounds to the same stored value, and the result
+ * which can differ in the last binary64 bits from numpy's BLAS. Each product is within
+ * gamma_r P of the exact one (P = sum_k |L_ik| |R_kj|, gamma_r = r u / (1 - r u), u = 2^-53;
+ * any summation order, with or without FMA) and each sum e = RN(w + p) adds at most u |e|,
+ * so the two sums are within about 2 r u P + 2 u |e| of each other. The error of the product
+ * scales with P, not with |w|: only the one rounding of the sum scales with |e|, which is why
+ * the bound is not taken on |w| + P (in a merge P is usually far below |w|, and a bound on
+ * |w| + P sends six times more entries back). This kernel bounds P by rb_i ca_j (rb_i =
+ * sum_k |L_ik|, ca_j = max_k |R_kj|) and takes
+ *     g = (2r + 6) u rb_i ca_j + 3 u |e| + 2^-1060
+ * (room for the rounding of the bound itself, of rb, and underflow), and checks
+ * RN(e - g) == RN(e + g): rounding is monotone, so then every value in [e - g, e + g], BLAS's
+ * sum included, rounds to the same stored value, and the result
  * is bit for bit the numpy kernel's. A block with any entry that fails the check (a close
  * call: status 2) or is NaN/Inf/overflows (status 1) is left to the numpy kernels; when
  * `tmp` is given each block goes there first and is copied to `out` only when it passed (in
@@ -40,11 +45,11 @@ static void dot_plain(const double *L, Py_ssize_t r, const double *R, Py_ssize_t
  * 2: close call). The generic epilogue: any dtypes, auto-vectorized. */
 #define EPI(WC, OC)                                                                         \
     CLONES static int epi_##WC##_##OC(const char *w, const double *p, const double *ca,    \
-                                      double rb, double gc, char *out, Py_ssize_t n) {      \
+                                      double rbg, double ge, char *out, Py_ssize_t n) {     \
         uint64_t bad = 0, close = 0;                                                        \
         for (Py_ssize_t i = 0; i < n; i++) {                                                \
             double x = load(w, i, WC), e = x + p[i];                                        \
-            double g = gc * (fabs(x) + rb * ca[i]) + 0x1p-1060;                             \
+            double g = rbg * ca[i] + ge * fabs(e) + 0x1p-1060;                              \
             bad |= store(out, i, OC, e);                                                    \
             close |= rn(OC, e - g) ^ rn(OC, e + g);                                         \
         }                                                                                   \
@@ -64,9 +69,9 @@ typedef struct {
     const char *w; int wc; Py_ssize_t ws;      /* base rows (stride in bytes) */
     const double *L, *R, *Rp, *rb, *ca;       /* L [m, r], R [r, n], Rp packed, bounds */
     char *out; int oc; Py_ssize_t os;          /* output rows (stride in bytes) */
-    Py_ssize_t m, r, n; double gc;
+    Py_ssize_t m, r, n; double gp, ge;         /* g = gp rb_i ca_j + ge |e| + tiny */
     /* BF16 outputs of F32/BF16 bases: the product in binary32 (NULL: not used) */
-    const float *L32, *Rp32, *ca32; const float *rb32; float gc32, tiny32;
+    const float *L32, *Rp32, *ca32; const float *rb32; float gp32, ge32, tiny32;
 } block_t;
 
 /* The generic epilogue on rows i0 .. i0 + mt, columns s .. s + ns, whose products are in the
@@ -77,7 +82,7 @@ static int epi_rows(const block_t *b, Py_ssize_t i0, int mt, Py_ssize_t s, Py_ss
     for (int t = 0; t < mt; t++) {
         Py_ssize_t i = i0 + t;
         int flags = epi(b->w + i * b->ws + s * SIZES[b->wc], p + t * STRIPE, b->ca + s,
-                        b->rb[i], b->gc, b->out + i * b->os + s * SIZES[b->oc], ns);
+                        b->rb[i] * b->gp, b->ge, b->out + i * b->os + s * SIZES[b->oc], ns);
         if (flags) return flags;
     }
     return 0;
@@ -199,9 +204,9 @@ AVX2 __attribute__((noinline, cold)) static int bf16_candidates(
  * op; the certificate's failures and NaN/Inf/overflow OR-ed into *close and *bad. */
 AVX2 static inline __attribute__((always_inline)) void fused_row(
         const char *wp, char *op, int wc, int oc, __m256d a0, __m256d a1, __m256d rbv,
-        __m256d ca0, __m256d ca1, double gc, __m256i *bad, __m256i *close) {
+        __m256d ca0, __m256d ca1, double ge, __m256i *bad, __m256i *close) {
     const __m256d absmask = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7FFFFFFFFFFFFFFFLL));
-    const __m256d tiny = _mm256_set1_pd(0x1p-1060), gcv = _mm256_set1_pd(gc);
+    const __m256d tiny = _mm256_set1_pd(0x1p-1060), gev = _mm256_set1_pd(ge);
     const __m256d quarter_ulp = _mm256_set1_pd(0x1p-25);
     const __m256i expo = _mm256_set1_epi32(0x7F800000), lo16 = _mm256_set1_epi32(0xFFFF);
     const __m256i mid = _mm256_set1_epi32(0x7FFF), two = _mm256_set1_epi32(2);
@@ -210,10 +215,11 @@ AVX2 static inline __attribute__((always_inline)) void fused_row(
     __m256d x0 = _mm256_cvtps_pd(_mm256_castps256_ps128(wf));
     __m256d x1 = _mm256_cvtps_pd(_mm256_extractf128_ps(wf, 1));
     __m256d e0 = _mm256_add_pd(x0, a0), e1 = _mm256_add_pd(x1, a1);
-    __m256d g0 = _mm256_fmadd_pd(gcv, _mm256_fmadd_pd(rbv, ca0,
-                                                      _mm256_and_pd(x0, absmask)), tiny);
-    __m256d g1 = _mm256_fmadd_pd(gcv, _mm256_fmadd_pd(rbv, ca1,
-                                                      _mm256_and_pd(x1, absmask)), tiny);
+    /* rbv: gp rb_i */
+    __m256d g0 = _mm256_fmadd_pd(gev, _mm256_and_pd(e0, absmask),
+                                 _mm256_fmadd_pd(rbv, ca0, tiny));
+    __m256d g1 = _mm256_fmadd_pd(gev, _mm256_and_pd(e1, absmask),
+                                 _mm256_fmadd_pd(rbv, ca1, tiny));
     __m256 f = _mm256_set_m128(_mm256_cvtpd_ps(e1), _mm256_cvtpd_ps(e0));
     __m256i fb = _mm256_castps_si256(f);
     *bad = _mm256_or_si256(*bad, _mm256_cmpeq_epi32(_mm256_and_si256(fb, expo), expo));
@@ -253,22 +259,23 @@ AVX2 static inline __attribute__((always_inline)) int rows4_fused_t(
     const Py_ssize_t r = b->r, ws = b->ws, os = b->os;
     const char *w = b->w + i0 * ws;
     char *out = b->out + i0 * os;
-    const double gc = b->gc;
+    const double ge = b->ge;
     const int wsz = SIZES[wc], osz = SIZES[oc];
     __m256i bad = _mm256_setzero_si256(), close = bad;
-    const __m256d rb0 = _mm256_set1_pd(b->rb[i0]), rb1 = _mm256_set1_pd(b->rb[i0 + 1]);
-    const __m256d rb2 = _mm256_set1_pd(b->rb[i0 + 2]), rb3 = _mm256_set1_pd(b->rb[i0 + 3]);
+    const double gp = b->gp, *rb = b->rb + i0;
+    const __m256d rb0 = _mm256_set1_pd(gp * rb[0]), rb1 = _mm256_set1_pd(gp * rb[1]);
+    const __m256d rb2 = _mm256_set1_pd(gp * rb[2]), rb3 = _mm256_set1_pd(gp * rb[3]);
     for (Py_ssize_t c = c0; c < nch; c++) {
         __m256d a[8];
         product_4x8(L, r, Rp + c * r * CHUNK, a);
         const __m256d ca0 = _mm256_loadu_pd(ca + c * CHUNK);
         const __m256d ca1 = _mm256_loadu_pd(ca + c * CHUNK + 4);
         const Py_ssize_t wo = c * CHUNK * wsz, oo = c * CHUNK * osz;
-        fused_row(w + wo, out + oo, wc, oc, a[0], a[1], rb0, ca0, ca1, gc, &bad, &close);
-        fused_row(w + ws + wo, out + os + oo, wc, oc, a[2], a[3], rb1, ca0, ca1, gc, &bad, &close);
-        fused_row(w + 2 * ws + wo, out + 2 * os + oo, wc, oc, a[4], a[5], rb2, ca0, ca1, gc,
+        fused_row(w + wo, out + oo, wc, oc, a[0], a[1], rb0, ca0, ca1, ge, &bad, &close);
+        fused_row(w + ws + wo, out + os + oo, wc, oc, a[2], a[3], rb1, ca0, ca1, ge, &bad, &close);
+        fused_row(w + 2 * ws + wo, out + 2 * os + oo, wc, oc, a[4], a[5], rb2, ca0, ca1, ge,
                   &bad, &close);
-        fused_row(w + 3 * ws + wo, out + 3 * os + oo, wc, oc, a[6], a[7], rb3, ca0, ca1, gc,
+        fused_row(w + 3 * ws + wo, out + 3 * os + oo, wc, oc, a[6], a[7], rb3, ca0, ca1, ge,
                   &bad, &close);
         if (!_mm256_testz_si256(bad, bad)) return 1;
         if (!_mm256_testz_si256(close, close)) return 2;
