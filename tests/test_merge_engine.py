@@ -309,6 +309,30 @@ def test_compiled_product_reports_close_calls_and_nonfinite(simd, out):
 
 @needs_ext
 @pytest.mark.parametrize("out", DTYPES)
+def test_compiled_product_flags_boundary_within_product_error(simd, out):
+    """The certificate's product term: an exact sum 2^-42 above a rounding midpoint of the
+    output, reached through a large cancellation (1 + (1024 + half + 2^-42) - 1024, so
+    P = 2048 while e is about 1). A binary64 product of these factors may be off by about
+    2 r 2^-53 P = 2^-40, so a BLAS sum may land on either side of the midpoint: the entry is
+    never certified (status 2), in any tile position. A bound on |e| alone (the final
+    rounding) would certify it: this fails if the product term is dropped or shrunk."""
+    half = {"F32": 2.0**-24, "BF16": 2.0**-8, "F16": 2.0**-11}[out]
+    m, n, r = 11, 37, 2
+    for i, j in itertools.product((0, 5, 10), (0, 9, 36)):
+        L, R = np.zeros((m, r)), np.zeros((r, n))
+        L[i] = (1024.0 + half + 2.0**-42, -1024.0)  # exact in binary64 (52 bits apart)
+        R[:, j] = 1.0
+        status, _ = _direct(_to_stored(np.ones((m, n)), "F32"), "F32", L, R, out)
+        assert status == 2, (i, j)
+        # the same sum without the cancellation (P about half an ulp): certified, correct
+        L[i] = (half + 2.0**-42, 0.0)
+        status, got = _direct(_to_stored(np.ones((m, n)), "F32"), "F32", L, R, out)
+        assert status == 0, (i, j)
+        assert np.array_equal(got, _oracle(np.ones((m, n)), L, R, 1.0, out)), (i, j)
+
+
+@needs_ext
+@pytest.mark.parametrize("out", DTYPES)
 def test_compiled_product_overflow_edge(simd, out):
     """Sums just above the largest finite output value: below the tie that rounds to Inf the
     result is that value (status 0); past the tie (far from it, so not a close call) the
