@@ -20,6 +20,14 @@ the plain-C path of the compiled kernel (``--plain``: what a CPU without AVX2/FM
     python benchmarks/merge_engine.py --rows 2048 --cols 2048 --rank 64 --plain --reference
 
 A copy of the base tensor (numpy, in memory) is printed first as the floor.
+
+``--against PATH`` compares this build of the compiled kernel with another one (a checkout
+holding ``loratool/_fastmerge*.so``, e.g. a ``git worktree`` of an older commit built with
+``python setup.py build_ext --inplace``, or the ``.so`` itself): "default" with each, one
+worker, in alternating order on the same data; minimum and median of ``--repeats`` runs
+(the minimum is the steadier figure on a shared machine), and whether the bytes agree.
+
+    python benchmarks/merge_engine.py --workers 1 --repeats 25 --against /work/wt-base
 """
 
 from __future__ import annotations
@@ -62,6 +70,55 @@ def _time(engine, w, dtype, op, out, repeats):
     return statistics.median(walls), statistics.median(cpus), bytes(data)
 
 
+def _other_extension(path: str):
+    """The compiled kernel of another build, loaded beside ours (its own module object)."""
+    import glob
+    import importlib.util
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "loratool", "_fastmerge*.so"))
+                       + glob.glob(os.path.join(path, "_fastmerge*.so")))
+        if not found:
+            sys.exit(f"no _fastmerge*.so in {path} or {path}/loratool (build it there first)")
+        path = found[0]
+    spec = importlib.util.spec_from_file_location("_fastmerge", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, path
+
+
+def _against(path: str, rows: int, cols: int, op, repeats: int, rng) -> None:
+    other, path = _other_extension(path)
+    print(f"\nthis build against {path} ('default', one worker, alternating, {repeats} runs):")
+    print(f"{'dtypes':12s} {'this min':>9s} {'median':>7s} {'other min':>10s} {'median':>7s} "
+          f"{'other/this min':>15s} {'median':>7s}  bytes")
+    for dtype, out in PAIRS:
+        w = _base(rows, cols, dtype, rng)
+        raw0 = np.frombuffer(w.tobytes(), dtype=np.uint8)
+        engines = {"this": exact.NumpyExactEngine(1, compiled=True),
+                   "other": exact.NumpyExactEngine(1, compiled=True)}
+        engines["other"].ext = other
+        times: dict = {k: [] for k in engines}
+        data = {}
+        try:
+            for i in range(repeats):
+                for k in (("this", "other") if i % 2 else ("other", "this")):
+                    raw = raw0.copy()
+                    t0 = time.perf_counter()
+                    res, _ = engines[k].run(raw, dtype, w.shape, [op], out, "w")
+                    times[k].append(time.perf_counter() - t0)
+                    data[k] = bytes(res)
+        finally:
+            for e in engines.values():
+                e.close()
+        mins = {k: min(v) for k, v in times.items()}
+        meds = {k: statistics.median(v) for k, v in times.items()}
+        same = "identical" if data["this"] == data["other"] else "DIFFERENT"
+        print(f"{dtype + '->' + out:12s} {mins['this'] * 1e3:9.1f} {meds['this'] * 1e3:7.1f} "
+              f"{mins['other'] * 1e3:10.1f} {meds['other'] * 1e3:7.1f} "
+              f"{mins['other'] / mins['this']:14.2f}x {meds['other'] / meds['this']:6.2f}x  "
+              f"{same}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=5632)
@@ -71,6 +128,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--plain", action="store_true", help="also the compiled kernel's plain C path")
     ap.add_argument("--reference", action="store_true", help="also the reference kernel")
+    ap.add_argument("--against", metavar="PATH",
+                    help="another build of the compiled kernel (a checkout with "
+                         "loratool/_fastmerge*.so, or the .so): compared with this one")
     args = ap.parse_args()
     if exact.EXTENSION is None:
         sys.exit("loratool._fastmerge is not built (pip install -e . with a C compiler)")
@@ -131,6 +191,8 @@ def main() -> None:
                       f"{cpu * 1e3:8.1f} {wall / w.size * 1e9:8.2f} "
                       f"{(base_wall or wall) / wall:8.2f}x  "
                       f"{same}{extra}")
+    if args.against:
+        _against(args.against, args.rows, args.cols, op, args.repeats, rng)
 
 
 if __name__ == "__main__":
