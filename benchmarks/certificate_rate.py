@@ -39,7 +39,8 @@ def main() -> None:
     s = cfg["lora_alpha"] / cfg["r"]
     base = torch_load(args.base)
     u = 2.0**-24
-    print(f"{'tensor':40s} {'shape':>13s} {"median P'/|W|":>14s} {'near, old':>11s} "
+    ratio_label = "median P'/|W|"
+    print(f"{'tensor':40s} {'shape':>13s} {ratio_label:>14s} {'near, old':>11s} "
           f"{'near, new':>11s}")
     names = sorted(k for k in ad if k.endswith("lora_A.weight"))[:args.tensors]
     for key in names:
