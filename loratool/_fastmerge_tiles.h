@@ -12,14 +12,14 @@
  * any summation order, with or without FMA) and each sum e = RN(w + p) adds at most u |e|,
  * so the two sums are within about 2 r u P + 2 u |e| of each other. The error of the product
  * scales with P, not with |w|: only the one rounding of the sum scales with |e|, which is why
- * the bound is not taken on |w| + P (in a merge P is usually far below |w|, and a bound on
- * |w| + P sends six times more entries back). This kernel bounds P by rb_i ca_j (rb_i =
- * sum_k |L_ik|, ca_j = max_k |R_kj|) and takes
+ * the bound is not taken on |w| + P (in a merge P is usually below |w|; a bound on |w| + P
+ * sent 1.5 to 3 times more binary32 entries to repair, benchmarks/certificate_rate.py).
+ * This kernel bounds P by rb_i ca_j (rb_i = sum_k |L_ik|, ca_j = max_k |R_kj|) and takes
  *     g = (2r + 6) u rb_i ca_j + 3 u |e| + 2^-1060
  * (room for the rounding of the bound itself, of rb, and underflow), and checks
  * RN(e - g) == RN(e + g): rounding is monotone, so then every value in [e - g, e + g], BLAS's
- * sum included, rounds to the same stored value, and the result
- * is bit for bit the numpy kernel's. A block with any entry that fails the check (a close
+ * sum included, rounds to the same stored value, and the result is bit for bit the numpy
+ * kernel's. A block with any entry that fails the check (a close
  * call: status 2) or is NaN/Inf/overflows (status 1) is left to the numpy kernels; when
  * `tmp` is given each block goes there first and is copied to `out` only when it passed (in
  * place: `out` is `w`, which a fall back still needs). */
