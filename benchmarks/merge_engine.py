@@ -128,10 +128,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--plain", action="store_true", help="also the compiled kernel's plain C path")
     ap.add_argument("--reference", action="store_true", help="also the reference kernel")
+    ap.add_argument("--pairs", nargs="+", metavar="BASE:OUT",
+                    help="dtype pairs to run (default: F32:F32 BF16:BF16 F16:F16 F32:BF16), "
+                         "e.g. F32:F16 BF16:F16")
     ap.add_argument("--against", metavar="PATH",
                     help="another build of the compiled kernel (a checkout with "
                          "loratool/_fastmerge*.so, or the .so): compared with this one")
     args = ap.parse_args()
+    if args.pairs:
+        PAIRS[:] = [tuple(p.upper().split(":")) for p in args.pairs]
+        if any(len(p) != 2 or not set(p) <= {"F32", "BF16", "F16"} for p in PAIRS):
+            ap.error("--pairs: BASE:OUT with F32, BF16 or F16 on each side")
     if exact.EXTENSION is None:
         sys.exit("loratool._fastmerge is not built (pip install -e . with a C compiler)")
     rng = np.random.default_rng(0)

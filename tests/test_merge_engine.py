@@ -362,10 +362,11 @@ def test_compiled_product_overflow_edge(simd, out):
 @pytest.mark.parametrize("base,out", list(itertools.product(DTYPES, DTYPES)))
 def test_compiled_product_equals_numpy_on_odd_shapes(simd, base, out):
     """Shapes that use every path of the compiled product (columns not a multiple of 8,
-    rows not a multiple of 4, several blocks, ranks 1 to 40): the engine with the compiled
-    kernel writes numpy's bytes, with and without the scratch buffer (in place)."""
+    rows not a multiple of 4, several blocks, ranks 1 to 40, rank 32 being the binary32
+    product's limit for F16 outputs): the engine with the compiled kernel writes numpy's
+    bytes, with and without the scratch buffer (in place)."""
     rng = np.random.default_rng(hash((base, out)) % 2**32)
-    for rows, cols, rank in ((70, 333, 16), (9, 7, 1), (35, 64, 40), (4, 8, 3)):
+    for rows, cols, rank in ((70, 333, 16), (9, 7, 1), (35, 64, 40), (4, 8, 3), (37, 50, 32)):
         w = torch.from_numpy(rng.standard_normal((rows, cols)) * 0.05).to(TORCH[base])
         stored = _to_stored(w.double().numpy(), base)
         L = rng.standard_normal((rows, rank)) * 0.01
@@ -446,9 +447,9 @@ def test_compiled_product_rank_limits():
     its certificate fails more often as the rank grows); forced, it runs at any rank."""
     from loratool.ops.merge.exact import _compiled_operands, _NpOp, _product_pays
     assert _product_pays(16, "F32") and _product_pays(64, "F32") and not _product_pays(65, "F32")
-    assert _product_pays(4096, "BF16") and _product_pays(16, "F16")
-    assert not _product_pays(17, "F16") and not _product_pays(16, "F64")
-    assert _product_pays(65, "F32", forced=True) and _product_pays(17, "F16", forced=True)
+    assert _product_pays(4096, "BF16") and _product_pays(32, "F16")
+    assert not _product_pays(33, "F16") and not _product_pays(16, "F64")
+    assert _product_pays(65, "F32", forced=True) and _product_pays(33, "F16", forced=True)
     rng = np.random.default_rng(2)
     op = _NpOp("lowrank", 1.0, "m", rng.standard_normal((8, 65)), rng.standard_normal((65, 32)),
                None)

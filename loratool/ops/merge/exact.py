@@ -314,11 +314,13 @@ def _fast_ok(ops, mags: tuple | None = None) -> bool:
 # and so do the blocks it leaves to numpy (F32 outputs) or the entries it recomputes alone
 # (binary32 product). Measured on [2048, 2048] tensors (benchmarks/merge_engine.py --rank):
 # F32 outputs 1.26x numpy at rank 64 (30 % of blocks left), 0.89x at 256; the binary32
-# product for BF16 2.3x at 64, 0.29x at 256, for F16 3x at 16, 0.71x at 64. BF16 outputs
-# above the binary32 limit take the binary64 tiles (their certificate rarely fails there);
-# F16 outputs above it stay in numpy (the binary64 tiles' F16 epilogue is not vectorized).
-_PRODUCT_MAX_RANK = {"F32": 64, "BF16": None, "F16": 16}
-_BINARY32_MAX_RANK = {"BF16": 64, "F16": 16}
+# product for BF16 2.3x at 64, 0.29x at 256, for F16 3x at 16, 0.71x at 64, and with the
+# certificate's bound of 2026-12-07 (fewer repairs) 1.5-1.7x at 32 (F32, BF16 and F16
+# bases), 1.2x at 40, about 1x at 56. BF16 outputs above the binary32 limit take the
+# binary64 tiles (their certificate rarely fails there); F16 outputs above it stay in numpy
+# (the binary64 tiles' F16 epilogue is not vectorized).
+_PRODUCT_MAX_RANK = {"F32": 64, "BF16": None, "F16": 32}
+_BINARY32_MAX_RANK = {"BF16": 64, "F16": 32}
 
 
 def _product_pays(rank: int, out_dtype: str, forced: bool = False) -> bool:
