@@ -25,7 +25,9 @@ A copy of the base tensor (numpy, in memory) is printed first as the floor.
 holding ``loratool/_fastmerge*.so``, e.g. a ``git worktree`` of an older commit built with
 ``python setup.py build_ext --inplace``, or the ``.so`` itself): "default" with each, one
 worker, in alternating order on the same data; minimum and median of ``--repeats`` runs
-(the minimum is the steadier figure on a shared machine), and whether the bytes agree.
+(the minimum is the steadier figure on a shared machine), and whether the bytes agree. The
+other build must take the same arguments as this one (``lowrank_round``'s calling
+convention); across a change of it, run each checkout's own ``merge_engine.py`` instead.
 
     python benchmarks/merge_engine.py --workers 1 --repeats 25 --against /work/wt-base
 """
