@@ -5,11 +5,15 @@ test for BF16 outputs (``_fastmerge_lowp.h``): e = W + s B A (float64 here; the 
 binary32 value differs only far below the bound), mu the BF16 midpoint of the interval
 holding |e| (binary32 pattern), and "near" when ||e| - mu| <= g or g >= 2^-10 |e|, with
 
-    old bound (before issue 11's sixth pass):  g = (r + 5) 2^-24 (|W| + P')
-    new bound:                                 g = (r + 4) 2^-24 P' + 3 2^-24 |e|
+    old bound (before issue 11's sixth pass):  g = (r + 5) 2^-24 (|W| + P1)
+    new bound:                                 g = (r + 4) 2^-24 P1 + 3 2^-24 |e|
+    new bound, the engine's P':                g = (r + 4) 2^-24 P' + 3 2^-24 |e|
 
-P' = (sum_k |s B_ik|) max_k |A_kj|. Every near entry costs a binary64 recomputation (about
-0.1 us). ``--scale-b`` multiplies the adapter's B, to see smaller or larger deltas.
+P1 = (sum_k |s B_ik|) max_k |A_kj|; P' is what the engine passes the kernel
+(``exact._compiled_operands``: P1, or the product of the 2-norms of row i of s B and column
+j of A when that is tighter for the tensor). Every near entry costs a binary64
+recomputation (about 0.1 us). ``--scale-b`` multiplies the adapter's B, to see smaller or
+larger deltas.
 
     python benchmarks/certificate_rate.py /dev/shm/fx/model-bf16.safetensors \\
         /dev/shm/fx/peft-adapter --scale-b 0.1
@@ -39,9 +43,10 @@ def main() -> None:
     s = cfg["lora_alpha"] / cfg["r"]
     base = torch_load(args.base)
     u = 2.0**-24
-    ratio_label = "median P'/|W|"
+    from loratool.ops.merge.exact import _compiled_operands, _NpOp
+    ratio_label = "median P1/|W|"
     print(f"{'tensor':40s} {'shape':>13s} {ratio_label:>14s} {'near, old':>11s} "
-          f"{'near, new':>11s}")
+          f"{'new, P1':>11s} {'new, P_':>11s}".replace("P_", "P'"))
     names = sorted(k for k in ad if k.endswith("lora_A.weight"))[:args.tensors]
     for key in names:
         module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
@@ -56,9 +61,13 @@ def main() -> None:
         mu = ((bits & np.uint32(0xFFFF0000)) | np.uint32(0x8000)).view(np.float32)
         dist = np.abs(ea.astype(np.float64) - mu.astype(np.float64))
         far = ea.astype(np.float64) * 2.0**-10
+        _, rb, ca, _ = _compiled_operands(_NpOp("lowrank", 1.0, "m", L, A, None), "BF16",
+                                          "BF16")
+        chosen = rb[:, None] * ca[None, :]
         rates = []
         for g in ((r + 5) * u * (np.abs(W) + bound),
-                  (r + 4) * u * bound + 3 * u * ea.astype(np.float64)):
+                  (r + 4) * u * bound + 3 * u * ea.astype(np.float64),
+                  (r + 4) * u * chosen + 3 * u * ea.astype(np.float64)):
             rates.append(((dist <= g) | (g >= far)).mean())
         ratio = np.median(bound / np.maximum(np.abs(W), 1e-30))
         print(f"{module:40s} {str(W.shape):>13s} {ratio:14.3f} "

@@ -133,6 +133,10 @@ def main() -> None:
     ap.add_argument("--pairs", nargs="+", metavar="BASE:OUT",
                     help="dtype pairs to run (default: F32:F32 BF16:BF16 F16:F16 F32:BF16), "
                          "e.g. F32:F16 BF16:F16")
+    ap.add_argument("--first-bound", action="store_true",
+                    help="bound the product by sum_k |sL_ik| max_k |R_kj| only (not the "
+                         "2-norms when tighter): how the kernel ran before issue 11's sixth "
+                         "pass, for comparison")
     ap.add_argument("--against", metavar="PATH",
                     help="another build of the compiled kernel (a checkout with "
                          "loratool/_fastmerge*.so, or the .so): compared with this one")
@@ -141,6 +145,8 @@ def main() -> None:
         PAIRS[:] = [tuple(p.upper().split(":")) for p in args.pairs]
         if any(len(p) != 2 or not set(p) <= {"F32", "BF16", "F16"} for p in PAIRS):
             ap.error("--pairs: BASE:OUT with F32, BF16 or F16 on each side")
+    if args.first_bound:
+        exact._tighter_bound = lambda op, rb, ca, buf: (rb, ca)
     if exact.EXTENSION is None:
         sys.exit("loratool._fastmerge is not built (pip install -e . with a C compiler)")
     rng = np.random.default_rng(0)

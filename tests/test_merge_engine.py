@@ -307,6 +307,34 @@ def test_compiled_product_reports_close_calls_and_nonfinite(simd, out):
         assert _direct(_to_stored(bad, "F32"), "F32", L, R, out)[0] == 1
 
 
+@pytest.mark.parametrize("case", ["dense", "one-hot rows", "squares underflow",
+                                  "some squares underflow", "squares overflow"])
+def test_compiled_bound_is_above_the_product_magnitude(case):
+    """The kernel's bound rb_i ca_j on P_ij = sum_k |sL_ik| |R_kj| (1-norm and max, or the
+    2-norms: whichever is tighter for the tensor) is never below P, and picks the 2-norms for
+    dense factors, the first pair for one-hot rows of L; factors whose squares underflow
+    (the norms' floor keeps them above) or overflow (the first pair) included."""
+    from loratool.ops.merge.exact import _compiled_operands, _NpOp
+    rng = np.random.default_rng(7)
+    rows, cols, r = 37, 45, 16
+    L, R = rng.standard_normal((rows, r)), rng.standard_normal((r, cols))
+    if case == "one-hot rows":
+        L = np.zeros((rows, r))
+        L[np.arange(rows), rng.integers(0, r, rows)] = rng.standard_normal(rows)
+    elif case == "squares underflow":
+        L, R = L * 2.0**-530, R * 2.0**380
+    elif case == "some squares underflow":
+        L[:, :3] *= 2.0**-530
+    elif case == "squares overflow":
+        L, R = L * 2.0**520, R * 2.0**-600
+    _, rb, ca, _ = _compiled_operands(_NpOp("lowrank", 1.0, "m", L, R, None), "F32", "F32")
+    P = np.abs(L) @ np.abs(R)
+    assert np.all(rb[:, None] * ca[None, :] >= P * (1 - 2.0**-40)), case
+    first, norms = np.abs(L).sum(axis=1), np.linalg.norm(L, axis=1)
+    chosen = norms if case in ("dense", "some squares underflow") else first
+    assert np.allclose(rb, chosen, rtol=1e-12, atol=0), case
+
+
 @needs_ext
 @pytest.mark.parametrize("out", DTYPES)
 def test_compiled_product_flags_boundary_within_product_error(simd, out):

@@ -334,8 +334,9 @@ def _compiled_operands(op: _NpOp, dtype: str, out_dtype: str, forced: bool = Fal
                        s: _Scratch | None = None, mags: tuple | None = None) -> tuple:
     """What the compiled product needs besides L and R, once per tensor: R packed as
     [cols // 8][r][8] (8 columns of every k contiguous, the kernel's register tile), and
-    per row ``sum_k |s L_ik|`` and per column ``max_k |R_kj|``, whose product bounds
-    ``sum_k |s L_ik| |R_kj|`` and so the float64 product's rounding error. For BF16/F16
+    per row and per column factors whose product bounds ``sum_k |s L_ik| |R_kj|`` and so the
+    product's rounding error (``sum_k |s L_ik|`` and ``max_k |R_kj|``, or the 2-norms:
+    ``_tighter_bound``). For BF16/F16
     outputs of F32/BF16/F16 bases also the float32 operands (R packed 16 columns at a time),
     when the factors are well inside float32's range (see the C file)."""
     s = s or _Scratch()  # the engine passes its own: buffers reused from tensor to tensor
@@ -357,8 +358,9 @@ def _compiled_operands(op: _NpOp, dtype: str, out_dtype: str, forced: bool = Fal
     # Any summation order is fine: the kernel's bound has room for its rounding.
     rb, ca = np.einsum("ij->i", abs_l, out=buf("rb", (rows,), np.float64)), \
         abs_r.max(axis=0, out=buf("ca", (cols,), np.float64))
-    f32 = None
     big = max(float(rb.max(initial=0.0)), float(ca.max(initial=0.0)))
+    rb, ca = _tighter_bound(op, rb, ca, buf)
+    f32 = None
     limit = _BINARY32_MAX_RANK.get(out_dtype, -1)
     if dtype in ("F32", "BF16", "F16") and (r <= limit or forced and limit > 0) \
             and big < 2.0**60:
@@ -371,6 +373,29 @@ def _compiled_operands(op: _NpOp, dtype: str, out_dtype: str, forced: bool = Fal
         f32 = (cast("L32", op.L, np.float32), r32, cast("rb32", rb, np.float32),
                cast("ca32", ca, np.float32), tiny)
     return packed, rb, ca, f32
+
+
+# Added to the 2-norms: a square below 2^-1022 may be lost (underflow), so a norm may come out
+# up to sqrt(r 2^-1022) short; with this the bound stays above P (spec/merge.md section 8).
+_NORM_FLOOR = 2.0**-509
+
+
+def _tighter_bound(op: _NpOp, rb: np.ndarray, ca: np.ndarray, buf) -> tuple:
+    """The per-row and per-column factors of the kernel's bound on P = sum_k |sL_ik| |R_kj|:
+    ``rb = sum_k |sL_ik|`` and ``ca = max_k |R_kj|`` (given), or the 2-norms ``||sL_i||``
+    and ``||R_j||`` (Cauchy-Schwarz), whichever pair bounds the whole tensor tighter (their
+    sums' product). For dense factors the 2-norms give about 1.5 P against 2.5-3 P (fewer
+    entries for the kernel to recompute: benchmarks/certificate_rate.py); for sparse ones the
+    first pair can be tighter. Rounding of the norms is inside the kernel's margin."""
+    r = op.L.shape[1]
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        rb2 = np.einsum("ij,ij->i", op.L, op.L, out=buf("rb2", rb.shape, np.float64))
+        ca2 = np.einsum("ij,ij->j", op.R, op.R, out=buf("ca2", ca.shape, np.float64))
+        floor = math.sqrt(r) * _NORM_FLOOR
+        np.add(np.sqrt(rb2, out=rb2), floor, out=rb2)
+        np.add(np.sqrt(ca2, out=ca2), floor, out=ca2)
+        tighter = float(rb2.sum()) * float(ca2.sum()) < float(rb.sum()) * float(ca.sum())
+    return (rb2, ca2) if tighter else (rb, ca)
 
 
 def _product(job: _Tensor, i: int, j: int, s: _Scratch) -> np.ndarray:
