@@ -1,5 +1,6 @@
 """Byte-level numerics, the one home for them: bf16 <-> float32 bit conversions, rounding
-float64 once to a storage dtype (round to odd), and NaN/Inf and zero scans on raw bytes.
+float64 once to a storage dtype (round to odd), NaN/Inf and zero scans on raw bytes, and
+bounds on the rows and columns of low-rank factors.
 
 numpy only; ``round_to_odd_f32`` also takes a torch tensor (duck-typed, so importing this
 module never imports torch).
@@ -110,3 +111,23 @@ def any_nonzero(arr: np.ndarray) -> bool:
     bits = arr.view(_UINT[size])
     mask = (1 << (8 * size - 1)) - 1
     return bool(((bits & mask) != 0).any())
+
+
+# Added to each norm by ``norm_bounds``: squares below 2^-1022 may be lost to underflow, so
+# a computed 2-norm can come out up to sqrt(r 2^-1022) short; sqrt(r) 2^-509 covers that.
+NORM_FLOOR = 2.0**-509
+
+
+def norm_bounds(L: np.ndarray, R: np.ndarray, rows_out: np.ndarray,
+                cols_out: np.ndarray) -> tuple:
+    """Upper bounds of the 2-norms of ``L``'s rows and ``R``'s columns (float64, written into
+    the given arrays), so that ``rows[i] * cols[j] >= sum_k |L_ik| |R_kj|`` (Cauchy-Schwarz)
+    up to the rounding of the sums and square roots (relative, about r 2^-53). Squares that
+    overflow give Inf."""
+    r = L.shape[1]
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        np.einsum("ij,ij->i", L, L, out=rows_out)
+        np.einsum("ij,ij->j", R, R, out=cols_out)
+        for x in (rows_out, cols_out):
+            np.add(np.sqrt(x, out=x), math.sqrt(r) * NORM_FLOOR, out=x)
+    return rows_out, cols_out

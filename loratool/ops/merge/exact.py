@@ -14,7 +14,6 @@ The block kernels give the same bits:
   by numpy's matmul, then one compiled pass reads W in its stored dtype, adds in float64 and
   rounds once, directly to the output dtype. Any NaN/Inf or overflow in a block hands that
   block to ``_fast_block``, so non-finite values are handled by exactly the numpy code.
-
 * ``_fast_block`` (one low-rank update with finite factors, the usual merge): W stays in its
   stored dtype (bf16 is widened to float32 per block); only the rank-r product is float64;
   one ufunc call adds it to W in float64 and rounds into the output (numpy computes a mixed
@@ -38,7 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...numerics import FLOAT_NP, any_nonfinite, as_float, bf16_to_f32, round_into
+from ...numerics import (FLOAT_NP, any_nonfinite, as_float, bf16_to_f32, norm_bounds,
+                         round_into)
 from .npadapter import as_f64
 from .plan import nonfinite_error
 
@@ -312,13 +312,11 @@ def _fast_ok(ops, mags: tuple | None = None) -> bool:
 
 # Ranks up to which the compiled product pays: its certificate's bound grows with the rank,
 # and so do the blocks it leaves to numpy (F32 outputs) or the entries it recomputes alone
-# (binary32 product). Measured on [2048, 2048] tensors (benchmarks/merge_engine.py --rank):
-# F32 outputs 1.26x numpy at rank 64 (30 % of blocks left), 0.89x at 256; the binary32
-# product for BF16 2.3x at 64, 0.29x at 256, for F16 3x at 16, 0.71x at 64, and with the
-# certificate's bound of 2026-12-07 (fewer repairs) 1.5-1.7x at 32 (F32, BF16 and F16
-# bases), 1.2x at 40, about 1x at 56. BF16 outputs above the binary32 limit take the
-# binary64 tiles (their certificate rarely fails there); F16 outputs above it stay in numpy
-# (the binary64 tiles' F16 epilogue is not vectorized).
+# (binary32 product). Measured on [2048, 2048] tensors (benchmarks/merge_engine.py --rank,
+# figures in benchmarks/README.md): F32 outputs 1.26x numpy at 64, 0.89x at 256; binary32
+# BF16 2.3x at 64, 0.29x at 256; F16 2.2-2.9x at 32, 1.1x at 56. BF16 outputs above the
+# binary32 limit take the binary64 tiles (their certificate rarely fails there); F16 outputs
+# above it stay in numpy (the binary64 tiles' F16 epilogue is not vectorized).
 _PRODUCT_MAX_RANK = {"F32": 64, "BF16": None, "F16": 32}
 _BINARY32_MAX_RANK = {"BF16": 64, "F16": 32}
 
@@ -375,25 +373,15 @@ def _compiled_operands(op: _NpOp, dtype: str, out_dtype: str, forced: bool = Fal
     return packed, rb, ca, f32
 
 
-# Added to the 2-norms: a square below 2^-1022 may be lost (underflow), so a norm may come out
-# up to sqrt(r 2^-1022) short; with this the bound stays above P (spec/merge.md section 8).
-_NORM_FLOOR = 2.0**-509
-
-
 def _tighter_bound(op: _NpOp, rb: np.ndarray, ca: np.ndarray, buf) -> tuple:
-    """The per-row and per-column factors of the kernel's bound on P = sum_k |sL_ik| |R_kj|:
-    ``rb = sum_k |sL_ik|`` and ``ca = max_k |R_kj|`` (given), or the 2-norms ``||sL_i||``
-    and ``||R_j||`` (Cauchy-Schwarz), whichever pair bounds the whole tensor tighter (their
-    sums' product). For dense factors the 2-norms give about 1.5 P against 2.5-3 P (fewer
-    entries for the kernel to recompute: benchmarks/certificate_rate.py); for sparse ones the
-    first pair can be tighter. Rounding of the norms is inside the kernel's margin."""
-    r = op.L.shape[1]
-    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
-        rb2 = np.einsum("ij,ij->i", op.L, op.L, out=buf("rb2", rb.shape, np.float64))
-        ca2 = np.einsum("ij,ij->j", op.R, op.R, out=buf("ca2", ca.shape, np.float64))
-        floor = math.sqrt(r) * _NORM_FLOOR
-        np.add(np.sqrt(rb2, out=rb2), floor, out=rb2)
-        np.add(np.sqrt(ca2, out=ca2), floor, out=ca2)
+    """The factors of the kernel's bound on P = sum_k |sL_ik| |R_kj|: ``rb = sum_k |sL_ik|``
+    and ``ca = max_k |R_kj|`` (given), or the 2-norms of sL's rows and R's columns
+    (``numerics.norm_bounds``), whichever pair bounds the whole tensor tighter (their sums'
+    product): for dense factors the 2-norms give about 1.5 P, the first pair 2.5-3 P (fewer
+    entries recomputed: benchmarks/certificate_rate.py); for one-hot rows the first pair."""
+    rb2, ca2 = norm_bounds(op.L, op.R, buf("rb2", rb.shape, np.float64),
+                           buf("ca2", ca.shape, np.float64))
+    with np.errstate(over="ignore", invalid="ignore"):
         tighter = float(rb2.sum()) * float(ca2.sum()) < float(rb.sum()) * float(ca.sum())
     return (rb2, ca2) if tighter else (rb, ca)
 
