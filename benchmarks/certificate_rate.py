@@ -10,7 +10,7 @@ holding |e| (binary32 pattern), and "near" when ||e| - mu| <= g or g >= 2^-10 |e
     new bound, the engine's P':                g = (r + 4) 2^-24 P' + 3 2^-24 |e|
 
 P1 = (sum_k |s B_ik|) max_k |A_kj|; P' is what the engine passes the kernel
-(``exact._compiled_operands``: P1, or the product of the 2-norms of row i of s B and column
+(``operands._compiled_operands``: P1, or the product of the 2-norms of row i of s B and column
 j of A when that is tighter for the tensor). Every near entry costs a binary64
 recomputation (about 0.1 us). ``--scale-b`` multiplies the adapter's B, to see smaller or
 larger deltas.
@@ -43,7 +43,8 @@ def main() -> None:
     s = cfg["lora_alpha"] / cfg["r"]
     base = torch_load(args.base)
     u = 2.0**-24
-    from loratool.ops.merge.exact import _compiled_operands, _NpOp
+    from loratool.ops.merge.exact import _NpOp
+    from loratool.ops.merge.operands import _compiled_operands
     ratio_label = "median P1/|W|"
     print(f"{'tensor':40s} {'shape':>13s} {ratio_label:>14s} {'near, old':>11s} "
           f"{'new, P1':>11s} {'new, P_':>11s}".replace("P_", "P'"))

@@ -11,7 +11,7 @@ same run on the same data (medians), with their outputs compared byte for byte:
                 binary32 product for BF16/F16 outputs), certified equal to numpy's bytes,
                 forced at any rank
   default       what a merge uses: the compiled product up to the ranks where it pays
-                (``exact._PRODUCT_MAX_RANK``), else the compiled add after numpy's product
+                (``operands._PRODUCT_MAX_RANK``), else the compiled add after numpy's product
 
 Also reports how many 16-row blocks the compiled kernel left to numpy (close calls), and
 the plain-C path of the compiled kernel (``--plain``: what a CPU without AVX2/FMA runs).
@@ -45,7 +45,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from loratool.ops.merge import exact  # noqa: E402
+from loratool.ops.merge import exact, operands  # noqa: E402
 from loratool.ops.merge.plan import Op  # noqa: E402
 
 PAIRS = [("F32", "F32"), ("BF16", "BF16"), ("F16", "F16"), ("F32", "BF16")]
@@ -146,7 +146,7 @@ def main() -> None:
         if any(len(p) != 2 or not set(p) <= {"F32", "BF16", "F16"} for p in PAIRS):
             ap.error("--pairs: BASE:OUT with F32, BF16 or F16 on each side")
     if args.first_bound:
-        exact._tighter_bound = lambda op, rb, ca, buf: (rb, ca)
+        operands._tighter_bound = lambda op, rb, ca, buf: (rb, ca)
     if exact.EXTENSION is None:
         sys.exit("loratool._fastmerge is not built (pip install -e . with a C compiler)")
     rng = np.random.default_rng(0)

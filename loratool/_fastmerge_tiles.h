@@ -16,7 +16,7 @@
  * sent 1.5 to 3 times more binary32 entries to repair, benchmarks/certificate_rate.py).
  * This kernel bounds P by rb_i ca_j, factors from the caller (rb_i = sum_k |L_ik| and
  * ca_j = max_k |R_kj|, or the 2-norms of row i of L and column j of R: Cauchy-Schwarz;
- * loratool/ops/merge/exact.py picks the tighter pair per tensor) and takes
+ * loratool/ops/merge/operands.py picks the tighter pair per tensor) and takes
  *     g = (2r + 6) u rb_i ca_j + 3 u |e| + 2^-1060
  * (room for the rounding of the bound itself, of rb, and underflow), and checks
  * RN(e - g) == RN(e + g): rounding is monotone, so then every value in [e - g, e + g], BLAS's

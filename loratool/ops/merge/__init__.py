@@ -18,7 +18,8 @@ guarantees are in spec/merge.md; this module implements them.
 The package, in the order a merge runs: ``options`` (arguments), ``job`` (``MergeJob`` and
 ``run``), ``npadapter`` (safetensors adapters as numpy), ``plan`` (base tensor -> updates),
 ``provenance`` (adapter identity, ``loratool.merged`` records), ``exact`` and
-``torch_engine`` (the engines), ``streaming`` and ``writers`` (the outputs).
+``torch_engine`` (the engines; ``operands``: the compiled kernel's operands, once per
+tensor), ``streaming`` and ``writers`` (the outputs).
 """
 
 from __future__ import annotations
