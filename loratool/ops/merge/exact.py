@@ -157,8 +157,9 @@ class NumpyExactEngine:
     ``fast=False`` runs every block through the reference kernel (tests compare the two);
     ``compiled=False`` never uses the compiled kernel, ``True`` requires it (default: when
     built); ``compiled_product``: whether the compiled kernel computes the product too
-    (default: where its AVX2/FMA path runs and the rank is below ``_PRODUCT_MAX_RANK``; True
-    forces it at any rank, for tests), or adds and rounds after numpy's.
+    (default: where its AVX2/FMA path runs and the rank is at most
+    ``operands._PRODUCT_MAX_RANK``; True forces it at any rank, for tests), or adds and
+    rounds after numpy's.
     """
 
     device = "cpu"

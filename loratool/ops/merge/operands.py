@@ -52,13 +52,12 @@ def _product_pays(rank: int, out_dtype: str, forced: bool = False) -> bool:
 def _compiled_operands(op, dtype: str, out_dtype: str, forced: bool = False,
                        s: _Scratch | None = None, mags: tuple | None = None) -> tuple:
     """What the compiled product needs besides L and R of ``op`` (an ``exact._NpOp``: one
-    low-rank update, s folded into L), once per tensor: R packed as
-    [cols // 8][r][8] (8 columns of every k contiguous, the kernel's register tile), and
-    per row and per column factors whose product bounds ``sum_k |s L_ik| |R_kj|`` and so the
-    product's rounding error (``sum_k |s L_ik|`` and ``max_k |R_kj|``, or the 2-norms:
-    ``_tighter_bound``). For BF16/F16
-    outputs of F32/BF16/F16 bases also the float32 operands (R packed 16 columns at a time),
-    when the factors are well inside float32's range (see the C file)."""
+    low-rank update, s folded into L), once per tensor: R packed as [cols // 8][r][8] (8
+    columns of every k contiguous, the kernel's register tile), and per row and per column
+    factors whose product bounds ``sum_k |s L_ik| |R_kj|`` and so the product's rounding
+    error (``sum_k |s L_ik|`` and ``max_k |R_kj|``, or the 2-norms: ``_tighter_bound``). For
+    BF16/F16 outputs of F32/BF16/F16 bases also the float32 operands (R packed 16 columns at
+    a time), when the factors are well inside float32's range (see the C file)."""
     s = s or _Scratch()  # the engine passes its own: buffers reused from tensor to tensor
     rows, r = op.L.shape
     cols = op.R.shape[1]
@@ -78,6 +77,8 @@ def _compiled_operands(op, dtype: str, out_dtype: str, forced: bool = False,
     # Any summation order is fine: the kernel's bound has room for its rounding.
     rb, ca = np.einsum("ij->i", abs_l, out=buf("rb", (rows,), np.float64)), \
         abs_r.max(axis=0, out=buf("ca", (cols,), np.float64))
+    # the binary32 path's range check, on the first pair (each factor bounds |sL| and |R|
+    # entrywise, as the 2-norms would too): the same tensors take it whichever bound is used
     big = max(float(rb.max(initial=0.0)), float(ca.max(initial=0.0)))
     rb, ca = _tighter_bound(op, rb, ca, buf)
     f32 = None
