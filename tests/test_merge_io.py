@@ -392,10 +392,7 @@ def test_reader_thread_yields_to_engine_and_writer(tmp_path, monkeypatch):
 
     from loratool.checkpoint import SafetensorsSource
     from loratool.ops.merge import streaming
-    ad = mixed_adapter(37)
-    base = base_for(ad)
-    bp = str(tmp_path / "base.safetensors")
-    save_file(base, bp)
+    bp, ap, _ = _base_with_untouched(tmp_path, 37)
     seen = []
     read_into = SafetensorsSource.read_into
 
@@ -405,8 +402,7 @@ def test_reader_thread_yields_to_engine_and_writer(tmp_path, monkeypatch):
 
     monkeypatch.setattr(SafetensorsSource, "read_into", spy)
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    merge(bp, [_adapter_file(tmp_path, ad)], output=str(tmp_path / "out.safetensors"),
-          device="cpu")
+    merge(bp, [ap], output=str(tmp_path / "out.safetensors"), device="cpu")
     assert seen and set(seen) == {min(19, mine + streaming.READER_NICE)}
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
 

@@ -209,7 +209,7 @@ class NumpyExactEngine:
         with np.errstate(over="ignore", invalid="ignore"):
             ops = [_NpOp(op.kind, op.scale, op.module, _scaled(op.L, op.scale, own, f"L{q}"),
                          _f64(op.R, own, f"R{q}"), as_f64(op.vec)) for q, op in enumerate(ops)]
-        mags = _magnitudes(ops, own)
+        mags = _magnitudes(ops, own) if self.fast else None  # the reference needs neither
         job = _Tensor(w2, out.reshape(w2.shape), dtype, out_dtype, ops, name,
                       self.fast and _fast_ok(ops, mags), self.ext)
         if job.fast and job.ext is not None and self.compiled_product \
